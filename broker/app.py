@@ -1,0 +1,131 @@
+"""``create_app``: wires routes, middleware, error handlers and the typed lifespan state."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from broker import admin_routes, oauth_routes
+from broker.errors import BrokerError, MethodNotAllowed, NotFound, Unavailable
+from broker.http import EdgeMiddleware, error_response, json_response
+from broker.metrics import Metrics, MetricsMiddleware
+from broker.openapi import build_openapi
+from broker.services import Services
+from broker.settings import Settings
+from broker.sweeper import run_sweeper
+
+log = logging.getLogger("broker")
+
+# Each extension (gateway, revocation, ...) contributes routes and a startup hook.
+Extension = Callable[[Services], list[BaseRoute]]
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    svc: Services = request.app.state.services
+    db_ok = await anyio.to_thread.run_sync(svc.db.ping)
+    vault_ok = await anyio.to_thread.run_sync(svc.vault.is_ready)
+    body = {"database": "ok" if db_ok else "down", "vault": "ok" if vault_ok else "down"}
+    if not (db_ok and vault_ok):
+        raise Unavailable(f"not ready: {body}")
+    return json_response({"status": "ready", **body})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    return json_response(request.app.state.openapi)
+
+
+async def _broker_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BrokerError)
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(exc.code).inc()
+    return error_response(exc, request.url.path)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    mapped: BrokerError
+    if exc.status_code == 404:
+        mapped = NotFound("no such route")
+    elif exc.status_code == 405:
+        mapped = MethodNotAllowed("method not allowed on this route")
+    else:
+        mapped = BrokerError(exc.detail)
+        mapped.status = exc.status_code
+    return error_response(mapped, request.url.path)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    services: Services | None = None,
+    auto_migrate: bool = False,
+    extensions: tuple[Extension, ...] = (),
+    run_background: bool = True,
+) -> Starlette:
+    """The ASGI app. ``services`` may be passed in (tests, ``broker dev``); otherwise the
+    lifespan builds them, which refuses to start without Vault or on an un-migrated database."""
+    metrics = Metrics()
+    routes: list[BaseRoute] = [
+        *oauth_routes.routes,
+        *admin_routes.routes,
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        svc = services or await anyio.to_thread.run_sync(
+            lambda: Services.build(settings, auto_migrate=auto_migrate)
+        )
+        svc.extras["metrics"] = metrics
+        app.state.services = svc
+        for extension in extensions:
+            for route in extension(svc):
+                app.router.routes.append(route)
+        app.state.openapi = build_openapi(app.router.routes, settings)
+        async with anyio.create_task_group() as tg:
+            if run_background:
+                tg.start_soon(run_sweeper, svc)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+        if services is None:
+            svc.close()
+
+    handlers: dict[Any, Any] = {
+        BrokerError: _broker_error,
+        HTTPException: _http_error,
+    }
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(EdgeMiddleware), Middleware(MetricsMiddleware, metrics=metrics)],
+        exception_handlers=handlers,
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    return app
+

@@ -1,0 +1,10 @@
+"""The capabilities that plug routes into the app beyond the token service."""
+
+from __future__ import annotations
+
+from broker.app import Extension
+from broker.settings import Settings
+
+
+def default_extensions(settings: Settings) -> tuple[Extension, ...]:
+    return ()

@@ -1,0 +1,311 @@
+"""The HTTP edge: body parsing with limits, request ids, and rendering errors in the caller's
+dialect. Errors are rendered here and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import traceback
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.errors import (
+    BrokerError,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+
+log = logging.getLogger("broker.http")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+# Opaque broker ids: a short prefix and hex, or the bootstrap admin's fixed ids.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+# --- request ids ---------------------------------------------------------------------------
+
+
+class EdgeMiddleware:
+    """Echo a valid incoming ``x-request-id`` or mint one and put it on every response; turn
+    any unexpected exception into a 500 in the spec's shape.
+
+    A plain ASGI middleware (not ``BaseHTTPMiddleware``) so streaming responses pass through
+    untouched and the hot path pays one dict lookup.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _REQUEST_ID.match(candidate):
+                    rid = candidate
+                break
+        if rid is None:
+            rid = "req_" + secrets.token_hex(12)
+        scope.setdefault("state", {})["request_id"] = rid
+        raw = rid.encode()
+
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                headers.append((b"x-request-id", raw))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Last line of defence: an unexpected error is answered in the caller's dialect
+            # and logged by its shape only (its message may carry driver text), never re-raised
+            # to the server, which would log it whole.
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("unhandled %s in request %s\n%s", type(exc).__name__, rid, frames)
+            if started:
+                return
+            response = error_response(BrokerError("internal error"), scope.get("path", ""))
+            await response(scope, receive, send_with_id)
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+# --- dialects ------------------------------------------------------------------------------
+
+OAUTH_PATHS = ("/v1/token", "/v1/introspect")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/embeddings", "/v1/models")
+ANTHROPIC_PATHS = ("/v1/messages",)
+
+
+def dialect_for(path: str) -> str:
+    if path in OAUTH_PATHS:
+        return "oauth"
+    if path.startswith(OPENAI_PATHS):
+        return "openai"
+    if path.startswith(ANTHROPIC_PATHS):
+        return "anthropic"
+    return "problem"
+
+
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+_GATEWAY_CODES = {"invalid_token": "invalid_api_key"}
+
+
+def error_body(exc: BrokerError, dialect: str) -> tuple[dict[str, Any], str]:
+    """The error's body and media type in the caller's dialect."""
+    if dialect == "oauth":
+        return {"error": exc.code, "error_description": exc.detail}, "application/json"
+    if dialect == "openai":
+        code = _GATEWAY_CODES.get(exc.code, exc.code)
+        etype = _OPENAI_TYPES.get(exc.status, "invalid_request_error" if exc.status < 500 else "api_error")
+        if exc.code == "insufficient_quota":
+            etype = "insufficient_quota"
+        return {
+            "error": {"message": exc.detail, "type": etype, "code": code, "param": None}
+        }, "application/json"
+    if dialect == "anthropic":
+        etype = _ANTHROPIC_TYPES.get(exc.status, "api_error")
+        return {"type": "error", "error": {"type": etype, "message": exc.detail}}, "application/json"
+    return {
+        "type": f"urn:broker:error:{exc.code}",
+        "title": exc.title,
+        "status": exc.status,
+        "detail": exc.detail,
+    }, "application/problem+json"
+
+
+class _Json(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def error_response(exc: BrokerError, path: str) -> Response:
+    body, media = error_body(exc, dialect_for(path))
+    headers = dict(exc.headers)
+    if exc.status == 401 and dialect_for(path) == "problem":
+        headers.setdefault("www-authenticate", 'Bearer realm="broker"')
+    return _Json(body, status_code=exc.status, headers=headers, media_type=media)
+
+
+def json_response(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return _Json(content, status_code=status, headers=dict(headers or {}))
+
+
+# --- bodies --------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes ``max_bytes`` (never buffered whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequest("invalid Content-Length")
+        if int(declared) > max_bytes:
+            raise PayloadTooLarge(f"the body exceeds {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the body exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise InvalidRequest(f"duplicate JSON key {k!r}"[:200])
+        out[k] = v
+    return out
+
+
+def _reject_nul(value: Any, depth: int = 0) -> None:
+    if depth > 64:
+        raise InvalidRequest("the JSON body is nested too deeply")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValidationFailed("strings must not contain NUL characters")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nul(k, depth + 1)
+            _reject_nul(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _reject_nul(v, depth + 1)
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the body is not UTF-8") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"malformed JSON at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidRequest("the JSON body is nested too deeply") from None
+    _reject_nul(value)
+    return value
+
+
+async def json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype not in ("application/json", "") and not ctype.endswith("+json"):
+        raise UnsupportedMediaType("send application/json")
+    value = parse_json(await read_body(request, max_bytes))
+    if not isinstance(value, dict):
+        raise ValidationFailed("the body must be a JSON object")
+    return value
+
+
+async def form_or_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    """OAuth endpoints take form-encoded bodies (RFC 6749) or JSON."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await read_body(request, max_bytes)
+    if ctype == "application/x-www-form-urlencoded":
+        try:
+            text = raw.decode("utf-8")
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=64)
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidRequest("malformed form body") from None
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise InvalidRequest(f"parameter {k!r} repeated"[:200])
+            if "\x00" in k or "\x00" in v:
+                raise InvalidRequest("parameters must not contain NUL characters")
+            out[k] = v
+        return out
+    if ctype in ("application/json", ""):
+        if not raw and ctype == "":
+            return {}
+        value = parse_json(raw)
+        if not isinstance(value, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        return value
+    raise InvalidRequest("send application/x-www-form-urlencoded or application/json")
+
+
+def validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """Validate a body against a strict schema; the first problems are named in the 422."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{where}: {msg}")
+        raise ValidationFailed("; ".join(problems)[:1000]) from None
+
+
+def query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
+    return int(raw)
+
+
+def query_str(request: Request, name: str, max_len: int = 256) -> str | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    if len(raw) > max_len or "\x00" in raw or not raw.isprintable():
+        raise InvalidRequest(f"{name} is not valid")
+    return raw
+
+
+def path_id(request: Request, name: str = "id") -> str:
+    """A path id that cannot name anything (bad characters, too long) is simply not found."""
+    from broker.errors import NotFound
+
+    value = str(request.path_params.get(name, ""))
+    if not ID_PATTERN.match(value):
+        raise NotFound("not found")
+    return value

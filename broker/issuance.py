@@ -1,0 +1,205 @@
+"""``POST /v1/token``: authenticate a client, reserve its slice, sign its token.
+
+The lookup, the secret check and the reservation run in one database transaction, so a token
+exists only if its slice was reserved from every budget above it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from broker import ledger, tokens
+from broker.credentials import secret_matches
+from broker.errors import InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
+from broker.identities import find_by_client_id
+from broker.ledger import BudgetRef
+from broker.policy import Policy, effective, scope_within
+from broker.services import Services
+from broker.settings import MAX_MICROS
+
+CLIENT_CREDENTIALS = "client_credentials"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    grant_type: str
+    client_id: str
+    client_secret: str
+    scope: tuple[str, ...] | None
+    budget_micros: int | None
+    ttl_s: int | None
+    source: str
+
+
+def _int_param(params: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise InvalidRequest(f"{name} must be an integer")
+    if isinstance(raw, str):
+        if not raw.isdigit() or len(raw) > 18:
+            raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
+        raw = int(raw)
+    if not isinstance(raw, int) or not lo <= raw <= hi:
+        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
+    return raw
+
+
+def _str_param(params: dict[str, Any], name: str, max_len: int = 512) -> str | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or len(raw) > max_len or not raw.isprintable():
+        raise InvalidRequest(f"{name} must be a string of at most {max_len} printable characters")
+    return raw
+
+
+KNOWN_PARAMS = frozenset(
+    {"grant_type", "client_id", "client_secret", "scope", "budget_micros", "ttl_s", "audience",
+     "resource", "subject_token", "subject_token_type", "requested_token_type"}
+)
+
+
+def parse_request(
+    params: dict[str, Any], basic: tuple[str, str] | None, source: str, max_ttl: int
+) -> TokenRequest:
+    unknown = set(params) - KNOWN_PARAMS
+    if unknown:
+        raise InvalidRequest(f"unknown parameter {sorted(unknown)[0]!r}"[:200])
+    grant = _str_param(params, "grant_type", 128)
+    if not grant:
+        raise InvalidRequest("grant_type is required")
+    if grant != CLIENT_CREDENTIALS:
+        raise UnsupportedGrantType(f"grant_type {grant!r} is not supported"[:200])
+    body_id = _str_param(params, "client_id", 128)
+    body_secret = _str_param(params, "client_secret", 512)
+    if basic is not None:
+        if body_secret is not None or (body_id is not None and body_id != basic[0]):
+            raise InvalidRequest("use one client authentication method")
+        client_id, secret = basic
+    else:
+        if body_id is None or body_secret is None:
+            raise InvalidClient()
+        client_id, secret = body_id, body_secret
+    scope_raw = _str_param(params, "scope", 4096)
+    scope = tuple(scope_raw.split()) if scope_raw else None
+    return TokenRequest(
+        grant_type=grant,
+        client_id=client_id,
+        client_secret=secret,
+        scope=scope,
+        budget_micros=_int_param(params, "budget_micros", 0, MAX_MICROS),
+        ttl_s=_int_param(params, "ttl_s", 1, max_ttl),
+        source=source,
+    )
+
+
+def _budget_refs(services: Services, workload: Any, tenant: Any, policy: Policy) -> list[BudgetRef]:
+    refs = [BudgetRef("workload", workload.id, b.period, b.limit_micros) for b in policy.budgets]
+    refs += [
+        BudgetRef("tenant", workload.tenant_id, b["period"], int(b["limit_micros"]))
+        for b in tenant.budgets or []
+    ]
+    refs += [BudgetRef("org", "org", b.period, b.limit_micros) for b in services.settings.org.budgets]
+    return refs
+
+
+async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
+    wait = services.failures.blocked_for(req.client_id, req.source)
+    if wait:
+        raise SlowDown(headers={"retry-after": str(wait)})
+    settings = services.settings
+    now = int(time.time())
+    jti = tokens.new_jti()
+
+    def txn(conn: Connection) -> dict[str, Any] | None:
+        found = authenticate_client(services, conn, req.client_id, req.client_secret, now)
+        if found is None:
+            return None
+        row, tenant = found
+        policy = effective(Policy.model_validate(row.policy), row.kind)
+        if req.scope is not None:
+            for entry in req.scope:
+                if not scope_within(entry, policy.models):
+                    raise InvalidScope(f"scope {entry!r} is not allowed by policy"[:200])
+            models = list(dict.fromkeys(req.scope))
+        else:
+            models = list(policy.models)
+        ttl = min(req.ttl_s or policy.token_ttl_s or settings.tokens.default_ttl_s, settings.tokens.max_ttl_s)
+        per_token = policy.token_budget_micros or 0
+        if req.budget_micros is not None and req.budget_micros > per_token:
+            raise InvalidRequest(f"budget_micros exceeds the policy's per-token slice of {per_token}")
+        amount = per_token if req.budget_micros is None else req.budget_micros
+        if not models:
+            amount = 0  # a token that can call no model needs no money
+        ledger.reserve_slice(
+            conn,
+            jti=jti,
+            workload_id=row.id,
+            tenant_id=row.tenant_id,
+            amount=amount,
+            budgets=_budget_refs(services, row, tenant, policy),
+            issued_at=now,
+            expires_at=now + ttl,
+        )
+        claims: dict[str, Any] = {
+            "iss": settings.issuer.url,
+            "aud": settings.issuer.audience,
+            "sub": row.id,
+            "client_id": row.client_id,
+            "tenant": row.tenant_id,
+            "kind": row.kind,
+            "jti": jti,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "models": models,
+            "budget_micros": amount,
+            "scope": " ".join(models),
+        }
+        if row.roles:
+            claims["roles"] = list(row.roles)
+        return claims
+
+    claims = await services.db.run(txn)
+    if claims is None:
+        services.failures.record_failure(req.client_id, req.source)
+        raise InvalidClient()
+    token = tokens.sign(services.keyring, claims)
+    return {
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": claims["exp"] - claims["iat"],
+        "issued_token_type": JWT_TOKEN_TYPE,
+        "scope": claims["scope"],
+        "budget_micros": claims["budget_micros"],
+    }
+
+
+def authenticate_client(
+    services: Services, conn: Connection, client_id: str, secret: str, now: int
+) -> tuple[Any, Any] | None:
+    """(workload row, tenant row) when the credentials match a live identity, else None.
+
+    Unknown client, wrong secret and suspended identity all return None, after the same work.
+    The previous secret still counts during its rotation grace.
+    """
+    found = find_by_client_id(conn, client_id)
+    row, tenant = found if found is not None else (None, None)
+    hashes: list[str | None] = []
+    if row is not None:
+        hashes.append(row.secret_hash)
+        if row.prev_secret_hash and (row.prev_secret_expires_at or 0) > now:
+            hashes.append(row.prev_secret_hash)
+    if not secret_matches(services.pepper, secret, hashes):
+        return None
+    if row is None or tenant is None or row.suspended_at is not None or tenant.suspended_at is not None:
+        return None
+    return row, tenant

@@ -1,0 +1,145 @@
+"""OAuth routes: token issuance, introspection, JWKS and authorization-server metadata."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import Any
+from urllib.parse import unquote
+
+from sqlalchemy import Connection
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from broker import issuance, ledger
+from broker.auth import authenticate_admin, verify_bearer
+from broker.errors import InvalidClient, InvalidRequest, InvalidToken, SlowDown
+from broker.http import form_or_json, json_response
+from broker.services import Services
+
+_NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
+
+
+def services_of(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def basic_credentials(request: Request) -> tuple[str, str] | None:
+    """HTTP Basic client credentials (RFC 6749 §2.3.1: both parts are form-url-encoded)."""
+    header = request.headers.get("authorization")
+    if header is None or not header[:6].lower() == "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidClient() from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise InvalidClient()
+    return unquote(client_id), unquote(secret)
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is not None and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+async def token_endpoint(request: Request) -> Response:
+    svc = services_of(request)
+    params = await form_or_json(request, svc.settings.server.admin_max_body_bytes)
+    req = issuance.parse_request(
+        params, basic_credentials(request), client_address(request), svc.settings.tokens.max_ttl_s
+    )
+    body = await issuance.issue(svc, req)
+    return json_response(body, headers=_NO_STORE)
+
+
+async def introspect_endpoint(request: Request) -> Response:
+    svc = services_of(request)
+    params = await form_or_json(request, svc.settings.server.admin_max_body_bytes)
+    token = params.get("token")
+    if not isinstance(token, str) or not token:
+        raise InvalidRequest("token is required")
+    now = int(time.time())
+    caller_tenant, org_wide = await _introspection_caller(svc, request, now)
+    try:
+        verified = verify_bearer(svc, token)
+    except InvalidToken:
+        return json_response({"active": False}, headers=_NO_STORE)
+    if not org_wide and verified.tenant != caller_tenant:
+        return json_response({"active": False}, headers=_NO_STORE)
+    remaining = await svc.db.run(lambda conn: ledger.slice_remaining(conn, verified.jti))
+    if remaining is None:
+        return json_response({"active": False}, headers=_NO_STORE)
+    body: dict[str, Any] = {"active": True, **verified.claims, "token_type": "Bearer"}
+    body["budget_remaining_micros"] = remaining
+    return json_response(body, headers=_NO_STORE)
+
+
+async def _introspection_caller(svc: Services, request: Request, now: int) -> tuple[str, bool]:
+    """(caller's tenant, may see every tenant) for a client in HTTP Basic or an admin bearer."""
+    basic = basic_credentials(request)
+    if basic is not None:
+        client_id, secret = basic
+        source = client_address(request)
+        wait = svc.failures.blocked_for(client_id, source)
+        if wait:
+            raise SlowDown(headers={"retry-after": str(wait)})
+
+        def check(conn: Connection) -> Any:
+            return issuance.authenticate_client(svc, conn, client_id, secret, now)
+
+        found = await svc.db.run(check)
+        if found is None:
+            svc.failures.record_failure(client_id, source)
+            raise InvalidClient()
+        row = found[0]
+        org_wide = row.kind == "admin" and bool({"org-admin", "auditor"} & set(row.roles or []))
+        return row.tenant_id, org_wide
+    bearer = bearer_token(request)
+    if bearer is not None:
+        actor = authenticate_admin(svc, bearer)
+        return actor.tenant_id, actor.org_wide
+    raise InvalidClient(headers={"www-authenticate": 'Basic realm="broker"'})
+
+
+async def jwks_endpoint(request: Request) -> Response:
+    return json_response(
+        services_of(request).keyring.jwks(), headers={"cache-control": "public, max-age=60"}
+    )
+
+
+async def metadata_endpoint(request: Request) -> Response:
+    settings = services_of(request).settings
+    base = settings.issuer.url.rstrip("/")
+    return json_response(
+        {
+            "issuer": settings.issuer.url,
+            "token_endpoint": f"{base}/v1/token",
+            "introspection_endpoint": f"{base}/v1/introspect",
+            "jwks_uri": f"{base}/.well-known/jwks.json",
+            "grant_types_supported": [issuance.CLIENT_CREDENTIALS],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "bearer"],
+            "response_types_supported": [],
+            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+            "access_token_signing_alg_values_supported": ["EdDSA"],
+        }
+    )
+
+
+routes = [
+    Route("/v1/token", token_endpoint, methods=["POST"]),
+    Route("/v1/introspect", introspect_endpoint, methods=["POST"]),
+    Route("/.well-known/jwks.json", jwks_endpoint, methods=["GET"]),
+    Route("/.well-known/oauth-authorization-server", metadata_endpoint, methods=["GET"]),
+]

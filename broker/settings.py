@@ -1,0 +1,213 @@
+"""Typed, frozen settings: TOML plus ``BROKER_<SECTION>_<KEY>`` environment overrides.
+
+Settings are read once at start and passed explicitly. A wrong key or a bad value raises
+:class:`ConfigError` naming the key, so the CLI can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, ValidationError
+
+from broker.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/broker.toml")
+MAX_MICROS = 10**15  # one billion dollars: far above any sane budget, far below int64 overflow
+
+Period = Literal["hour", "day", "month", "total"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetLimit(_Section):
+    period: Period
+    limit_micros: StrictInt = Field(ge=0, le=MAX_MICROS)
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/broker.db"
+    pool_size: StrictInt = Field(default=16, ge=1, le=512)
+
+
+class VaultSettings(_Section):
+    addr: str = "http://127.0.0.1:8200"
+    token: SecretStr = SecretStr("")
+    kv_mount: str = "secret"
+    # Every secret of this broker lives under this KV v2 path prefix.
+    prefix: str = "broker"
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+    max_stale_s: StrictInt = Field(default=300, ge=0, le=86400)
+
+
+class IssuerSettings(_Section):
+    url: str = "http://127.0.0.1:8080"
+    audience: str = "ai-broker"
+
+
+class TokenSettings(_Section):
+    default_ttl_s: StrictInt = Field(default=300, ge=1, le=900)
+    max_ttl_s: StrictInt = Field(default=900, ge=1, le=900)
+    # The slice a token reserves when neither the request nor the policy names one.
+    default_budget_micros: StrictInt = Field(default=1_000_000, ge=0, le=MAX_MICROS)
+
+
+class AuthSettings(_Section):
+    failure_limit: StrictInt = Field(default=10, ge=1, le=10_000)
+    failure_window_s: StrictInt = Field(default=300, ge=1, le=86_400)
+    secret_grace_s: StrictInt = Field(default=3600, ge=0, le=30 * 86_400)
+
+
+class OrgSettings(_Section):
+    budgets: tuple[BudgetLimit, ...] = ()
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: StrictInt = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    admin_max_body_bytes: StrictInt = Field(default=65_536, ge=1024, le=16 * 1_048_576)
+
+
+class SweeperSettings(_Section):
+    interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # A hold older than this can no longer belong to a running request.
+    max_request_s: StrictInt = Field(default=600, ge=1, le=86_400)
+
+
+class ProviderSettings(_Section):
+    plugin: str | None = None
+    base_url: str | None = None
+    vault_path: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+
+
+class ModelSettings(_Section):
+    provider: str
+    upstream_model: str | None = None
+    input_micros_per_mtok: StrictInt = Field(ge=0, le=MAX_MICROS)
+    output_micros_per_mtok: StrictInt = Field(ge=0, le=MAX_MICROS)
+
+
+class Settings(_Section):
+    database: DatabaseSettings = DatabaseSettings()
+    vault: VaultSettings = VaultSettings()
+    issuer: IssuerSettings = IssuerSettings()
+    tokens: TokenSettings = TokenSettings()
+    auth: AuthSettings = AuthSettings()
+    org: OrgSettings = OrgSettings()
+    server: ServerSettings = ServerSettings()
+    sweeper: SweeperSettings = SweeperSettings()
+    providers: dict[str, ProviderSettings] = {}
+    models: dict[str, ModelSettings] = {}
+    bootstrap_admin_secret: SecretStr | None = None
+
+
+# Sections whose keys an environment variable may override. ``providers`` and ``models`` are
+# tables of tables, whose names may hold underscores, so they are configured in TOML only.
+_ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "server", "sweeper")
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith("BROKER_"):
+            continue
+        rest = name[len("BROKER_") :].lower()
+        for section in _ENV_SECTIONS:
+            if rest.startswith(section + "_"):
+                out.setdefault(section, {})[rest[len(section) + 1 :]] = value
+                break
+    return out
+
+
+def _coerce(section_model: type[BaseModel], key: str, raw: str) -> Any:
+    """Environment values are strings; turn them into the field's type before validation."""
+    field = section_model.model_fields.get(key)
+    if field is None:
+        return raw  # validation reports the unknown key by name
+    annotation = str(field.annotation)
+    if "int" in annotation and "str" not in annotation:
+        try:
+            return int(raw)
+        except ValueError:
+            return raw
+    if "float" in annotation:
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{key}: {msg}")
+    return f"invalid configuration ({source}): " + "; ".join(parts)
+
+
+def load_settings(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read TOML at ``path`` (the default path if it exists), then the environment, then
+    ``overrides`` (a nested dict, used by the CLI and tests)."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    source = "defaults"
+    chosen = path if path is not None else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    if chosen is not None:
+        source = str(chosen)
+        try:
+            data = tomllib.loads(chosen.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file not found: {chosen}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {chosen} is not valid TOML: {exc}") from exc
+    for section, values in _env_overrides(env).items():
+        model = Settings.model_fields[section].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"invalid configuration ({source}): {section}: must be a table")
+        for key, raw in values.items():
+            target[key] = _coerce(model, key, raw)
+    if "BROKER_BOOTSTRAP_ADMIN_SECRET" in env:
+        data["bootstrap_admin_secret"] = env["BROKER_BOOTSTRAP_ADMIN_SECRET"]
+    for section, values in (overrides or {}).items():
+        if isinstance(values, Mapping) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    """Cross-field rules: every model has a known provider; a price is never missing."""
+    for name, model in settings.models.items():
+        if model.provider not in settings.providers:
+            raise ConfigError(
+                f"invalid configuration: models.{name}.provider: unknown provider "
+                f"{model.provider!r}"
+            )
+    if settings.tokens.default_ttl_s > settings.tokens.max_ttl_s:
+        raise ConfigError("invalid configuration: tokens.default_ttl_s: exceeds tokens.max_ttl_s")
+    if not settings.vault.token.get_secret_value() and not settings.vault.addr:
+        raise ConfigError("invalid configuration: vault.addr: required")

@@ -1,0 +1,59 @@
+"""Background sweeping: return the unspent part of expired slices, and settle orphaned holds.
+
+Every step is idempotent (a conditional UPDATE that matches once), so two replicas sweeping at
+the same time, or a sweep interrupted by a crash, never return or charge money twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from sqlalchemy import Connection
+
+from broker import ledger
+from broker.services import Services
+
+log = logging.getLogger("broker.sweeper")
+
+
+def sweep_once(svc: Services, now: int | None = None) -> tuple[int, int]:
+    """(slices released, orphaned holds settled) in this pass."""
+    now = int(time.time()) if now is None else now
+    orphans = svc.db.transaction(
+        lambda conn: ledger.orphaned_holds(conn, now - svc.settings.sweeper.max_request_s)
+    )
+    settled = 0
+    for hold_id, _jti, amount in orphans:
+        # The provider may have billed the whole request: charge the full hold, once.
+        event = {"request_id": hold_id, "ts": now, "model": "", "provider": "",
+                 "status": "orphaned", "estimated": True}
+
+        def settle(conn: Connection, hold_id: str = hold_id, amount: int = amount,
+                   event: dict[str, Any] = event) -> bool:
+            return ledger.settle_hold(conn, hold_id=hold_id, cost=amount, event=event) is not None
+
+        if svc.db.transaction(settle):
+            settled += 1
+    released = 0
+    for jti in svc.db.transaction(lambda conn: ledger.expired_open_slices(conn, now)):
+        amount = svc.db.transaction(lambda conn, jti=jti: ledger.release_slice(conn, jti, now))
+        released += 1
+        metrics = svc.extras.get("metrics")
+        if metrics is not None and amount:
+            metrics.released.inc(amount)
+    return released, settled
+
+
+async def run_sweeper(svc: Services) -> None:
+    interval = svc.settings.sweeper.interval_s
+    while True:
+        try:
+            await anyio.to_thread.run_sync(sweep_once, svc)
+        except Exception as exc:  # the sweeper must outlive a database hiccup
+            log.warning("sweep failed: %s", type(exc).__name__)
+        await anyio.sleep(interval)

@@ -1,0 +1,281 @@
+"""Fixtures: one real OpenBao dev server per session, real SQLite and PostgreSQL databases, and
+brokers served in-process (TestClient) or on a real port (uvicorn in a thread)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from starlette.testclient import TestClient
+
+from broker.app import create_app
+from broker.db import make_engine, migrate
+from broker.devvault import DevVault, free_port
+from broker.extensions import default_extensions
+from broker.services import Services
+from broker.settings import Settings, load_settings
+
+PG_ADMIN_URL = os.environ.get("BROKER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+ADMIN_SECRET = "bootstrap-" + secrets.token_urlsafe(32)
+
+
+# --- a record of every secret the run created, for the leak scan ----------------------------
+
+
+class SecretLedger:
+    def __init__(self) -> None:
+        self.values: set[str] = set()
+
+    def add(self, value: str) -> str:
+        if value:
+            self.values.add(value)
+        return value
+
+
+SECRETS = SecretLedger()
+SECRETS.add(ADMIN_SECRET)
+
+
+@pytest.fixture(scope="session")
+def secret_ledger() -> SecretLedger:
+    return SECRETS
+
+
+# --- OpenBao ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vault() -> Iterator[DevVault]:
+    with DevVault() as dev:
+        SECRETS.add(dev.root_token)
+        yield dev
+
+
+# --- databases -------------------------------------------------------------------------------
+
+
+def _pg_admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated PostgreSQL database that each test copies (CREATE DATABASE ... TEMPLATE)."""
+    name = f"broker_tpl_{secrets.token_hex(4)}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    engine = make_engine(url)
+    migrate(engine)
+    engine.dispose()
+    yield name
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    name = f"broker_t_{secrets.token_hex(4)}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path}/broker.db"
+    engine = make_engine(url)
+    migrate(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Storage tests run on both backends."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(name)
+    return url
+
+
+# --- settings and brokers --------------------------------------------------------------------
+
+
+def make_settings(db: str, vault: DevVault, **sections: dict[str, Any]) -> Settings:
+    overrides: dict[str, Any] = {
+        "database": {"url": db},
+        "vault": {"addr": vault.addr, "token": vault.root_token,
+                  "prefix": f"t-{secrets.token_hex(6)}"},
+        "issuer": {"url": "http://broker.test", "audience": "ai-broker"},
+        "sweeper": {"interval_s": 0.2},
+    }
+    for name, values in sections.items():
+        overrides[name] = {**overrides.get(name, {}), **values}
+    overrides["bootstrap_admin_secret"] = ADMIN_SECRET
+    return load_settings(path=Path(__file__).parent / "data" / "test.toml", env={}, overrides=overrides)
+
+
+class Broker:
+    """A broker under test: its settings, services and an HTTP client bound to it."""
+
+    def __init__(self, settings: Settings, services: Services, client: Any, url: str | None = None):
+        self.settings = settings
+        self.services = services
+        self.client = client
+        self.url = url
+
+    def admin_token(self) -> str:
+        return self.token("admin", ADMIN_SECRET)
+
+    def token(self, client_id: str, secret: str, **params: Any) -> str:
+        resp = self.client.post(
+            "/v1/token",
+            data={"grant_type": "client_credentials", "client_id": client_id,
+                  "client_secret": secret, **{k: str(v) for k, v in params.items()}},
+        )
+        assert resp.status_code == 200, resp.text
+        token: str = resp.json()["access_token"]
+        return SECRETS.add(token)
+
+    def admin(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.admin_token()}"}
+
+    def create_tenant(self, name: str | None = None, **body: Any) -> dict[str, Any]:
+        resp = self.client.post(
+            "/v1/admin/tenants", json={"name": name or f"t-{secrets.token_hex(4)}", **body},
+            headers=self.admin(),
+        )
+        assert resp.status_code == 201, resp.text
+        out: dict[str, Any] = resp.json()
+        return out
+
+    def create_workload(self, tenant_id: str, kind: str = "agent", **body: Any) -> dict[str, Any]:
+        payload = {"tenant_id": tenant_id, "name": f"w-{secrets.token_hex(4)}", "kind": kind, **body}
+        resp = self.client.post("/v1/admin/workloads", json=payload, headers=self.admin())
+        assert resp.status_code == 201, resp.text
+        out: dict[str, Any] = resp.json()
+        SECRETS.add(out["client_secret"])
+        return out
+
+
+class _LoggingClient:
+    """Wraps a client and keeps every response body and header for the leak scan."""
+
+    def __init__(self, inner: Any, sink: list[str]):
+        self._inner = inner
+        self._sink = sink
+
+    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        resp: httpx.Response = self._inner.request(method, url, **kw)
+        self._sink.append(str(dict(resp.headers)) + resp.text)
+        return resp
+
+    def get(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def patch(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("PATCH", url, **kw)
+
+    def delete(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kw)
+
+
+RESPONSES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def recorded_responses() -> list[str]:
+    return RESPONSES
+
+
+BrokerFactory = Callable[..., Broker]
+
+
+@pytest.fixture
+def make_broker(vault: DevVault) -> Iterator[BrokerFactory]:
+    """Build brokers on a given database URL; each gets its own Vault prefix."""
+    stack = contextlib.ExitStack()
+
+    def factory(db: str, **sections: dict[str, Any]) -> Broker:
+        settings = make_settings(db, vault, **sections)
+        services = Services.build(settings)
+        stack.callback(services.close)
+        app = create_app(settings, services=services, extensions=default_extensions(settings))
+        client = stack.enter_context(TestClient(app, base_url="http://broker.test"))
+        return Broker(settings, services, _LoggingClient(client, RESPONSES))
+
+    yield factory
+    stack.close()
+
+
+@pytest.fixture
+def broker(make_broker: BrokerFactory, db_url: str) -> Broker:
+    return make_broker(db_url)
+
+
+@pytest.fixture
+def sqlite_broker(make_broker: BrokerFactory, sqlite_url: str) -> Broker:
+    return make_broker(sqlite_url)
+
+
+class LiveServer:
+    """uvicorn on a real port in a background thread."""
+
+    def __init__(self, app: Any):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on", timeout_graceful_shutdown=2, backlog=2048)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("live broker did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def make_live_broker(vault: DevVault) -> Iterator[Callable[..., Broker]]:
+    servers: list[LiveServer] = []
+    closers: list[Callable[[], None]] = []
+
+    def factory(db: str, **sections: dict[str, Any]) -> Broker:
+        settings = make_settings(db, vault, **sections)
+        services = Services.build(settings)
+        closers.append(services.close)
+        app = create_app(settings, services=services, extensions=default_extensions(settings))
+        server = LiveServer(app).start()
+        servers.append(server)
+        client = httpx.Client(base_url=server.url, timeout=30)
+        closers.append(client.close)
+        return Broker(settings, services, _LoggingClient(client, RESPONSES), url=server.url)
+
+    yield factory
+    for server in servers:
+        server.stop()
+    for close in closers:
+        close()

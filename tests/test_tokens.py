@@ -1,0 +1,142 @@
+"""Token issuance: the JWT verifies against the served JWKS and carries every claim of the spec."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jwt
+import pytest
+
+from tests.conftest import Broker
+
+SPEC_CLAIMS = {"iss", "aud", "sub", "tenant", "kind", "jti", "iat", "nbf", "exp", "models",
+               "budget_micros"}
+
+
+def _agent(broker: Broker, **policy: object) -> dict[str, object]:
+    tenant = broker.create_tenant()
+    return broker.create_workload(
+        tenant["id"], policy={"models": ["gpt-4o-mini", "claude-*"], "token_budget_micros": 500_000,
+                              **policy},
+    )
+
+
+def test_token_verifies_with_pyjwt_against_served_jwks(broker: Broker) -> None:
+    agent = _agent(broker)
+    resp = broker.client.post("/v1/token", data={
+        "grant_type": "client_credentials", "client_id": agent["client_id"],
+        "client_secret": agent["client_secret"]})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["token_type"] == "Bearer"
+    assert body["issued_token_type"] == "urn:ietf:params:oauth:token-type:jwt"
+    assert body["budget_micros"] == 500_000
+    assert body["scope"] == "gpt-4o-mini claude-*"
+    assert resp.headers["cache-control"] == "no-store"
+
+    token = body["access_token"]
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "EdDSA" and header["typ"] == "at+jwt" and header["kid"]
+
+    jwks = broker.client.get("/.well-known/jwks.json").json()
+    key = jwt.PyJWKSet.from_dict(jwks)[header["kid"]]
+    claims = jwt.decode(token, key.key, algorithms=["EdDSA"], audience="ai-broker",
+                        issuer="http://broker.test")
+    assert SPEC_CLAIMS <= claims.keys()
+    assert claims["sub"] == agent["id"]
+    assert claims["tenant"] == agent["tenant_id"]
+    assert claims["kind"] == "agent"
+    assert claims["models"] == ["gpt-4o-mini", "claude-*"]
+    assert claims["exp"] - claims["iat"] == body["expires_in"] == 300
+    assert claims["nbf"] == claims["iat"]
+
+
+def test_http_basic_and_json_bodies_are_accepted(broker: Broker) -> None:
+    agent = _agent(broker)
+    basic = base64.b64encode(f"{agent['client_id']}:{agent['client_secret']}".encode()).decode()
+    resp = broker.client.post("/v1/token", data={"grant_type": "client_credentials"},
+                              headers={"authorization": f"Basic {basic}"})
+    assert resp.status_code == 200, resp.text
+    resp = broker.client.post("/v1/token", json={
+        "grant_type": "client_credentials", "client_id": agent["client_id"],
+        "client_secret": agent["client_secret"], "scope": "gpt-4o-mini", "budget_micros": 1000,
+        "ttl_s": 60})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["expires_in"] == 60
+    assert resp.json()["budget_micros"] == 1000
+    assert resp.json()["scope"] == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize("scope", ["o1", "gpt-*", "*"])
+def test_scope_cannot_widen_policy(broker: Broker, scope: str) -> None:
+    agent = _agent(broker)
+    resp = broker.client.post("/v1/token", data={
+        "grant_type": "client_credentials", "client_id": agent["client_id"],
+        "client_secret": agent["client_secret"], "scope": scope})
+    assert resp.status_code == 400
+    assert resp.json()["error"] == "invalid_scope"
+
+
+def test_wrong_secret_unknown_client_look_the_same(broker: Broker) -> None:
+    agent = _agent(broker)
+    a = broker.client.post("/v1/token", data={"grant_type": "client_credentials",
+                           "client_id": agent["client_id"], "client_secret": "bks_wrong"})
+    b = broker.client.post("/v1/token", data={"grant_type": "client_credentials",
+                           "client_id": "wl_nobody", "client_secret": "bks_wrong"})
+    assert a.status_code == b.status_code == 401
+    assert a.json() == b.json() == {"error": "invalid_client",
+                                    "error_description": "Client authentication failed"}
+
+
+def test_repeated_failures_slow_down_even_a_correct_secret(broker: Broker) -> None:
+    agent = _agent(broker)
+    for _ in range(10):
+        r = broker.client.post("/v1/token", data={"grant_type": "client_credentials",
+                               "client_id": agent["client_id"], "client_secret": "bks_guess"})
+        assert r.status_code == 401
+    r = broker.client.post("/v1/token", data={"grant_type": "client_credentials",
+                           "client_id": agent["client_id"], "client_secret": agent["client_secret"]})
+    assert r.status_code == 429
+    assert r.json()["error"] == "slow_down"
+    assert int(r.headers["retry-after"]) > 0
+
+
+def test_client_secret_is_stored_as_keyed_hash(broker: Broker) -> None:
+    agent = _agent(broker)
+    from sqlalchemy import text
+    with broker.services.db.engine.connect() as conn:
+        stored = conn.execute(text("SELECT secret_hash FROM workload WHERE id = :id"),
+                              {"id": agent["id"]}).scalar_one()
+    assert agent["client_secret"] not in stored
+    assert len(stored) == 64
+    raw = agent["client_secret"].removeprefix("bks_")
+    assert len(base64.urlsafe_b64decode(raw + "==")) >= 32  # 256 bits
+
+
+def test_introspection_reports_claims_and_remaining_budget(broker: Broker) -> None:
+    agent = _agent(broker)
+    token = broker.token(agent["client_id"], agent["client_secret"])
+    basic = base64.b64encode(f"{agent['client_id']}:{agent['client_secret']}".encode()).decode()
+    resp = broker.client.post("/v1/introspect", data={"token": token},
+                              headers={"authorization": f"Basic {basic}"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["active"] is True
+    assert body["sub"] == agent["id"]
+    assert body["budget_remaining_micros"] == 500_000
+    resp = broker.client.post("/v1/introspect", data={"token": token + "x"},
+                              headers={"authorization": f"Basic {basic}"})
+    assert resp.json() == {"active": False}
+    resp = broker.client.post("/v1/introspect", data={"token": token}, headers=broker.admin())
+    assert resp.json()["active"] is True
+    resp = broker.client.post("/v1/introspect", data={"token": token})
+    assert resp.status_code == 401 and resp.json()["error"] == "invalid_client"
+
+
+def test_metadata_document(broker: Broker) -> None:
+    meta = broker.client.get("/.well-known/oauth-authorization-server").json()
+    assert meta["issuer"] == "http://broker.test"
+    assert meta["jwks_uri"] == "http://broker.test/.well-known/jwks.json"
+    assert "client_credentials" in meta["grant_types_supported"]
+    assert json.dumps(meta)
