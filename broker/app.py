@@ -97,9 +97,12 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        svc = services or await anyio.to_thread.run_sync(
-            lambda: Services.build(settings, auto_migrate=auto_migrate)
-        )
+        if services is not None:
+            svc = services
+        else:
+            svc = await anyio.to_thread.run_sync(
+                lambda: Services.build(settings, auto_migrate=auto_migrate)
+            )
         svc.extras["metrics"] = metrics
         app.state.services = svc
         for extension in extensions:

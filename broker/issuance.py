@@ -7,6 +7,7 @@ exists only if its slice was reserved from every budget above it.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +15,16 @@ from sqlalchemy import Connection
 
 from broker import ledger, tokens
 from broker.credentials import secret_matches
-from broker.errors import InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
+from broker.errors import (
+    InvalidClient,
+    InvalidRequest,
+    InvalidScope,
+    SlowDown,
+    UnsupportedGrantType,
+)
 from broker.identities import find_by_client_id
 from broker.ledger import BudgetRef
+from broker.plugins import AuthMethod, ClientCredentials
 from broker.policy import Policy, effective, scope_within
 from broker.services import Services
 from broker.settings import MAX_MICROS
@@ -29,12 +37,28 @@ JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 @dataclass(frozen=True)
 class TokenRequest:
     grant_type: str
-    client_id: str
-    client_secret: str
+    method: AuthMethod
+    creds: ClientCredentials
     scope: tuple[str, ...] | None
     budget_micros: int | None
     ttl_s: int | None
     source: str
+
+    @property
+    def client_id(self) -> str:
+        return self.creds.client_id
+
+
+class _Context:
+    """The :class:`broker.plugins.AuthContext` lent to auth methods, bound to one transaction."""
+
+    def __init__(self, services: Services, conn: Connection, now: int):
+        self._services = services
+        self._conn = conn
+        self._now = now
+
+    def check_client_secret(self, client_id: str, secret: str) -> tuple[Any, Any] | None:
+        return authenticate_client(self._services, self._conn, client_id, secret, self._now)
 
 
 def _int_param(params: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
@@ -68,7 +92,11 @@ KNOWN_PARAMS = frozenset(
 
 
 def parse_request(
-    params: dict[str, Any], basic: tuple[str, str] | None, source: str, max_ttl: int
+    params: dict[str, Any],
+    basic: tuple[str, str] | None,
+    source: str,
+    max_ttl: int,
+    methods: Mapping[str, AuthMethod],
 ) -> TokenRequest:
     unknown = set(params) - KNOWN_PARAMS
     if unknown:
@@ -76,24 +104,18 @@ def parse_request(
     grant = _str_param(params, "grant_type", 128)
     if not grant:
         raise InvalidRequest("grant_type is required")
-    if grant != CLIENT_CREDENTIALS:
+    method = methods.get(grant)
+    if method is None:
         raise UnsupportedGrantType(f"grant_type {grant!r} is not supported"[:200])
-    body_id = _str_param(params, "client_id", 128)
-    body_secret = _str_param(params, "client_secret", 512)
-    if basic is not None:
-        if body_secret is not None or (body_id is not None and body_id != basic[0]):
-            raise InvalidRequest("use one client authentication method")
-        client_id, secret = basic
-    else:
-        if body_id is None or body_secret is None:
-            raise InvalidClient()
-        client_id, secret = body_id, body_secret
+    _str_param(params, "client_id", 512)
+    _str_param(params, "client_secret", 512)
+    creds = method.credentials(params, basic)
     scope_raw = _str_param(params, "scope", 4096)
     scope = tuple(scope_raw.split()) if scope_raw else None
     return TokenRequest(
         grant_type=grant,
-        client_id=client_id,
-        client_secret=secret,
+        method=method,
+        creds=creds,
         scope=scope,
         budget_micros=_int_param(params, "budget_micros", 0, MAX_MICROS),
         ttl_s=_int_param(params, "ttl_s", 1, max_ttl),
@@ -120,7 +142,7 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
     jti = tokens.new_jti()
 
     def txn(conn: Connection) -> dict[str, Any] | None:
-        found = authenticate_client(services, conn, req.client_id, req.client_secret, now)
+        found = req.method.authenticate(_Context(services, conn, now), req.creds)
         if found is None:
             return None
         row, tenant = found

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, insert, select, update
+from sqlalchemy import Connection, and_, delete, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -166,7 +166,7 @@ def expired_open_slices(conn: Connection, now: int, limit: int = 500) -> list[st
     s = _slice.c
     rows = conn.execute(
         select(s.jti)
-        .where(and_(s.released_at.is_(None), s.expires_at < now))
+        .where(and_(s.released_at.is_(None), or_(s.expires_at < now, s.revoked_at.isnot(None))))
         .order_by(s.expires_at)
         .limit(limit)
     ).all()
@@ -212,8 +212,9 @@ def place_hold(conn: Connection, *, hold_id: str, jti: str, amount: int, now: in
 
 def settle_hold(conn: Connection, *, hold_id: str, cost: int, event: dict[str, Any]) -> int | None:
     """Close a hold: charge ``cost`` (at most the held amount), release the rest, and write the
-    usage event, all at once (the event's identity fields default to the slice's). Returns what remains of the slice, or None when the hold was
-    already settled (by the sweeper, say): then nothing is charged a second time."""
+    usage event (its identity fields default to the slice's), all at once. Returns what remains
+    of the slice, or None when the hold was already settled (by the sweeper, say): then nothing
+    is charged a second time."""
     h = _hold.c
     row = conn.execute(
         delete(_hold).where(h.id == hold_id).returning(h.jti, h.amount_micros)

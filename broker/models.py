@@ -137,3 +137,37 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=64)
     target: str = Field(max_length=128)
     detail: dict[str, Any] = _json()
+
+
+class Revocation(SQLModel, table=True):
+    """One revocation, suspension or resume: the log every replica replays into its in-memory
+    denylist (see :mod:`broker.revocation`). Entries are pruned once they can change nothing."""
+
+    __tablename__ = "revocation"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)  # token | workload | tenant
+    action: str = Field(max_length=16)  # revoke | suspend | resume
+    target: str = Field(max_length=64)  # a jti, a workload id or a tenant id
+    tenant_id: str = Field(index=True, max_length=40)
+    # Suspensions: tokens issued at or before this time are dead, even after a resume.
+    cutoff: int | None = Field(default=None, sa_type=BigInteger)
+    # Token revocations: the token's own expiry.
+    expires_at: int | None = Field(default=None, sa_type=BigInteger)
+    # After this time the entry can no longer refuse any live token.
+    relevant_until: int = Field(sa_type=BigInteger, index=True)
+    created_at: int = Field(sa_type=BigInteger, index=True)
+    actor: str = Field(max_length=64)
+    reason: str | None = Field(default=None, max_length=512)
+
+
+class ScheduledJob(SQLModel, table=True):
+    """When each scheduled job last ran, so a restart neither repeats nor skips one."""
+
+    __tablename__ = "scheduled_job"
+
+    name: str = Field(primary_key=True, max_length=64)
+    last_run_ms: int = Field(default=0, sa_type=BigInteger)
+    last_status: str = Field(default="", max_length=32)
+    last_runner: str = Field(default="", max_length=64)
+    last_duration_ms: int = Field(default=0, sa_type=BigInteger)

@@ -34,7 +34,7 @@ def client_address(request: Request) -> str:
 def basic_credentials(request: Request) -> tuple[str, str] | None:
     """HTTP Basic client credentials (RFC 6749 §2.3.1: both parts are form-url-encoded)."""
     header = request.headers.get("authorization")
-    if header is None or not header[:6].lower() == "basic ":
+    if header is None or header[:6].lower() != "basic ":
         return None
     try:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
@@ -57,7 +57,8 @@ async def token_endpoint(request: Request) -> Response:
     svc = services_of(request)
     params = await form_or_json(request, svc.settings.server.admin_max_body_bytes)
     req = issuance.parse_request(
-        params, basic_credentials(request), client_address(request), svc.settings.tokens.max_ttl_s
+        params, basic_credentials(request), client_address(request), svc.settings.tokens.max_ttl_s,
+        svc.auth_methods,
     )
     body = await issuance.issue(svc, req)
     return json_response(body, headers=_NO_STORE)
@@ -127,7 +128,7 @@ async def metadata_endpoint(request: Request) -> Response:
             "token_endpoint": f"{base}/v1/token",
             "introspection_endpoint": f"{base}/v1/introspect",
             "jwks_uri": f"{base}/.well-known/jwks.json",
-            "grant_types_supported": [issuance.CLIENT_CREDENTIALS],
+            "grant_types_supported": sorted(services_of(request).auth_methods),
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
             "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "bearer"],
             "response_types_supported": [],

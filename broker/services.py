@@ -12,6 +12,7 @@ from broker.errors import ConfigError
 from broker.identities import bootstrap_admin
 from broker.keys import Keyring, load_pepper
 from broker.ledger import now_s
+from broker.plugins import AUTH_METHODS_GROUP, AuthMethod, load_plugins
 from broker.settings import Settings
 from broker.vault import Vault
 
@@ -30,12 +31,15 @@ class Services:
     keyring: Keyring
     pepper: bytes = field(repr=False)
     failures: FailureTracker
+    auth_methods: dict[str, AuthMethod] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: Settings, *, auto_migrate: bool = False) -> Services:
         """Connect to Vault and the database and load keys; refuse to start on an un-migrated
         database (unless ``auto_migrate``) or when Vault does not answer."""
+        plugins = load_plugins(AUTH_METHODS_GROUP, AuthMethod)  # type: ignore[type-abstract]
+        methods = {m.grant_type: m for m in plugins.values()}
         vault = Vault(settings.vault)
         vault.check()
         engine = make_engine(settings.database.url, settings.database.pool_size)
@@ -44,7 +48,9 @@ class Services:
             current, head = migration_state(engine)
         except Exception as exc:
             engine.dispose()
-            raise ConfigError(f"database.url: the database does not answer ({type(exc).__name__})") from None
+            raise ConfigError(
+                f"database.url: the database does not answer ({type(exc).__name__})"
+            ) from None
         if current != head:
             if not auto_migrate:
                 engine.dispose()
@@ -63,6 +69,7 @@ class Services:
             keyring=keyring,
             pepper=pepper,
             failures=FailureTracker(settings.auth.failure_limit, settings.auth.failure_window_s),
+            auth_methods=methods,
         )
         if settings.bootstrap_admin_secret is not None:
             secret = settings.bootstrap_admin_secret.get_secret_value()

@@ -81,6 +81,24 @@ class SweeperSettings(_Section):
     max_request_s: StrictInt = Field(default=600, ge=1, le=86_400)
 
 
+class RotationSettings(_Section):
+    # 0 turns a scheduled rotation off; rotation on demand always works.
+    signing_interval_s: StrictInt = Field(default=0, ge=0, le=366 * 86_400)
+    provider_interval_s: StrictInt = Field(default=0, ge=0, le=366 * 86_400)
+    # How long a replaced provider key keeps working before the broker revokes it upstream.
+    provider_grace_s: StrictInt = Field(default=300, ge=0, le=7 * 86_400)
+
+
+class RevocationSettings(_Section):
+    # The periodic read that catches a revocation whose notification was missed.
+    catchup_interval_s: float = Field(default=3.0, gt=0, le=60)
+
+
+class SchedulerSettings(_Section):
+    # How often the scheduler looks for due jobs (and a follower tries to become leader).
+    tick_s: float = Field(default=1.0, gt=0, le=60)
+
+
 class ProviderSettings(_Section):
     plugin: str | None = None
     base_url: str | None = None
@@ -104,6 +122,9 @@ class Settings(_Section):
     org: OrgSettings = OrgSettings()
     server: ServerSettings = ServerSettings()
     sweeper: SweeperSettings = SweeperSettings()
+    rotation: RotationSettings = RotationSettings()
+    revocation: RevocationSettings = RevocationSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     providers: dict[str, ProviderSettings] = {}
     models: dict[str, ModelSettings] = {}
     bootstrap_admin_secret: SecretStr | None = None
@@ -111,7 +132,8 @@ class Settings(_Section):
 
 # Sections whose keys an environment variable may override. ``providers`` and ``models`` are
 # tables of tables, whose names may hold underscores, so they are configured in TOML only.
-_ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "server", "sweeper")
+_ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "server", "sweeper",
+                 "rotation", "revocation", "scheduler")
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:

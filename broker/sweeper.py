@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-
+from functools import partial
 from typing import Any
 
 import anyio
@@ -41,7 +41,7 @@ def sweep_once(svc: Services, now: int | None = None) -> tuple[int, int]:
             settled += 1
     released = 0
     for jti in svc.db.transaction(lambda conn: ledger.expired_open_slices(conn, now)):
-        amount = svc.db.transaction(lambda conn, jti=jti: ledger.release_slice(conn, jti, now))
+        amount = svc.db.transaction(partial(ledger.release_slice, jti=jti, now=now))
         released += 1
         metrics = svc.extras.get("metrics")
         if metrics is not None and amount:

@@ -26,7 +26,7 @@ class Vault:
         self._client = hvac.Client(
             url=settings.addr,
             token=settings.token.get_secret_value() or None,
-            timeout=settings.timeout_s,
+            timeout=settings.timeout_s,  # type: ignore[arg-type]
         )
         self._mount = settings.kv_mount
 

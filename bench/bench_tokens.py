@@ -1,0 +1,178 @@
+"""Foundation benchmark: a bare Starlette endpoint, token issuance and introspection, side by side.
+
+    python -m bench.bench_tokens [--duration 8] [--warmup 2] [--concurrency 1,16,64] [--profile]
+
+One run on this machine: an OpenBao dev server, the broker (``broker serve``, one uvicorn worker,
+SQLite in WAL mode in a temp dir) and a bare Starlette app (same uvicorn settings), each in its own
+process; ``wrk`` drives them from another. At each concurrency the targets are measured back to back
+so that the ratios compare like with like. The figures go to stdout and to ``bench/RESULTS.md``.
+Target from the foundation issue: issuance throughput at concurrency 16 >= 1/2 of the bare endpoint's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from pathlib import Path
+from urllib.parse import urlencode
+
+import httpx
+
+from bench import harness
+from bench.harness import BrokerUnderTest, Measurement, Target
+from broker.devvault import DevVault
+
+SECTION = "bench_tokens"
+TARGET_RATIO = 0.5
+
+
+def targets(broker: BrokerUnderTest, bare_url: str) -> list[Target]:
+    tenant = broker.create_tenant()
+    # The agent reserves a real slice (1 micro-dollar, far under its budgets) from the workload,
+    # tenant and organisation budgets on every issuance, as in production.
+    agent = broker.create_workload(tenant, "agent", harness.bench_policy(["mock-gpt"], 1))
+    # A resource server introspects the agent's token with its own client credentials.
+    service = broker.create_workload(tenant, "service", harness.bench_policy([], 0))
+    token = broker.token(agent.client_id, agent.client_secret)
+    form = "application/x-www-form-urlencoded"
+    basic = base64.b64encode(f"{service.client_id}:{service.client_secret}".encode()).decode()
+    return [
+        Target("bare Starlette GET /bare", bare_url + "/bare"),
+        Target("broker GET /healthz", broker.url + "/healthz"),
+        Target(
+            "issuance POST /v1/token",
+            broker.url + "/v1/token",
+            "POST",
+            urlencode({"grant_type": "client_credentials", "client_id": agent.client_id,
+                       "client_secret": agent.client_secret}),
+            (("content-type", form),),
+        ),
+        Target(
+            "introspection POST /v1/introspect",
+            broker.url + "/v1/introspect",
+            "POST",
+            urlencode({"token": token}),
+            (("content-type", form), ("authorization", f"Basic {basic}")),
+        ),
+    ]
+
+
+def check(target: Target, expect: str) -> None:
+    """One request by hand before the load: the target must answer 200 with the expected body."""
+    headers = dict(target.headers)
+    resp = httpx.request(target.method, target.url, content=target.body or None, headers=headers, timeout=30)
+    if resp.status_code != 200 or expect not in resp.text:
+        raise RuntimeError(f"{target.name}: {resp.status_code} {resp.text[:300]}")
+
+
+def report(results: list[Measurement], concurrencies: list[int], args: argparse.Namespace) -> tuple[str, bool]:
+    by = {(m.target, m.concurrency): m for m in results}
+    names = list(dict.fromkeys(m.target for m in results))
+    bare_name = names[0]
+    rows = []
+    for c in concurrencies:
+        bare = by[(bare_name, c)]
+        for name in names:
+            m = by[(name, c)]
+            ratio = "1.00 (ceiling)" if name == bare_name else f"{m.rps / bare.rps:.2f}"
+            rows.append((str(c), name, f"{m.rps:,.0f}", f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}",
+                         str(m.errors), ratio))
+    main_table = harness.table(rows, ["conc.", "target", "req/s", "p50 ms", "p99 ms", "errors", "÷ bare req/s"])
+    ratio_rows = []
+    for c in concurrencies:
+        bare = by[(bare_name, c)]
+        iss = by[("issuance POST /v1/token", c)]
+        intro = by[("introspection POST /v1/introspect", c)]
+        ratio_rows.append((str(c), f"{iss.rps / bare.rps:.2f}", f"{intro.rps / bare.rps:.2f}"))
+    ratios = harness.table(ratio_rows, ["conc.", "issuance / bare", "introspection / bare"])
+    c16 = 16 if 16 in concurrencies else concurrencies[len(concurrencies) // 2]
+    got = by[("issuance POST /v1/token", c16)].rps / by[(bare_name, c16)].rps
+    met = got >= TARGET_RATIO
+    verdict = (
+        f"**Target** (issuance throughput at concurrency {c16} >= {TARGET_RATIO:.0%} of the bare "
+        f"endpoint's): {'MET' if met else 'NOT MET'} — measured {got:.0%}."
+    )
+    loads = [m.load_before for m in results]
+    text = f"""
+## Foundation: token issuance and introspection vs a bare Starlette endpoint
+
+Run {harness.now_utc()} — {harness.machine_description()}.
+
+Method: every server in its own process — OpenBao dev server, `broker serve` (1 uvicorn worker,
+SQLite WAL in a temp dir, seeded through the admin API), and a bare Starlette app with one JSON
+route under the same uvicorn settings (1 worker). `wrk` (1 thread, closed loop, keep-alive, one
+connection per unit of concurrency) runs each target for {args.warmup:g} s of discarded warm-up,
+then {args.duration:g} s measured; at each concurrency the targets run back to back. Issuance is
+`client_credentials` with the secret in a form body; every issuance reserves a 1-micro-dollar slice
+from the workload, tenant and organisation budgets (budgets far too large to run out). Introspection
+is of one agent token by a service workload authenticating with HTTP Basic. `/healthz` is the
+broker's middleware stack on a trivial route. One-minute load average during the run:
+{min(loads):.2f}–{max(loads):.2f} (the machine is shared; other processes may run).
+
+{main_table}
+
+Ratios of throughput to the bare endpoint's, same run:
+
+{ratios}
+
+{verdict}
+"""
+    return text, met
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_tokens", description=__doc__)
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per target")
+    parser.add_argument("--warmup", type=float, default=2.0, help="discarded seconds before each")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
+                        help="py-spy the broker during issuance at c16 (auto: when the target is missed)")
+    parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if not harness.wrk_available():
+        print("wrk is required: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    with harness.workspace("bench-tokens-") as work, DevVault() as vault:
+        bare = harness.bare_server(work).start()
+        broker = BrokerUnderTest(vault, work).start()
+        try:
+            tgts = targets(broker, bare.url)
+            for t, expect in zip(tgts, ['"ok"', '"ok"', '"access_token"', '"active":true'], strict=True):
+                check(t, expect)
+            results: list[Measurement] = []
+            for c in concurrencies:
+                print(f"concurrency {c}:", flush=True)
+                for t in tgts:
+                    results.append(harness.measure(t, c, warmup_s=args.warmup, duration_s=args.duration,
+                                                   workdir=work))
+            text, met = report(results, concurrencies, args)
+            if args.profile == "always" or (args.profile == "auto" and not met):
+                text += "\n" + profile_issuance(broker, tgts[2], work, args.duration)
+        finally:
+            broker.stop()
+            bare.stop()
+    print(text)
+    if not args.no_write:
+        harness.write_section(SECTION, text)
+        print(f"written to {harness.RESULTS}")
+    return 0
+
+
+def profile_issuance(broker: BrokerUnderTest, target: Target, work: Path, seconds: float) -> str:
+    if harness.py_spy() is None:
+        return "\n(Profile skipped: py-spy is not installed.)\n"
+    out = work / "issuance.prof"
+    with harness.profiled(broker.pid, seconds, out):
+        harness.run_wrk(target, 16, seconds, work)
+    prof = harness.read_profile(out)
+    return f"""
+### Where issuance time goes (py-spy, concurrency 16, {seconds:g} s)
+
+{harness.profile_markdown(prof)}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
