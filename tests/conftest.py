@@ -4,6 +4,7 @@ brokers served in-process (TestClient) or on a real port (uvicorn in a thread)."
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import threading
@@ -49,6 +50,35 @@ SECRETS.add(ADMIN_SECRET)
 @pytest.fixture(scope="session")
 def secret_ledger() -> SecretLedger:
     return SECRETS
+
+
+# --- a record of every log line, for the leak scan ------------------------------------------
+# A record factory (not a handler) sees the records of every logger, including uvicorn's, whose
+# loggers do not propagate and whose handlers each ``uvicorn.Config`` replaces.
+
+LOGS: list[str] = []
+_LOG_FORMAT = logging.Formatter("%(levelname)s %(name)s %(message)s")
+_make_record = logging.getLogRecordFactory()
+
+
+def _recording_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _make_record(*args, **kwargs)
+    try:
+        LOGS.append(_LOG_FORMAT.format(record))
+    except Exception:
+        LOGS.append(f"{record.name} {record.msg!r} {record.args!r}")
+    return record
+
+
+logging.setLogRecordFactory(_recording_factory)
+logging.getLogger().setLevel(logging.DEBUG)
+# At DEBUG SQLAlchemy would echo every statement: a test-only cost the broker never pays.
+logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def recorded_logs() -> list[str]:
+    return LOGS
 
 
 # --- OpenBao ---------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""The ledger's invariants, as properties: whatever sequence of reservations, holds,
+settlements and releases happens, money is conserved and no cap is ever passed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Connection, text
+
+from broker import ledger
+from broker.db import Database, make_engine, migrate
+from broker.errors import BudgetExhausted, InsufficientQuota
+from broker.ledger import BudgetRef
+
+LIMIT = 1_000
+NOW = 1_800_000_000
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Database:
+    path = Path(tmp_path_factory.mktemp("ledger")) / "ledger.db"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate(engine)
+    return Database(engine)
+
+
+def _wipe(conn: Connection) -> None:
+    for table in ("usage_event", "hold", "slice_counter", "token_slice", "budget_counter"):
+        conn.execute(text(f"DELETE FROM {table}"))
+
+
+def _totals(conn: Connection) -> tuple[int, int]:
+    row = conn.execute(text("SELECT reserved_micros, spent_micros FROM budget_counter")).first()
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+
+Op = tuple[str, int, int]
+ops = st.lists(
+    st.tuples(st.sampled_from(["issue", "hold", "settle", "release"]),
+              st.integers(0, 7), st.integers(0, 600)),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops)
+def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> None:
+    db.transaction(_wipe)
+    budget = [BudgetRef("workload", "wl_p", "total", LIMIT)]
+    slices: dict[str, int] = {}
+    holds: dict[str, str] = {}
+
+    for i, (op, who, amount) in enumerate(sequence):
+        jti = f"j{who}"
+        if op == "issue" and jti not in slices:
+            try:
+                db.transaction(lambda c, jti=jti, amount=amount: ledger.reserve_slice(
+                    c, jti=jti, workload_id="wl_p", tenant_id="tn_p", amount=amount,
+                    budgets=budget, issued_at=NOW, expires_at=NOW + 60))
+                slices[jti] = amount
+            except BudgetExhausted:
+                pass
+        elif op == "hold" and jti in slices:
+            hid = f"h{i}"
+            try:
+                db.transaction(lambda c, hid=hid, jti=jti, amount=amount: ledger.place_hold(
+                    c, hold_id=hid, jti=jti, amount=amount, now=NOW))
+                holds[hid] = jti
+            except InsufficientQuota:
+                pass
+        elif op == "settle" and holds:
+            hid = sorted(holds)[who % len(holds)]
+            event: dict[str, Any] = {"request_id": hid, "ts": NOW, "model": "m", "provider": "p",
+                                     "status": "ok"}
+            out = db.transaction(lambda c, hid=hid, amount=amount, event=event: ledger.settle_hold(
+                c, hold_id=hid, cost=amount, event=event))
+            assert out is not None
+            del holds[hid]
+        elif op == "release" and jti in slices:
+            db.transaction(lambda c, jti=jti: ledger.release_slice(c, jti, NOW + 61))
+
+        def check(c: Connection) -> None:
+            reserved, spent = _totals(c)
+            assert reserved >= 0 and spent >= 0 and reserved + spent <= LIMIT
+            rows = c.execute(text(
+                "SELECT budget_micros, spent_micros, held_micros, released_at FROM token_slice")).all()
+            for b, s, h, _released in rows:
+                assert s >= 0 and h >= 0 and s + h <= b
+            live = sum(int(b) - int(s) for b, s, _h, rel in rows if rel is None)
+            assert reserved == live  # what live slices hold is exactly what budgets reserve
+            events = c.execute(text("SELECT COALESCE(SUM(cost_micros), 0) FROM usage_event")).scalar_one()
+            assert int(events) == spent  # every micro-dollar spent has its usage event
+
+        db.transaction(check)
+
+
+def test_a_settled_hold_is_never_charged_twice(db: Database) -> None:
+    db.transaction(_wipe)
+    db.transaction(lambda c: ledger.reserve_slice(
+        c, jti="jx", workload_id="wl_p", tenant_id="tn_p", amount=500,
+        budgets=[BudgetRef("workload", "wl_p", "total", LIMIT)], issued_at=NOW, expires_at=NOW + 60))
+    db.transaction(lambda c: ledger.place_hold(c, hold_id="hx", jti="jx", amount=300, now=NOW))
+    event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "ok"}
+    first = db.transaction(lambda c: ledger.settle_hold(c, hold_id="hx", cost=100, event=event))
+    second = db.transaction(lambda c: ledger.settle_hold(c, hold_id="hx", cost=300, event=event))
+    assert first == 400 and second is None
+    assert db.transaction(_totals) == (400, 100)
+
+
+def test_cost_above_the_hold_is_capped_at_the_hold(db: Database) -> None:
+    db.transaction(_wipe)
+    db.transaction(lambda c: ledger.reserve_slice(
+        c, jti="jy", workload_id="wl_p", tenant_id="tn_p", amount=500,
+        budgets=[BudgetRef("workload", "wl_p", "total", LIMIT)], issued_at=NOW, expires_at=NOW + 60))
+    db.transaction(lambda c: ledger.place_hold(c, hold_id="hy", jti="jy", amount=50, now=NOW))
+    event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "ok"}
+    assert db.transaction(lambda c: ledger.settle_hold(c, hold_id="hy", cost=10_000, event=event)) == 450
+
+
+def test_an_open_hold_delays_release_until_it_settles(db: Database) -> None:
+    db.transaction(_wipe)
+    db.transaction(lambda c: ledger.reserve_slice(
+        c, jti="jz", workload_id="wl_p", tenant_id="tn_p", amount=500,
+        budgets=[BudgetRef("workload", "wl_p", "total", LIMIT)], issued_at=NOW, expires_at=NOW + 60))
+    db.transaction(lambda c: ledger.place_hold(c, hold_id="hz", jti="jz", amount=200, now=NOW))
+    assert db.transaction(lambda c: ledger.release_slice(c, "jz", NOW + 61)) == 0
+    event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "ok"}
+    db.transaction(lambda c: ledger.settle_hold(c, hold_id="hz", cost=120, event=event))
+    assert db.transaction(lambda c: ledger.release_slice(c, "jz", NOW + 61)) == 380
+    assert db.transaction(_totals) == (0, 120)
