@@ -20,14 +20,14 @@ from urllib.parse import urlencode
 import httpx
 
 from bench import harness
-from bench.harness import BrokerUnderTest, Measurement, Target
+from bench.harness import BrokerUnderTest, Measurement, ServerProcess, Target
 from broker.devvault import DevVault
 
 SECTION = "bench_tokens"
 TARGET_RATIO = 0.5
 
 
-def targets(broker: BrokerUnderTest, bare_url: str) -> list[Target]:
+def targets(broker: BrokerUnderTest, bare: ServerProcess) -> list[Target]:
     tenant = broker.create_tenant()
     # The agent reserves a real slice (1 micro-dollar, far under its budgets) from the workload,
     # tenant and organisation budgets on every issuance, as in production.
@@ -38,8 +38,8 @@ def targets(broker: BrokerUnderTest, bare_url: str) -> list[Target]:
     form = "application/x-www-form-urlencoded"
     basic = base64.b64encode(f"{service.client_id}:{service.client_secret}".encode()).decode()
     return [
-        Target("bare Starlette GET /bare", bare_url + "/bare"),
-        Target("broker GET /healthz", broker.url + "/healthz"),
+        Target("bare Starlette GET /bare", bare.url + "/bare", pids=(bare.pid,)),
+        Target("broker GET /healthz", broker.url + "/healthz", pids=(broker.pid,)),
         Target(
             "issuance POST /v1/token",
             broker.url + "/v1/token",
@@ -47,6 +47,7 @@ def targets(broker: BrokerUnderTest, bare_url: str) -> list[Target]:
             urlencode({"grant_type": "client_credentials", "client_id": agent.client_id,
                        "client_secret": agent.client_secret}),
             (("content-type", form),),
+            (broker.pid,),
         ),
         Target(
             "introspection POST /v1/introspect",
@@ -54,6 +55,7 @@ def targets(broker: BrokerUnderTest, bare_url: str) -> list[Target]:
             "POST",
             urlencode({"token": token}),
             (("content-type", form), ("authorization", f"Basic {basic}")),
+            (broker.pid,),
         ),
     ]
 
@@ -66,53 +68,53 @@ def check(target: Target, expect: str) -> None:
         raise RuntimeError(f"{target.name}: {resp.status_code} {resp.text[:300]}")
 
 
-def report(results: list[Measurement], concurrencies: list[int], args: argparse.Namespace) -> tuple[str, bool]:
+ISSUANCE = "issuance POST /v1/token"
+INTROSPECTION = "introspection POST /v1/introspect"
+
+
+def report(
+    results: list[Measurement], concurrencies: list[int], args: argparse.Namespace
+) -> tuple[str, bool]:
     by = {(m.target, m.concurrency): m for m in results}
-    names = list(dict.fromkeys(m.target for m in results))
-    bare_name = names[0]
-    rows = []
-    for c in concurrencies:
-        bare = by[(bare_name, c)]
-        for name in names:
-            m = by[(name, c)]
-            ratio = "1.00 (ceiling)" if name == bare_name else f"{m.rps / bare.rps:.2f}"
-            rows.append((str(c), name, f"{m.rps:,.0f}", f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}",
-                         str(m.errors), ratio))
-    main_table = harness.table(rows, ["conc.", "target", "req/s", "p50 ms", "p99 ms", "errors", "÷ bare req/s"])
+    bare_name = results[0].target
+    main_table = harness.results_table(results, concurrencies, ceiling=bare_name)
     ratio_rows = []
     for c in concurrencies:
         bare = by[(bare_name, c)]
-        iss = by[("issuance POST /v1/token", c)]
-        intro = by[("introspection POST /v1/introspect", c)]
-        ratio_rows.append((str(c), f"{iss.rps / bare.rps:.2f}", f"{intro.rps / bare.rps:.2f}"))
-    ratios = harness.table(ratio_rows, ["conc.", "issuance / bare", "introspection / bare"])
+        iss, intro = by[(ISSUANCE, c)], by[(INTROSPECTION, c)]
+        ratio_rows.append((
+            str(c), f"{iss.rps / bare.rps:.3f}", f"{intro.rps / bare.rps:.3f}",
+            f"{iss.per_cpu_s / bare.per_cpu_s:.3f}", f"{intro.per_cpu_s / bare.per_cpu_s:.3f}",
+        ))
+    ratios = harness.table(ratio_rows, [
+        "conc.", "issuance / bare (req/s)", "introspection / bare (req/s)",
+        "issuance / bare (per CPU-s)", "introspection / bare (per CPU-s)",
+    ])
     c16 = 16 if 16 in concurrencies else concurrencies[len(concurrencies) // 2]
-    got = by[("issuance POST /v1/token", c16)].rps / by[(bare_name, c16)].rps
+    got = by[(ISSUANCE, c16)].rps / by[(bare_name, c16)].rps
     met = got >= TARGET_RATIO
     verdict = (
         f"**Target** (issuance throughput at concurrency {c16} >= {TARGET_RATIO:.0%} of the bare "
-        f"endpoint's): {'MET' if met else 'NOT MET'} — measured {got:.0%}."
+        f"endpoint's): **{'MET' if met else 'NOT MET'}**, measured {got:.1%}."
     )
-    loads = [m.load_before for m in results]
     text = f"""
 ## Foundation: token issuance and introspection vs a bare Starlette endpoint
 
-Run {harness.now_utc()} — {harness.machine_description()}.
+Run {harness.now_utc()}: {harness.machine_description()}.
 
-Method: every server in its own process — OpenBao dev server, `broker serve` (1 uvicorn worker,
-SQLite WAL in a temp dir, seeded through the admin API), and a bare Starlette app with one JSON
-route under the same uvicorn settings (1 worker). `wrk` (1 thread, closed loop, keep-alive, one
+Method: every server in its own process: an OpenBao dev server; `broker serve` (1 uvicorn worker,
+SQLite WAL in a temp dir, seeded through the admin API); a bare Starlette app with one JSON route
+under the same uvicorn settings (1 worker). `wrk` (1 thread, closed loop, keep-alive, one
 connection per unit of concurrency) runs each target for {args.warmup:g} s of discarded warm-up,
 then {args.duration:g} s measured; at each concurrency the targets run back to back. Issuance is
 `client_credentials` with the secret in a form body; every issuance reserves a 1-micro-dollar slice
 from the workload, tenant and organisation budgets (budgets far too large to run out). Introspection
 is of one agent token by a service workload authenticating with HTTP Basic. `/healthz` is the
-broker's middleware stack on a trivial route. One-minute load average during the run:
-{min(loads):.2f}–{max(loads):.2f} (the machine is shared; other processes may run).
+broker's middleware stack on a trivial route. {harness.CPU_COLUMNS_NOTE}
 
 {main_table}
 
-Ratios of throughput to the bare endpoint's, same run:
+Throughput relative to the bare endpoint, same run:
 
 {ratios}
 
@@ -129,24 +131,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                         help="py-spy the broker during issuance at c16 (auto: when the target is missed)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    parser.add_argument("--quiet-wait", type=float, default=5.0,
+                        help="before each target, wait up to this long for other processes to go quiet")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, raw profiles)")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     if not harness.wrk_available():
         print("wrk is required: apt-get install -y wrk", file=sys.stderr)
         return 2
-    with harness.workspace("bench-tokens-") as work, DevVault() as vault:
+    with harness.workspace("bench-tokens-", keep=args.keep) as work, DevVault() as vault:
         bare = harness.bare_server(work).start()
         broker = BrokerUnderTest(vault, work).start()
         try:
-            tgts = targets(broker, bare.url)
+            tgts = targets(broker, bare)
             for t, expect in zip(tgts, ['"ok"', '"ok"', '"access_token"', '"active":true'], strict=True):
                 check(t, expect)
             results: list[Measurement] = []
             for c in concurrencies:
                 print(f"concurrency {c}:", flush=True)
                 for t in tgts:
-                    results.append(harness.measure(t, c, warmup_s=args.warmup, duration_s=args.duration,
-                                                   workdir=work))
+                    results.append(harness.measure(
+                        t, c, warmup_s=args.warmup, duration_s=args.duration, workdir=work,
+                        quiet_wait_s=args.quiet_wait,
+                    ))
             text, met = report(results, concurrencies, args)
             if args.profile == "always" or (args.profile == "auto" and not met):
                 text += "\n" + profile_issuance(broker, tgts[2], work, args.duration)
@@ -161,16 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile_issuance(broker: BrokerUnderTest, target: Target, work: Path, seconds: float) -> str:
-    if harness.py_spy() is None:
-        return "\n(Profile skipped: py-spy is not installed.)\n"
-    out = work / "issuance.prof"
-    with harness.profiled(broker.pid, seconds, out):
-        harness.run_wrk(target, 16, seconds, work)
-    prof = harness.read_profile(out)
     return f"""
-### Where issuance time goes (py-spy, concurrency 16, {seconds:g} s)
+### Where issuance time goes (py-spy {harness.PROFILE_HZ} Hz, concurrency 16, {seconds:g} s each)
 
-{harness.profile_markdown(prof)}
+{harness.profile_under_load(broker.pid, target, 16, seconds, work)}
 """
 
 

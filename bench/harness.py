@@ -40,7 +40,7 @@ PYTHON = sys.executable
 
 
 class ServerProcess:
-    """A server in a child process, ready once ``ready_path`` answers 200."""
+    """A server in a child process, ready once ``ready_path`` answers (200, unless ``any_status``)."""
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class ServerProcess:
         *,
         env: Mapping[str, str] | None = None,
         ready_path: str = "/",
+        any_status: bool = False,
         log_dir: Path,
     ):
         self.name = name
@@ -58,6 +59,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.env = dict(env) if env is not None else _clean_env()
         self.ready_path = ready_path
+        self.any_status = any_status
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -77,7 +79,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited at start:\n{self.log_path.read_text()[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
+                status = httpx.get(self.url + self.ready_path, timeout=1).status_code
+                if status == 200 or self.any_status:
                     return self
             time.sleep(0.1)
         self.stop()
@@ -108,7 +111,9 @@ def bare_server(log_dir: Path) -> ServerProcess:
 def mock_upstream_server(log_dir: Path) -> ServerProcess:
     port = free_port()
     argv = [PYTHON, "-m", "bench.servers", "mock-upstream", "--port", str(port)]
-    return ServerProcess("mock-upstream", argv, port, ready_path="/v1/models", log_dir=log_dir)
+    # The fake provider refuses a request without an API key, as a real one does: any answer will do.
+    return ServerProcess("mock-upstream", argv, port, ready_path="/v1/models", any_status=True,
+                         log_dir=log_dir)
 
 
 # --- the broker --------------------------------------------------------------------------------
@@ -212,7 +217,8 @@ budgets = [{{ period = "total", limit_micros = {HUGE} }}]
         return out
 
     def create_tenant(self) -> str:
-        body = {"name": f"bench-{secrets.token_hex(3)}", "budgets": [{"period": "total", "limit_micros": HUGE}]}
+        budgets = [{"period": "total", "limit_micros": HUGE}]
+        body = {"name": f"bench-{secrets.token_hex(3)}", "budgets": budgets}
         tenant_id: str = self._admin_post("/v1/admin/tenants", body)["id"]
         return tenant_id
 
@@ -262,6 +268,7 @@ class Target:
     method: str = "GET"
     body: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+    pids: tuple[int, ...] = ()  # the processes serving it, for CPU accounting
 
     def lua(self) -> str:
         lines = [f"wrk.method = {_lua_string(self.method)}"]
@@ -283,26 +290,88 @@ class Measurement:
     p90_ms: float
     p99_ms: float
     mean_ms: float
-    load_before: float
+    server_cpus: tuple[float, ...]  # cores used by each server process of the target (Target.pids)
+    wrk_cpu: float  # cores used by wrk
+    other_cpu: float  # cores used by everything else on the machine (other users' work)
 
     @property
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def server_cpu(self) -> float:
+        return sum(self.server_cpus)
+
+    @property
+    def per_cpu_s(self) -> float:
+        """Requests per second of server CPU: what a row costs, less sensitive than req/s to
+        other processes taking the cores."""
+        return self.requests / (self.server_cpu * self.duration_s) if self.server_cpu else 0.0
+
+    @property
+    def server_cpu_text(self) -> str:
+        return " + ".join(f"{c:.2f}" for c in self.server_cpus)
 
 
 def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
+# --- CPU accounting: the machine is shared, so each row says how busy the rest of it was ---------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def _process_cpu_s(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def wait_quiet(pids: Sequence[int], max_wait_s: float, threshold: float = 0.3) -> float:
+    """Wait (at most ``max_wait_s``) for a half second in which the rest of the machine uses
+    under ``threshold`` cores; return the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        m0, p0, t0 = _machine_busy_s(), sum(_process_cpu_s(p) for p in pids), time.monotonic()
+        time.sleep(0.5)
+        dt_s = time.monotonic() - t0
+        other = (_machine_busy_s() - m0 - (sum(_process_cpu_s(p) for p in pids) - p0)) / dt_s
+        if other < threshold or time.monotonic() >= deadline:
+            return other
+
+
 def run_wrk(target: Target, concurrency: int, duration_s: float, workdir: Path) -> Measurement:
     script = workdir / f"wrk-{re.sub(r'[^a-z0-9]+', '-', target.name.lower())}.lua"
     script.write_text(target.lua())
-    load = os.getloadavg()[0]
+    pids = target.pids
+    m0, p0 = _machine_busy_s(), [_process_cpu_s(p) for p in pids]
+    w0, t0 = _children_cpu_s(), time.monotonic()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s", "--timeout", "20s",
          "-s", str(script), target.url],
         capture_output=True, text=True, check=True,
     )
+    wall = time.monotonic() - t0
+    servers = [_process_cpu_s(p) - before for p, before in zip(pids, p0, strict=True)]
+    wrk = _children_cpu_s() - w0
+    other = max(0.0, _machine_busy_s() - m0 - sum(servers) - wrk)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk gave no summary:\n{out.stdout}\n{out.stderr}")
@@ -312,20 +381,30 @@ def run_wrk(target: Target, concurrency: int, duration_s: float, workdir: Path) 
         target=target.name, concurrency=concurrency, requests=data["requests"],
         duration_s=data["duration_us"] / 1e6, errors=errors,
         p50_ms=data["p50_us"] / 1000, p90_ms=data["p90_us"] / 1000, p99_ms=data["p99_us"] / 1000,
-        mean_ms=data["mean_us"] / 1000, load_before=load,
+        mean_ms=data["mean_us"] / 1000,
+        server_cpus=tuple(c / wall for c in servers), wrk_cpu=wrk / wall, other_cpu=other / wall,
     )
 
 
 def measure(
-    target: Target, concurrency: int, *, warmup_s: float, duration_s: float, workdir: Path
+    target: Target,
+    concurrency: int,
+    *,
+    warmup_s: float,
+    duration_s: float,
+    workdir: Path,
+    quiet_wait_s: float = 5.0,
 ) -> Measurement:
-    """Warm up (discarded), then measure for ``duration_s``."""
+    """Wait briefly for a quiet machine, warm up (discarded), then measure for ``duration_s``."""
+    if quiet_wait_s > 0:
+        wait_quiet(target.pids, quiet_wait_s)
     if warmup_s > 0:
         run_wrk(target, concurrency, warmup_s, workdir)
     m = run_wrk(target, concurrency, duration_s, workdir)
     print(
-        f"  c={concurrency:<3} {target.name:<34} {m.rps:9.0f} req/s  p50 {m.p50_ms:7.2f} ms  "
-        f"p99 {m.p99_ms:7.2f} ms  errors {m.errors}  (load {m.load_before:.2f})",
+        f"  c={concurrency:<3} {target.name:<36} {m.rps:8.0f} req/s  p50 {m.p50_ms:7.2f} ms  "
+        f"p99 {m.p99_ms:7.2f} ms  err {m.errors}  cpu: server {m.server_cpu_text} wrk {m.wrk_cpu:.2f} "
+        f"other {m.other_cpu:.2f}",
         flush=True,
     )
     return m
@@ -340,6 +419,35 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+CPU_COLUMNS_NOTE = (
+    "CPU columns are cores busy during the measured seconds: the server process(es) of the row "
+    "(one uvicorn worker is at most 1.0 plus time in threads outside the GIL; `a + b` when a row "
+    "has two server processes, in the order the row's name gives), wrk, and all other "
+    "processes on this shared machine (other people's work; high values make a row less reliable). "
+    "`req per server CPU-s` divides the requests by the server processes' CPU seconds: the cost of "
+    "one request, which other load on the machine disturbs less than req/s."
+)
+
+
+def results_table(results: Sequence[Measurement], concurrencies: Sequence[int], *, ceiling: str) -> str:
+    """One row per (concurrency, target), with throughput relative to the ``ceiling`` target."""
+    by = {(m.target, m.concurrency): m for m in results}
+    names = list(dict.fromkeys(m.target for m in results))
+    rows = []
+    for c in concurrencies:
+        top = by.get((ceiling, c))
+        for name in names:
+            m = by.get((name, c))
+            if m is None:
+                continue
+            rel = "1.00" if name == ceiling else (f"{m.rps / top.rps:.3f}" if top else "")
+            rows.append((str(c), name, f"{m.rps:,.0f}", rel, f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}",
+                         str(m.errors), f"{m.per_cpu_s:,.0f}", m.server_cpu_text, f"{m.wrk_cpu:.2f}",
+                         f"{m.other_cpu:.2f}"))
+    return table(rows, ["conc.", "target", "req/s", "÷ ceiling", "p50 ms", "p99 ms", "errors",
+                        "req per server CPU-s", "CPU server", "CPU wrk", "CPU other"])
+
+
 def machine_description() -> str:
     cpu = platform.processor() or ""
     with contextlib.suppress(OSError):
@@ -349,7 +457,8 @@ def machine_description() -> str:
                 break
     wrk_version = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+        first = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+        wrk_version = first.split("[", 1)[0].strip()
     import starlette
     import uvicorn
 
@@ -386,7 +495,10 @@ def write_section(name: str, body: str) -> None:
     block = f"{start}\n{body.strip()}\n{end}"
     text = RESULTS.read_text() if RESULTS.exists() else _HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
 
 
@@ -400,14 +512,20 @@ def py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
+PROFILE_HZ = 200
+
+
 @contextlib.contextmanager
 def profiled(pid: int, seconds: float, out: Path, *, gil_only: bool = False) -> Iterator[None]:
-    """py-spy recording ``pid`` for ``seconds`` while the body runs (the body drives load)."""
+    """py-spy recording ``pid`` for ``seconds`` while the body runs (the body drives load).
+
+    Non-blocking sampling: the broker is never paused, at the price of a few unreadable samples.
+    """
     exe = py_spy()
     if exe is None:
         raise RuntimeError("py-spy not installed (pip install py-spy)")
-    argv = [exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250", "-f", "raw",
-            "-o", str(out), "--threads", "--nonblocking"]
+    argv = [exe, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", str(PROFILE_HZ),
+            "-f", "raw", "-o", str(out), "--threads", "--nonblocking"]
     if gil_only:
         argv.append("--gil")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -420,7 +538,9 @@ def profiled(pid: int, seconds: float, out: Path, *, gil_only: bool = False) -> 
             raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
 
 
-_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]+?)(?::\d+)?\)$")
+# Leaf frames where a thread only waits: for the queue, the GIL, the socket or the lock.
+_WAITING = ("Condition.wait", "EpollSelector.select", "Event.wait", "Queue.get", "_write_to_self")
 
 
 def _frame_name(frame: str) -> str:
@@ -428,11 +548,29 @@ def _frame_name(frame: str) -> str:
     if not m:
         return frame.strip()
     path = m.group("file")
-    for marker in ("site-packages/", "/lib/python3", str(ROOT) + "/"):
+    for marker in ("site-packages/", "/lib/python3.11/", str(ROOT) + "/"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
     return f"{path}:{m.group('func')}"
+
+
+def _layer(name: str) -> str:
+    if "sqlalchemy" in name:
+        return "sqlalchemy"
+    path = name.split(":", 1)[0]
+    top = path.split("/", 1)[0] if "/" in path else path.removesuffix(".py")
+    if top in ("h11", "uvicorn", "httptools"):
+        return "uvicorn + h11 (HTTP server)"
+    if top in ("asyncio", "selectors", "anyio", "sniffio"):
+        return "asyncio + anyio (loop, thread hand-off)"
+    if top in ("threading", "queue", "concurrent"):
+        return "threading (worker pool)"
+    if top in ("jwt", "cryptography"):
+        return "pyjwt + cryptography (sign/verify)"
+    if top in ("pydantic", "pydantic_core"):
+        return "pydantic (validation)"
+    return top
 
 
 @dataclass
@@ -441,59 +579,118 @@ class Profile:
     self_counts: Counter[str]
     inclusive: Counter[str]
     threads: Counter[str]
+    layers: Counter[str]
+    waiting: int
+    possible: int = 0  # samples a thread holding the GIL all the time would give (GIL mode)
 
-    def top(self, counter: Counter[str], n: int) -> list[tuple[str, float]]:
-        return [(name, 100.0 * c / self.total) for name, c in counter.most_common(n)]
+    def top(self, counter: Counter[str], n: int, *, only: tuple[str, ...] = ()) -> list[tuple[str, float]]:
+        items = [(k, c) for k, c in counter.most_common() if not only or k.startswith(only)]
+        return [(name, 100.0 * c / self.total) for name, c in items[:n]]
 
 
 def read_profile(path: Path) -> Profile:
-    """Summarise py-spy's collapsed stacks: self time, inclusive time, time per thread role."""
+    """Summarise py-spy's collapsed stacks: self time, inclusive time, per thread, per layer."""
     self_counts: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     threads: Counter[str] = Counter()
-    total = 0
+    layers: Counter[str] = Counter()
+    total = waiting = 0
     for line in path.read_text().splitlines():
         stack, _, count_s = line.rpartition(" ")
         if not stack or not count_s.isdigit():
             continue
         count = int(count_s)
         frames = stack.split(";")
-        thread = frames[0]
         names = [_frame_name(f) for f in frames[1:]]
         if not names:
             continue
         total += count
-        tname = thread.partition("): ")[2] or thread
-        threads["event loop (MainThread)" if tname == "MainThread" else f"{tname} threads"] += count
-        self_counts[names[-1]] += count
+        tname = frames[0].partition("): ")[2] or frames[0]
+        threads["event loop (MainThread)" if tname == "MainThread" else f"{tname}s"] += count
+        leaf = names[-1]
+        if leaf.endswith(_WAITING):
+            waiting += count
+            layers["(waiting: lock, queue, poll)"] += count
+        else:
+            layers[_layer(leaf)] += count
+        self_counts[leaf] += count
         for name in set(names):
             inclusive[name] += count
-    return Profile(total, self_counts, inclusive, threads)
+    return Profile(total, self_counts, inclusive, threads, layers, waiting)
 
 
-def profile_markdown(profile: Profile, n: int = 15) -> str:
-    lines = [f"{profile.total} samples at 250 Hz across the broker's threads."]
-    lines.append("")
-    lines.append("Share of samples by thread role: " + ", ".join(
-        f"{role} {100.0 * c / profile.total:.0f} %" for role, c in profile.threads.most_common()
-    ))
-    lines.append("")
-    lines.append("Top frames by own time (self):")
-    lines.append("")
-    lines.append(table([(f"`{name}`", f"{pct:.1f} %") for name, pct in profile.top(profile.self_counts, n)],
-                       ["frame", "self"]))
-    lines.append("")
-    lines.append("Top frames by inclusive time (the frame and everything it called):")
-    lines.append("")
-    lines.append(table([(f"`{name}`", f"{pct:.1f} %") for name, pct in profile.top(profile.inclusive, n)],
-                       ["frame", "inclusive"]))
-    return "\n".join(lines)
+def profile_markdown(profile: Profile, n: int = 12) -> str:
+    if profile.total == 0:
+        return "(no samples)"
+
+    def pct(c: int) -> str:
+        return f"{100.0 * c / profile.total:.0f} %"
+
+    by_thread = ", ".join(f"{role} {pct(c)}" for role, c in profile.threads.most_common()
+                          if c * 100 >= profile.total)
+    gil = ""
+    if profile.possible:
+        gil = (f" The GIL was held in {100.0 * profile.total / profile.possible:.0f} % of the "
+               "sampling instants (100 % would mean one core saturated with Python).")
+    shown = [(name, c) for name, c in profile.layers.most_common() if c * 100 >= profile.total]
+    rest = profile.total - sum(c for _, c in shown)
+    rows = [(name, pct(c)) for name, c in shown] + ([("other (each < 1 %)", pct(rest))] if rest else [])
+    layers = table(rows, ["layer (by leaf frame)", "share"])
+    own = table([(f"`{name}`", f"{p:.1f} %") for name, p in profile.top(profile.self_counts, n)],
+                ["frame", "self"])
+    ours = table(
+        [(f"`{name}`", f"{p:.1f} %") for name, p in
+         profile.top(profile.inclusive, n, only=("broker/", "plugins/"))
+         if not name.startswith("broker/cli.py")],
+        ["broker frame", "inclusive"],
+    )
+    return f"""{profile.total} samples. Samples by thread: {by_thread}.{gil}
+
+{layers}
+
+Top frames by own time:
+
+{own}
+
+The broker's own functions, inclusive of what they call:
+
+{ours}"""
+
+
+def profile_under_load(pid: int, target: Target, concurrency: int, seconds: float, work: Path) -> str:
+    """Two py-spy recordings of ``pid`` while wrk drives ``target``: every thread (wall clock, so
+    waiting shows), then only the thread holding the GIL (what the one core is busy with)."""
+    if py_spy() is None:
+        return "(Profile skipped: py-spy is not installed: `pip install py-spy`.)"
+    parts = []
+    for gil, title in ((False, "all threads, wall clock"), (True, "GIL holder only (CPU)")):
+        out = work / f"{re.sub(r'[^a-z0-9]+', '-', target.name.lower())}-{'gil' if gil else 'wall'}.prof"
+        with profiled(pid, seconds, out, gil_only=gil):
+            m = run_wrk(target, concurrency, seconds, work)
+        prof = read_profile(out)
+        if gil:
+            prof.possible = round(seconds * PROFILE_HZ)
+        parts.append(f"#### {title} ({m.rps:,.0f} req/s while sampled)\n\n{profile_markdown(prof)}\n")
+    return "\n".join(parts)
+
+
+def put_provider_key(vault: DevVault, path: str, key: str) -> None:
+    """Write a provider key where the broker reads it (KV v2 ``secret/<path>``, field ``api_key``)."""
+    import hvac
+
+    client = hvac.Client(url=vault.addr, token=vault.root_token)
+    client.secrets.kv.v2.create_or_update_secret(path=path, secret={"api_key": key}, mount_point="secret")
 
 
 @contextlib.contextmanager
-def workspace(prefix: str) -> Iterator[Path]:
+def workspace(prefix: str, *, keep: bool = False) -> Iterator[Path]:
+    """A temp dir for databases, configs, logs, wrk scripts and profiles; removed unless ``keep``
+    (it holds client secrets in the wrk scripts, so it is private to this user)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if keep:
+            print(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)

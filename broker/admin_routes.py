@@ -14,7 +14,16 @@ from starlette.routing import Route
 from broker import identities as ids
 from broker.audit import record
 from broker.auth import authenticate_admin
-from broker.http import json_object, json_response, path_id, query_int, query_str, validate
+from broker.errors import InvalidRequest
+from broker.http import (
+    ID_PATTERN,
+    json_object,
+    json_response,
+    path_id,
+    query_int,
+    query_str,
+    validate,
+)
 from broker.identities import Actor
 from broker.oauth_routes import bearer_token, services_of
 from broker.services import Services
@@ -42,7 +51,12 @@ async def _body(request: Request, svc: Services) -> dict[str, Any]:
 
 
 def _list_params(request: Request) -> tuple[str | None, int]:
-    return query_str(request, "cursor", 64), query_int(request, "limit", 100, 1, 1000)
+    cursor = query_str(request, "cursor", 64)
+    # A cursor is the last id of a page; anything else is refused rather than read as "past the
+    # end", which would end a client's paging silently.
+    if cursor is not None and not ID_PATTERN.match(cursor):
+        raise InvalidRequest("cursor is not valid")
+    return cursor, query_int(request, "limit", 100, 1, 1000)
 
 
 # --- tenants -------------------------------------------------------------------------------

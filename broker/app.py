@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from broker import admin_routes, oauth_routes
+from broker import admin_routes, oauth_routes, usage_routes
 from broker.errors import BrokerError, MethodNotAllowed, NotFound, Unavailable
 from broker.http import EdgeMiddleware, error_response, json_response
 from broker.metrics import Metrics, MetricsMiddleware
@@ -62,13 +63,25 @@ async def _broker_error(request: Request, exc: Exception) -> Response:
     return error_response(exc, request.url.path)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the path serves (RFC 9110 §15.5.6); Starlette's own ``Allow`` names only
+    the methods of the first route object with a matching path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(request.scope["path"]):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     mapped: BrokerError
     if exc.status_code == 404:
         mapped = NotFound("no such route")
     elif exc.status_code == 405:
-        mapped = MethodNotAllowed("method not allowed on this route")
+        mapped = MethodNotAllowed(
+            "method not allowed on this route", headers={"allow": _allowed_methods(request)}
+        )
     else:
         mapped = BrokerError(exc.detail)
         mapped.status = exc.status_code
@@ -89,6 +102,7 @@ def create_app(
     routes: list[BaseRoute] = [
         *oauth_routes.routes,
         *admin_routes.routes,
+        *usage_routes.routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
@@ -110,12 +124,19 @@ def create_app(
                 app.router.routes.append(route)
         app.state.openapi = build_openapi(app.router.routes, settings)
         async with anyio.create_task_group() as tg:
-            if run_background:
+            if run_background and "scheduler" not in svc.extras:
+                # An extension's scheduler (broker.scheduler), when one runs, does the sweeping.
                 tg.start_soon(run_sweeper, svc)
             try:
                 yield
             finally:
                 tg.cancel_scope.cancel()
+        # Extensions register what must stop at shutdown (background threads, connections).
+        for close in reversed(svc.extras.pop("closers", [])):
+            if inspect.iscoroutinefunction(close):
+                await close()  # e.g. an async HTTP client, which must close on its own loop
+            else:
+                await anyio.to_thread.run_sync(close)
         if services is None:
             svc.close()
 
@@ -129,6 +150,9 @@ def create_app(
         exception_handlers=handlers,
         lifespan=lifespan,
     )
+    # An API answers a mistyped path with a 404 in its dialect, not a redirect built from the
+    # request's Host header.
+    app.router.redirect_slashes = False
     app.state.metrics = metrics
     return app
 

@@ -44,6 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
     from broker.db import make_engine, migrate, migration_state
 
     settings = _settings(args)
@@ -51,6 +53,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         migrate(engine)
         current, _head = migration_state(engine)
+    except (OperationalError, InterfaceError) as exc:
+        raise ConfigError(
+            f"database.url: the database does not answer ({type(exc).__name__})"
+        ) from None
     finally:
         engine.dispose()
     print(f"database migrated to {current}")
@@ -64,15 +70,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from broker.keys import Keyring
-    from broker.vault import Vault
+    from broker.rotation import rotate_signing_key_from_cli
 
-    settings = _settings(args)
-    vault = Vault(settings.vault)
-    vault.check()
-    ring = Keyring(vault, settings.tokens.max_ttl_s)
-    ring.load()
-    key = ring.rotate()
+    key = rotate_signing_key_from_cli(_settings(args))
     print(f"signing key rotated: current kid {key.kid}")
     return 0
 
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     rotate.set_defaults(func=cmd_keys)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Alembic narrates every plugin and step at INFO; our commands say what they did themselves.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from broker.services import NotMigrated
 
     try:

@@ -70,6 +70,14 @@ def _seed(services: Any) -> dict[str, str]:
 
 def _banner(base: str, seeded: dict[str, str], admin_secret: str, vault_addr: str) -> str:
     cid, sec = seeded["client_id"], seeded["client_secret"]
+    py = sys.executable
+    sdk_call = (
+        f"import openai, os; c = openai.OpenAI(base_url='{base}/v1', api_key=os.environ['TOKEN']); "
+        "r = c.chat.completions.with_raw_response.create(model='gpt-4o-mini', "
+        "messages=[{'role': 'user', 'content': 'hi'}]); "
+        "print(r.parse().choices[0].message.content, '| cost', "
+        "r.headers['x-broker-cost-micros'], 'micro-dollars')"
+    )
     return f"""
   AI secrets broker (dev mode) on {base}
   Vault (OpenBao dev): {vault_addr}    database: {DEV_DIR}/broker.db (fresh each run)
@@ -85,13 +93,12 @@ def _banner(base: str, seeded: dict[str, str], admin_secret: str, vault_addr: st
   curl -s {base}/v1/introspect -u '{cid}:{sec}' -d token=$TOKEN
 
   # 3. call a model through the broker with the official openai SDK (mock provider)
-  python3 -c "import openai,os; c=openai.OpenAI(base_url='{base}/v1', api_key=os.environ['TOKEN']); \\
-r=c.chat.completions.with_raw_response.create(model='gpt-4o-mini', messages=[{{'role':'user','content':'hi'}}]); \\
-print(r.parse().choices[0].message.content, '| cost', r.headers['x-broker-cost-micros'], 'micro-dollars')"
+  {py} -m pip install -q openai && {py} -c "{sdk_call}"
 
   # admin: a token for the bootstrap admin, then list tenants
   export ADMIN=$(curl -s {base}/v1/token -d grant_type=client_credentials -d client_id=admin \\
-      -d client_secret={admin_secret} | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+      -d client_secret={admin_secret} \\
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -s {base}/v1/admin/tenants -H "authorization: Bearer $ADMIN"
 
   Ctrl-C stops the broker and OpenBao.

@@ -7,4 +7,7 @@ from broker.settings import Settings
 
 
 def default_extensions(settings: Settings) -> tuple[Extension, ...]:
-    return ()
+    from broker.gateway_routes import gateway_extension
+    from broker.revocation_routes import revocation_extension
+
+    return (revocation_extension, gateway_extension)

@@ -175,7 +175,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, refused with 413 as soon as it passes ``max_bytes`` (never buffered whole)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
             raise InvalidRequest("invalid Content-Length")
         if int(declared) > max_bytes:
             raise PayloadTooLarge(f"the body exceeds {max_bytes} bytes")
@@ -204,6 +204,13 @@ def _reject_nul(value: Any, depth: int = 0) -> None:
     if isinstance(value, str):
         if "\x00" in value:
             raise ValidationFailed("strings must not contain NUL characters")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate ("\ud800" in JSON) is valid JSON but no text: no database
+                # driver can store it.
+                raise ValidationFailed("strings must be valid Unicode text") from None
     elif isinstance(value, dict):
         for k, v in value.items():
             _reject_nul(k, depth + 1)
@@ -226,6 +233,9 @@ def parse_json(raw: bytes) -> Any:
         value = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"malformed JSON at line {exc.lineno} column {exc.colno}") from None
+    except ValueError:
+        # An integer of more digits than Python converts (int_max_str_digits).
+        raise InvalidRequest("the JSON body holds a number too large") from None
     except RecursionError:
         raise InvalidRequest("the JSON body is nested too deeply") from None
     _reject_nul(value)
@@ -263,7 +273,11 @@ async def form_or_json(request: Request, max_bytes: int) -> dict[str, Any]:
     if ctype in ("application/json", ""):
         if not raw and ctype == "":
             return {}
-        value = parse_json(raw)
+        try:
+            value = parse_json(raw)
+        except ValidationFailed as exc:
+            # OAuth has no 422: every malformed request is invalid_request (RFC 6749 §5.2).
+            raise InvalidRequest(exc.detail) from None
         if not isinstance(value, dict):
             raise InvalidRequest("the body must be a JSON object")
         return value
@@ -287,7 +301,7 @@ def query_int(request: Request, name: str, default: int, lo: int, hi: int) -> in
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or not lo <= int(raw) <= hi:
         raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
     return int(raw)
 

@@ -68,7 +68,7 @@ def _int_param(params: dict[str, Any], name: str, lo: int, hi: int) -> int | Non
     if isinstance(raw, bool):
         raise InvalidRequest(f"{name} must be an integer")
     if isinstance(raw, str):
-        if not raw.isdigit() or len(raw) > 18:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
             raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
         raw = int(raw)
     if not isinstance(raw, int) or not lo <= raw <= hi:

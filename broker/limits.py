@@ -72,6 +72,15 @@ class Limiter(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What counts against a key's limits at one moment."""
+
+    requests: int
+    tokens: int
+    micros: int
+
+
 @dataclass(slots=True)
 class _Entry:
     first: float
@@ -234,6 +243,21 @@ class InMemoryLimiter:
             state.tokens.add(now, used_tokens, WINDOW_S)
             if state.spend_window:
                 state.spend.add(now, used_micros, state.spend_window)
+
+    def usage(self, key: str, policy: Policy, now: float) -> Usage:
+        """What counts against the key's limits at ``now`` (running requests at their holds);
+        zeros for an unknown key. Read-only: for rate-limit headers, metrics and tests."""
+        with self._lock:
+            state = self._keys.get(key)
+            if state is None:
+                return Usage(0, 0, 0)
+            state.spend_window = float(policy.burst.window_s) if policy.burst is not None else 0.0
+            state.trim(now)
+            return Usage(
+                requests=state.requests.total,
+                tokens=state.tokens.total + state.held_tokens,
+                micros=state.spend.total + state.held_micros,
+            )
 
     def prune(self, now: float) -> int:
         """Drop every idle key; returns how many. For a periodic sweeper: calls prune a few

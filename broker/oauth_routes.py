@@ -43,7 +43,14 @@ def basic_credentials(request: Request) -> tuple[str, str] | None:
     client_id, sep, secret = decoded.partition(":")
     if not sep:
         raise InvalidClient()
-    return unquote(client_id), unquote(secret)
+    client_id, secret = unquote(client_id), unquote(secret)
+    # The same bounds as credentials in the body: no client has such an id or secret, and a NUL
+    # must not reach the database (PostgreSQL refuses it with an error, not a miss).
+    if not (0 < len(client_id) <= 128 and len(secret) <= 512) or not (
+        client_id.isprintable() and secret.isprintable()
+    ):
+        raise InvalidClient()
+    return client_id, secret
 
 
 def bearer_token(request: Request) -> str | None:

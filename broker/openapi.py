@@ -6,6 +6,7 @@ follow the dialect of each route (see :func:`broker.http.dialect_for`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,13 +85,17 @@ REQUEST_SCHEMAS: dict[tuple[str, str], type[BaseModel] | dict[str, Any]] = {
 }
 
 
-def _schema(source: type[BaseModel] | dict[str, Any]) -> dict[str, Any]:
+def _schema(source: type[BaseModel] | dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+    """The body's schema; the models it nests (``$defs``) go to ``components.schemas``, where
+    its ``$ref``s point."""
     if isinstance(source, dict):
         return source
-    return source.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema = source.model_json_schema(ref_template="#/components/schemas/{model}")
+    shared.update(schema.pop("$defs", {}))
+    return schema
 
 
-def _operation(method: str, path: str, route: Route) -> dict[str, Any]:
+def _operation(method: str, path: str, route: Route, shared: dict[str, Any]) -> dict[str, Any]:
     dialect = dialect_for(path)
     doc = (route.endpoint.__doc__ or route.name or path).strip().splitlines()[0]
     op: dict[str, Any] = {
@@ -108,13 +113,17 @@ def _operation(method: str, path: str, route: Route) -> dict[str, Any]:
             },
         },
     }
-    if "{id}" in path:
-        op["parameters"] = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    params = re.findall(r"\{([^}:]+)", path)
+    if params:
+        op["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in params
+        ]
     body = REQUEST_SCHEMAS.get((method, path))
     if body is not None:
-        content = {"application/json": {"schema": _schema(body)}}
+        content = {"application/json": {"schema": _schema(body, shared)}}
         if dialect == "oauth":
-            content["application/x-www-form-urlencoded"] = {"schema": _schema(body)}
+            content["application/x-www-form-urlencoded"] = {"schema": _schema(body, shared)}
         op["requestBody"] = {"required": True, "content": content}
     if path.startswith("/v1/admin"):
         op["security"] = [{"bearer": []}]
@@ -123,17 +132,23 @@ def _operation(method: str, path: str, route: Route) -> dict[str, Any]:
 
 def build_openapi(routes: Sequence[BaseRoute], settings: Settings) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
+    shared: dict[str, Any] = {}
     for route in routes:
         if not isinstance(route, Route) or not route.include_in_schema:
             continue
         for method in sorted(route.methods or ()):
             if method == "HEAD":
                 continue
-            paths.setdefault(route.path, {})[method.lower()] = _operation(method, route.path, route)
+            paths.setdefault(route.path, {})[method.lower()] = _operation(
+                method, route.path, route, shared
+            )
     return {
         "openapi": "3.1.0",
         "info": {"title": "AI secrets broker", "version": "0.1.0"},
         "servers": [{"url": settings.issuer.url}],
         "paths": paths,
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "schemas": shared,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
     }

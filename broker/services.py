@@ -13,6 +13,7 @@ from broker.identities import bootstrap_admin
 from broker.keys import Keyring, load_pepper
 from broker.ledger import now_s
 from broker.plugins import AUTH_METHODS_GROUP, AuthMethod, load_plugins
+from broker.providers import build_providers
 from broker.settings import Settings
 from broker.vault import Vault
 
@@ -40,6 +41,9 @@ class Services:
         database (unless ``auto_migrate``) or when Vault does not answer."""
         plugins = load_plugins(AUTH_METHODS_GROUP, AuthMethod)  # type: ignore[type-abstract]
         methods = {m.grant_type: m for m in plugins.values()}
+        # Check every configured provider against its plugin now, so a bad table stops the start
+        # with one line before any port is bound (the gateway builds its own at start-up).
+        build_providers(settings.providers)
         vault = Vault(settings.vault)
         vault.check()
         engine = make_engine(settings.database.url, settings.database.pool_size)

@@ -12,7 +12,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
+from sqlalchemy.engine import make_url
 
 from broker.errors import ConfigError
 
@@ -34,6 +43,16 @@ class BudgetLimit(_Section):
 class DatabaseSettings(_Section):
     url: str = "sqlite:///var/broker.db"
     pool_size: StrictInt = Field(default=16, ge=1, le=512)
+
+    @field_validator("url")
+    @classmethod
+    def _url_names_a_database_we_can_speak_to(cls, value: str) -> str:
+        # Checked here so a typo stops the start with the key's name, not an engine traceback.
+        try:
+            make_url(value).get_dialect()
+        except Exception:
+            raise ValueError("not a SQLAlchemy URL of an installed database driver") from None
+        return value
 
 
 class VaultSettings(_Section):
@@ -85,8 +104,9 @@ class RotationSettings(_Section):
     # 0 turns a scheduled rotation off; rotation on demand always works.
     signing_interval_s: StrictInt = Field(default=0, ge=0, le=366 * 86_400)
     provider_interval_s: StrictInt = Field(default=0, ge=0, le=366 * 86_400)
-    # How long a replaced provider key keeps working before the broker revokes it upstream.
-    provider_grace_s: StrictInt = Field(default=300, ge=0, le=7 * 86_400)
+    # How long a replaced provider key keeps working before the broker revokes it upstream:
+    # longer than the longest request (sweeper.max_request_s), so none fails mid-way.
+    provider_grace_s: StrictInt = Field(default=900, ge=0, le=7 * 86_400)
 
 
 class RevocationSettings(_Section):

@@ -143,10 +143,10 @@ def db_url(request: pytest.FixtureRequest) -> str:
 # --- settings and brokers --------------------------------------------------------------------
 
 
-def make_settings(db: str, vault: DevVault, **sections: dict[str, Any]) -> Settings:
+def make_settings(db: str, dev_vault: DevVault, **sections: dict[str, Any]) -> Settings:
     overrides: dict[str, Any] = {
         "database": {"url": db},
-        "vault": {"addr": vault.addr, "token": vault.root_token,
+        "vault": {"addr": dev_vault.addr, "token": dev_vault.root_token,
                   "prefix": f"t-{secrets.token_hex(6)}"},
         "issuer": {"url": "http://broker.test", "audience": "ai-broker"},
         "sweeper": {"interval_s": 0.2},

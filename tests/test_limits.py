@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import RateLimited
-from broker.limits import InMemoryLimiter, Limiter
+from broker.limits import InMemoryLimiter, Limiter, Usage
 from broker.policy import Burst, Policy, Rate
 
 
@@ -224,9 +224,12 @@ def test_prune_keeps_keys_that_still_count() -> None:
 
     assert limiter.prune(70.0) == 1  # "old"
     assert limiter.prune(95.0) == 1  # "recent": its request and settle left the minute at 90 s
-    _settle(limiter, minute, 100.0, key="running", held_tokens=5, used_tokens=5)
-    assert limiter.prune(3600.0) == 0
-    assert limiter.prune(3601.0) == 2
+    assert limiter.prune(3000.0) == 0  # "running" still runs, though its admission is long gone
+    _settle(limiter, minute, 3000.0, key="running", held_tokens=5, used_tokens=5)
+    assert limiter.prune(3059.0) == 0
+    assert limiter.prune(3060.0) == 1  # "running": its 5 tokens left the minute
+    assert limiter.prune(3600.0) == 0  # "long-window": its spend at 1 s counts until 3601 s
+    assert limiter.prune(3601.0) == 1
     assert len(limiter) == 0
 
 
@@ -290,17 +293,18 @@ class _Reference:
         return tokens, micros
 
 
-_admit = st.tuples(st.just("admit"), st.integers(0, 40), st.integers(0, 120), st.integers(0, 120))
-_settle_op = st.tuples(st.just("settle"), st.integers(0, 40), st.integers(0, 10**6),
-                       st.integers(0, 10**6))
+# Small steps and amounts so that runs often sit exactly on a limit or a window's edge.
+_dt = st.one_of(st.integers(0, 3), st.sampled_from([10, 30, 59, 60, 61]))
+_admit = st.tuples(st.just("admit"), _dt, st.integers(0, 30), st.integers(0, 30))
+_settle_op = st.tuples(st.just("settle"), _dt, st.integers(0, 10**6), st.integers(0, 10**6))
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     rpm=st.integers(1, 6),
-    tpm=st.integers(1, 400),
+    tpm=st.integers(1, 80),
     window_s=st.integers(1, 120),
-    limit_micros=st.integers(0, 400),
+    limit_micros=st.integers(0, 80),
     ops=st.lists(st.one_of(_admit, _settle_op), max_size=60),
 )
 def test_random_admits_and_settles_never_exceed_any_limit(
@@ -340,6 +344,7 @@ def test_random_admits_and_settles_never_exceed_any_limit(
             limiter.settle("wl_a", policy, held_tokens=call.tokens, used_tokens=call.used_tokens,
                            held_micros=call.micros, used_micros=call.used_micros, now=float(now))
         requests, tokens, micros = ref.usage(now)
+        assert limiter.usage("wl_a", policy, float(now)) == Usage(requests, tokens, micros)
         assert requests <= rpm and tokens <= tpm and micros <= limit_micros
         tokens_at_admission, micros_at_admission = ref.admission_time_usage(now)
         assert tokens_at_admission <= tpm and micros_at_admission <= limit_micros

@@ -1,0 +1,437 @@
+"""The metered gateway: every model call is attributed, bounded by its token's slice, and settled.
+
+One call, in order (see ``docs/request-flow.md``):
+
+1. the route verified the token; the model must be configured (404), allowed by the token and
+   the workload's policy (403), and not need an approval (403);
+2. the provider key is read (cached) before any money moves, so a Vault outage costs nothing;
+3. the limiter admits the call at its worst case (429 ``rate_limit_exceeded``);
+4. one transaction reads what remains of the slice, lowers the output-token limit to what it can
+   pay for, and HOLDS the worst-case cost with a conditional update (429 ``insufficient_quota``
+   when not even one output token fits; 503 when the ledger does not answer, before any
+   provider call);
+5. the request goes to the provider with the provider key (the client's credentials never do);
+6. the actual cost, from the provider's usage (or estimated from what was streamed, and marked
+   so), is SETTLED: charged, the rest of the hold released, one usage event written. Settlement
+   runs in ``finally`` blocks shielded from cancellation, so no path leaves a hold behind; if the
+   process dies, the sweeper settles the orphan at the full hold.
+
+The charge is never more than the hold; zero when the provider never took the request; at least
+the input tokens once it did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+from sqlalchemy import Connection, select
+
+from broker import ledger
+from broker.errors import (
+    ApprovalRequired,
+    InsufficientQuota,
+    InvalidRequest,
+    InvalidToken,
+    ModelNotAllowed,
+    ModelNotFound,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from broker.gateway_stream import NOTHING, MeteredStream, Outcome
+from broker.limits import InMemoryLimiter, Limiter
+from broker.models import Workload
+from broker.policy import Policy, effective, model_allowed
+from broker.pricing import Price, cost_micros, max_output_tokens
+from broker.provider_keys import ProviderKeys
+from broker.providers import Operation, Provider, Usage, build_providers
+from broker.services import Services
+from broker.settings import ModelSettings
+from broker.tokens import VerifiedToken
+
+log = logging.getLogger("broker.gateway")
+
+_workload = Workload.__table__  # type: ignore[attr-defined]
+
+# The output limit set when the client sent none: bounded, so that the hold is.
+DEFAULT_OUTPUT_LIMIT = 4096
+POLICY_CACHE_S = 5.0
+POLICY_CACHE_MAX = 10_000
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+CONNECT_TIMEOUT_S = 10.0
+HOLD_ATTEMPTS = 3
+
+
+@dataclass
+class Call:
+    """One gateway request, from its hold to its settlement."""
+
+    token: VerifiedToken
+    op: Operation
+    model: str
+    provider: Provider
+    price: Price
+    policy: Policy
+    body: dict[str, Any]
+    stream: bool
+    client_wants_usage: bool
+    hold_id: str
+    held: int
+    remaining: int
+    prompt_estimate: int
+    output_limit: int  # per answer; 0 for embeddings
+    choices: int
+    limiter_tokens: int
+    limiter_micros: int
+    request_id: str
+    client_ip: str | None
+    started: float
+    settled: bool = False
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A complete (non-stream) answer for the client."""
+
+    status: int
+    content: bytes
+    headers: dict[str, str]
+
+
+class Gateway:
+    def __init__(self, svc: Services, providers: Mapping[str, Provider]) -> None:
+        self.svc = svc
+        self.settings = svc.settings
+        self.providers = dict(providers)
+        self.keys = ProviderKeys(
+            svc.vault,
+            {name: p.vault_path for name, p in svc.settings.providers.items()},
+            max_stale_s=svc.settings.vault.max_stale_s,
+        )
+        limiter = svc.extras.get("limiter")
+        self.limiter: Limiter = limiter if limiter is not None else InMemoryLimiter()
+        self._policies: dict[str, tuple[float, Policy]] = {}
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    @classmethod
+    def build(cls, svc: Services) -> Gateway:
+        """Build every configured provider; a missing plugin is a ConfigError naming the key."""
+        return cls(svc, build_providers(svc.settings.providers))
+
+    # --- HTTP clients ------------------------------------------------------------------
+
+    def _client(self, provider: Provider) -> httpx.AsyncClient:
+        transport = provider.transport()
+        slot = provider.config.name if transport is not None else ""
+        client = self._clients.get(slot)
+        if client is None:
+            # Redirects are never followed: the provider key must reach only the configured URL.
+            client = httpx.AsyncClient(
+                transport=transport,
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            )
+            self._clients[slot] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    # --- admission ---------------------------------------------------------------------
+
+    def visible_models(self, token: VerifiedToken) -> list[tuple[str, ModelSettings]]:
+        return [(n, m) for n, m in self.settings.models.items() if model_allowed(n, token.models)]
+
+    async def policy(self, workload_id: str) -> Policy:
+        """The workload's effective policy, cached briefly to keep the hot path off the database."""
+        now = time.monotonic()
+        hit = self._policies.get(workload_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        w = _workload.c
+        row = await self.svc.db.run(
+            lambda conn: conn.execute(select(w.policy, w.kind).where(w.id == workload_id)).first()
+        )
+        if row is None:
+            raise InvalidToken()  # the identity is gone: its tokens are dead
+        policy = effective(Policy.model_validate(row[0]), str(row[1]))
+        if len(self._policies) >= POLICY_CACHE_MAX:
+            self._policies.clear()
+        self._policies[workload_id] = (now + POLICY_CACHE_S, policy)
+        return policy
+
+    async def begin(
+        self,
+        token: VerifiedToken,
+        op: Operation,
+        body: dict[str, Any],
+        *,
+        request_id: str,
+        client_ip: str | None,
+    ) -> Call:
+        """Check the call, admit it, hold its worst case; the caller must then settle it."""
+        started = time.perf_counter()
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model is required")
+        spec = self.settings.models.get(model)
+        if spec is None:
+            raise ModelNotFound(f"the model {model[:200]!r} does not exist")
+        if not model_allowed(model, token.models):
+            raise ModelNotAllowed(f"this token may not use the model {model!r}")
+        provider = self.providers[spec.provider]
+        if op not in provider.operations:
+            raise InvalidRequest(f"the model {model!r} is not served on this route")
+        policy = await self.policy(token.sub)
+        if not model_allowed(model, policy.models):
+            raise ModelNotAllowed(f"the policy no longer allows the model {model!r}")
+        if model_allowed(model, policy.approval_models):
+            raise ApprovalRequired(f"the model {model!r} needs an approval")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool) or (stream and op == "embeddings"):
+            raise InvalidRequest("stream must be a boolean (and is not supported for embeddings)")
+        requested, choices = provider.output_limit(op, body)
+        # Asking for stream usage may refuse a malformed request: do it before money moves.
+        client_wants_usage = provider.ask_stream_usage(op, body) if stream else False
+        prompt = provider.estimate_input_tokens(op, body)
+        price = Price.of(spec)
+        wanted = 0 if op == "embeddings" else requested or DEFAULT_OUTPUT_LIMIT
+        # The whole slice bounds what the limiter is asked to hold, without a database read.
+        bound = max_output_tokens(price, prompt, token.budget_micros)
+        if bound is not None and op != "embeddings":
+            wanted = max(1, min(wanted, bound // choices))
+        await self.keys.get(spec.provider)  # a Vault outage refuses the call before money moves
+        limiter_tokens = prompt + wanted * choices
+        limiter_micros = cost_micros(price, prompt, wanted * choices)
+        self.limiter.admit(token.sub, policy, tokens=limiter_tokens, cost_micros=limiter_micros,
+                           now=time.time())
+        hold_id = "h_" + secrets.token_hex(12)
+        try:
+            limit, held, remaining = await self.svc.db.run(
+                lambda conn: _hold(conn, hold_id, token.jti, op, price, prompt, wanted, choices)
+            )
+        except BaseException:
+            self.limiter.settle(token.sub, policy, held_tokens=limiter_tokens, used_tokens=0,
+                                held_micros=limiter_micros, used_micros=0, now=time.time())
+            raise
+        call = Call(
+            token=token, op=op, model=model, provider=provider, price=price, policy=policy,
+            body=body, stream=stream, client_wants_usage=client_wants_usage, hold_id=hold_id,
+            held=held, remaining=remaining, prompt_estimate=prompt, output_limit=limit,
+            choices=choices, limiter_tokens=limiter_tokens, limiter_micros=limiter_micros,
+            request_id=request_id, client_ip=client_ip, started=started,
+        )
+        try:
+            if op != "embeddings":
+                provider.set_output_limit(op, body, limit)
+            body["model"] = spec.upstream_model or model
+        except BaseException:
+            await self.settle(call, Outcome("refused", NOTHING))
+            raise
+        return call
+
+    # --- forwarding --------------------------------------------------------------------
+
+    async def forward(self, call: Call, client_headers: Mapping[str, str]) -> Reply | MeteredStream:
+        """Send the call upstream. A non-stream call is settled before this returns; a stream
+        is handed over to the returned :class:`MeteredStream`, which settles it."""
+        provider = call.provider
+        # Once the request is on its way the provider may bill its input, even if we never
+        # learn the answer (cancelled, timed out, unreadable).
+        taken = Outcome("cancelled", Usage(call.prompt_estimate, 0), estimated=True)
+        outcome = Outcome("not_sent", NOTHING)
+        handed_over = False
+        try:
+            key = await self.keys.get(provider.config.name)
+            upstream = provider.build_request(call.op, call.body, key=key,
+                                              client_headers=client_headers)
+            client = self._client(provider)
+            timeout = httpx.Timeout(provider.config.timeout_s,
+                                    connect=min(CONNECT_TIMEOUT_S, provider.config.timeout_s))
+            request = client.build_request("POST", upstream.url, content=upstream.content,
+                                           headers=upstream.headers, timeout=timeout)
+            outcome = taken
+            try:
+                response = await client.send(request, stream=True)
+            except (httpx.ConnectTimeout, httpx.PoolTimeout):
+                outcome = Outcome("upstream_timeout", NOTHING)
+                raise UpstreamTimeout() from None
+            except httpx.TimeoutException:
+                outcome = Outcome("upstream_timeout", taken.usage, estimated=True)
+                raise UpstreamTimeout() from None
+            except httpx.HTTPError:
+                outcome = Outcome("upstream_error", NOTHING)
+                raise UpstreamError("the provider could not be reached") from None
+            ok = response.status_code == 200
+            try:
+                if ok and call.stream:
+                    handed_over = True
+                    return self._stream(call, response)
+                outcome = taken if ok else Outcome("upstream_error", NOTHING)
+                raw = await _read_capped(response)
+            except (UpstreamError, httpx.HTTPError) as exc:
+                timed_out = isinstance(exc, httpx.TimeoutException)
+                outcome = Outcome("upstream_timeout" if timed_out else "upstream_error",
+                                  taken.usage if ok else NOTHING, estimated=ok)
+                if isinstance(exc, UpstreamError):
+                    raise
+                raise UpstreamTimeout() if timed_out else UpstreamError(
+                    "the provider's answer was cut off") from None
+            finally:
+                if not handed_over:
+                    await response.aclose()
+            if response.status_code != 200:
+                outcome, error = _refusal(response)
+                if error is not None:
+                    raise error
+                return Reply(response.status_code, raw, {"content-type": "application/json"})
+            outcome, parsed = self._completed(call, raw)
+            if parsed is None:
+                raise UpstreamError("the provider's answer is not JSON")
+            cost, remaining = await self.settle(call, outcome)
+            headers = {"content-type": "application/json", "x-broker-cost-micros": str(cost)}
+            if remaining is not None:
+                headers["x-broker-budget-remaining-micros"] = str(remaining)
+            return Reply(200, raw, headers)
+        finally:
+            if not handed_over and not call.settled:
+                await self.settle(call, outcome)
+
+    def _stream(self, call: Call, response: httpx.Response) -> MeteredStream:
+        def is_live() -> bool:
+            gate = self.svc.extras.get("token_gate")
+            return gate is None or bool(gate.is_live(call.token))
+
+        async def settle(outcome: Outcome) -> None:
+            await self.settle(call, outcome)
+
+        meter = call.provider.stream_meter(call.op, client_wants_usage=call.client_wants_usage)
+        return MeteredStream(response, meter, limit=call.output_limit * call.choices,
+                             prompt_estimate=call.prompt_estimate, remaining=call.remaining,
+                             is_live=is_live, settle=settle)
+
+    def _completed(self, call: Call, raw: bytes) -> tuple[Outcome, Any]:
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            return Outcome("upstream_error", Usage(call.prompt_estimate, 0), estimated=True), None
+        usage = call.provider.read_usage(call.op, parsed)
+        if usage is not None:
+            return Outcome("ok", usage), parsed
+        out = call.provider.estimate_output_tokens(call.op, parsed)
+        return Outcome("ok", Usage(call.prompt_estimate, out), estimated=True), parsed
+
+    # --- settlement --------------------------------------------------------------------
+
+    async def settle(self, call: Call, outcome: Outcome) -> tuple[int, int | None]:
+        """Charge the outcome (at most the hold), release the rest, write the usage event, once.
+        Shielded: a cancelled request still settles. Returns (cost, what remains of the slice)."""
+        if call.settled:
+            return 0, None
+        call.settled = True
+        usage = outcome.usage
+        cost = min(cost_micros(call.price, usage.prompt_tokens, usage.completion_tokens), call.held)
+        now = time.time()
+        event = {
+            "request_id": call.request_id[:64],
+            "ts": int(now),
+            "model": call.model,
+            "provider": call.provider.config.name,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "status": outcome.status,
+            "latency_ms": int((time.perf_counter() - call.started) * 1000),
+            "stream": call.stream,
+            "estimated": outcome.estimated,
+            "client_ip": call.client_ip[:64] if call.client_ip else None,
+        }
+        remaining: int | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                remaining = await self.svc.db.run(
+                    lambda conn: ledger.settle_hold(conn, hold_id=call.hold_id, cost=cost,
+                                                    event=event)
+                )
+            except Exception as exc:
+                # The hold stays; the sweeper settles it at the full amount once it is orphaned.
+                log.error("settling hold %s failed: %s", call.hold_id, type(exc).__name__)
+            finally:
+                tokens = usage.prompt_tokens + usage.completion_tokens
+                self.limiter.settle(call.token.sub, call.policy, held_tokens=call.limiter_tokens,
+                                    used_tokens=min(tokens, call.limiter_tokens),
+                                    held_micros=call.limiter_micros,
+                                    used_micros=min(cost, call.limiter_micros), now=now)
+        return cost, remaining
+
+
+def _hold(
+    conn: Connection, hold_id: str, jti: str, op: Operation, price: Price, prompt: int,
+    wanted: int, choices: int,
+) -> tuple[int, int, int]:
+    """(output limit per answer, amount held, what remains of the slice). The limit is the
+    largest the remaining slice pays for, at most ``wanted``; retried when a concurrent hold
+    took the room between the read and the conditional update (PostgreSQL)."""
+    # Most calls fit as asked: try that first, and read the slice only when it does not.
+    amount = cost_micros(price, prompt, wanted * choices)
+    now = int(time.time())
+    with contextlib.suppress(InsufficientQuota):
+        return wanted, amount, ledger.place_hold(conn, hold_id=hold_id, jti=jti, amount=amount,
+                                                 now=now)
+    for _ in range(HOLD_ATTEMPTS):
+        remaining = ledger.slice_remaining(conn, jti)
+        if remaining is None:
+            raise InsufficientQuota("this token has no budget slice")
+        limit = wanted
+        affordable = max_output_tokens(price, prompt, remaining)
+        if affordable is not None and op != "embeddings":
+            limit = min(limit, affordable // choices)
+            if limit < 1:
+                raise InsufficientQuota("the token's remaining slice cannot pay for an answer")
+        elif affordable is not None and affordable < 0:
+            raise InsufficientQuota("the token's remaining slice cannot pay for this input")
+        amount = cost_micros(price, prompt, limit * choices)
+        try:
+            left = ledger.place_hold(conn, hold_id=hold_id, jti=jti, amount=amount, now=now)
+        except InsufficientQuota:
+            continue
+        return limit, amount, left
+    raise InsufficientQuota("the token's remaining slice is taken by running requests")
+
+
+def _refusal(response: httpx.Response) -> tuple[Outcome, Exception | None]:
+    """How an upstream error status reaches the client; the provider took nothing."""
+    status = response.status_code
+    if status == 429:
+        retry = response.headers.get("retry-after", "")
+        headers = {"retry-after": retry} if retry.isdigit() else {}
+        return Outcome("upstream_rate_limited", NOTHING), RateLimited(
+            "the provider is rate limiting this model", headers=headers)
+    if status in (401, 403, 407):
+        log.error("provider refused the broker's credentials (HTTP %d)", status)
+        return Outcome("upstream_error", NOTHING), UpstreamError("the provider refused the call")
+    if 400 <= status < 500:
+        # The client's request is at fault: its own provider error, in its own wire format.
+        return Outcome("upstream_rejected", NOTHING), None
+    return Outcome("upstream_error", NOTHING), UpstreamError(f"the provider answered {status}")
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise UpstreamError("the provider's answer is too large")
+        chunks.append(chunk)
+    return b"".join(chunks)

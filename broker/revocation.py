@@ -1,0 +1,586 @@
+"""Revocation: revoked tokens, suspended identities, and how every replica learns of them.
+
+The state of record is the ``revocation`` log in the database (one row per revocation,
+suspension or resume) plus the ``suspended_at`` columns of workloads and tenants. Each replica
+replays the log into a :class:`Denylist` held in memory, which answers the gateway's hot-path
+question ("is this verified token still live?") with dictionary lookups only.
+
+Keyed on ``jti`` and on identity cut-off times, never on the token string (decision 2). A
+suspension is one cut-off per identity: every token of that identity issued at or before it is
+dead for good, so a resume lets new tokens live but never revives an old one. Entries leave
+memory once they can refuse nothing: a token's once it has expired, a cut-off's once every
+token issued before it has.
+
+Propagation (:class:`Propagator`): on PostgreSQL, each change is announced with ``NOTIFY``
+in the transaction that makes it (delivered at commit) and each replica ``LISTEN``\\s on a
+dedicated connection; a periodic catch-up read of the log covers a missed notification. The
+replica that made a change applies it to its own memory in the same request, so on SQLite
+(one process) it takes effect at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import Connection, delete, insert, or_, select, text, update
+
+from broker import ledger
+from broker.audit import record
+from broker.db import Database
+from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from broker.identities import Actor, get_tenant, get_workload
+from broker.models import Revocation, Tenant, TokenSlice, Workload
+from broker.tokens import LEEWAY_S, VerifiedToken
+
+log = logging.getLogger("broker.revocation")
+
+_log = Revocation.__table__  # type: ignore[attr-defined]
+_slice = TokenSlice.__table__  # type: ignore[attr-defined]
+_workload = Workload.__table__  # type: ignore[attr-defined]
+_tenant = Tenant.__table__  # type: ignore[attr-defined]
+
+CHANNEL = "broker_events"
+# No token lives longer than this (decision 1), whatever a replica's configuration says: a
+# cut-off older than this plus the clock leeway can no longer refuse anything.
+MAX_TOKEN_LIFETIME_S = 900
+# The catch-up re-reads this much recent log, so an entry whose transaction committed after a
+# later one (PostgreSQL sequence ids are not commit-ordered) is still seen.
+CATCHUP_OVERLAP_S = 60
+# Log rows are kept this long after they stopped mattering, for ``GET /v1/admin/revocations``;
+# the audit table keeps the permanent record.
+LOG_RETENTION_S = 86_400
+
+
+# --- request body --------------------------------------------------------------------------
+
+
+class ReasonBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    reason: str | None = Field(default=None, min_length=1, max_length=512)
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and not value.isprintable():
+            raise ValueError("reason must be printable text")
+        return value
+
+
+# --- log entries ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the revocation log, as stored and as sent in a notification."""
+
+    id: int
+    kind: str  # token | workload | tenant
+    action: str  # revoke | suspend | resume
+    target: str
+    tenant_id: str
+    cutoff: int | None
+    expires_at: int | None
+    relevant_until: int
+    created_at: int
+    actor: str
+    reason: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Entry:
+        return cls(
+            id=int(row.id), kind=row.kind, action=row.action, target=row.target,
+            tenant_id=row.tenant_id, cutoff=row.cutoff, expires_at=row.expires_at,
+            relevant_until=int(row.relevant_until), created_at=int(row.created_at),
+            actor=row.actor, reason=row.reason,
+        )
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "id": f"rv_{self.id}",
+            "kind": self.kind,
+            "action": self.action,
+            "target": self.target,
+            "tenant_id": self.tenant_id,
+            "cutoff": _iso(self.cutoff),
+            "expires_at": _iso(self.expires_at),
+            "created_at": _iso(self.created_at),
+            "actor": self.actor,
+            "reason": self.reason,
+        }
+
+
+def _iso(ts: int | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+# --- the in-memory denylist (the gateway's hot path) ---------------------------------------
+
+
+class Denylist:
+    """Answers :meth:`is_live` from memory. Implements :class:`broker.auth.TokenGate`.
+
+    Writers (requests, the propagation thread) hold a lock; readers take none: each check is a
+    few dictionary and set lookups, which are atomic in CPython.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[str, int] = {}  # jti -> relevant until
+        self._cutoffs: dict[tuple[str, str], tuple[int, int]] = {}  # key -> (cutoff, until)
+        self._suspended: set[tuple[str, str]] = set()
+        self._last_change: dict[tuple[str, str], int] = {}  # key -> id of the newest entry applied
+        self.last_id = 0
+
+    def is_live(self, token: VerifiedToken) -> bool:
+        if token.jti in self._tokens:
+            return False
+        if not self._cutoffs and not self._suspended:
+            return True
+        for key in (("workload", token.sub), ("tenant", token.tenant)):
+            if key in self._suspended:
+                return False
+            cut = self._cutoffs.get(key)
+            if cut is not None and token.iat <= cut[0]:
+                return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._tokens) + len(self._cutoffs) + len(self._suspended)
+
+    def apply(self, entry: Entry) -> None:
+        """Idempotent: applying an entry twice, or an older entry after a newer one for the
+        same identity, leaves the state as it was."""
+        with self._lock:
+            self.last_id = max(self.last_id, entry.id)
+            if entry.kind == "token":
+                if entry.relevant_until > int(time.time()):
+                    self._tokens[entry.target] = max(
+                        self._tokens.get(entry.target, 0), entry.relevant_until
+                    )
+                return
+            key = (entry.kind, entry.target)
+            if entry.cutoff is not None:
+                self._raise_cutoff(key, entry.cutoff)
+            if entry.id <= self._last_change.get(key, 0):
+                return
+            self._last_change[key] = entry.id
+            if entry.action == "suspend":
+                self._suspended.add(key)
+            elif entry.action == "resume":
+                self._suspended.discard(key)
+
+    def _raise_cutoff(self, key: tuple[str, str], cutoff: int) -> None:
+        old = self._cutoffs.get(key)
+        if old is None or cutoff > old[0]:
+            self._cutoffs[key] = (cutoff, cutoff + MAX_TOKEN_LIFETIME_S + LEEWAY_S)
+
+    def reset_suspended(self, suspended: dict[tuple[str, str], int]) -> None:
+        """Take the suspension state of the identity tables as the truth (at load)."""
+        with self._lock:
+            self._suspended = set(suspended)
+            for key, cutoff in suspended.items():
+                self._raise_cutoff(key, cutoff)
+
+    def prune(self, now: int) -> int:
+        """Forget entries that can no longer refuse a live token; returns how many went."""
+        with self._lock:
+            gone = [jti for jti, until in self._tokens.items() if until <= now]
+            for jti in gone:
+                del self._tokens[jti]
+            old = [k for k, (_c, until) in self._cutoffs.items()
+                   if until <= now and k not in self._suspended]
+            for key in old:
+                del self._cutoffs[key]
+                self._last_change.pop(key, None)
+            return len(gone) + len(old)
+
+
+# --- reading and writing the log -----------------------------------------------------------
+
+
+def _append(conn: Connection, **values: Any) -> Entry:
+    row = conn.execute(insert(_log).values(**values).returning(*_log.c)).one()
+    entry = Entry.from_row(row)
+    # Delivered to every listener when (and only if) this transaction commits. It carries only
+    # the id: listeners read the entry itself from the log, so a forged notification (anyone
+    # who can connect may NOTIFY) can make a replica read, but never change, its denylist.
+    notify(conn, {"type": "revocation", "id": entry.id})
+    return entry
+
+
+def notify(conn: Connection, message: dict[str, Any]) -> None:
+    """Announce a change to every replica at commit (PostgreSQL; a no-op on SQLite)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_notify(:channel, :payload)"),
+                     {"channel": CHANNEL, "payload": json.dumps(message)})
+
+
+def read_entry(conn: Connection, entry_id: int) -> Entry | None:
+    row = conn.execute(select(_log).where(_log.c.id == entry_id)).first()
+    return None if row is None else Entry.from_row(row)
+
+
+def load(conn: Connection, denylist: Denylist, now: int) -> None:
+    """Fill a fresh denylist: every log entry that still matters, then the suspensions in
+    force according to the identity tables (which outlive pruned log entries)."""
+    rows = conn.execute(
+        select(_log).where(_log.c.relevant_until > now).order_by(_log.c.id)
+    ).all()
+    for row in rows:
+        denylist.apply(Entry.from_row(row))
+    top = conn.execute(select(_log.c.id).order_by(_log.c.id.desc()).limit(1)).first()
+    if top is not None:
+        denylist.last_id = max(denylist.last_id, int(top[0]))
+    suspended: dict[tuple[str, str], int] = {}
+    for kind, table in (("workload", _workload), ("tenant", _tenant)):
+        for ident, at in conn.execute(
+            select(table.c.id, table.c.suspended_at).where(table.c.suspended_at.isnot(None))
+        ).all():
+            suspended[(kind, str(ident))] = int(at)
+    denylist.reset_suspended(suspended)
+
+
+def catch_up(conn: Connection, denylist: Denylist, now: int) -> int:
+    """Apply log entries this replica may have missed; returns how many were read."""
+    rows = conn.execute(
+        select(_log)
+        .where(or_(_log.c.id > denylist.last_id, _log.c.created_at >= now - CATCHUP_OVERLAP_S))
+        .order_by(_log.c.id)
+    ).all()
+    for row in rows:
+        denylist.apply(Entry.from_row(row))
+    return len(rows)
+
+
+def prune_log(conn: Connection, now: int) -> int:
+    """Delete log rows that stopped mattering more than :data:`LOG_RETENTION_S` ago."""
+    result = conn.execute(delete(_log).where(_log.c.relevant_until < now - LOG_RETENTION_S))
+    return int(result.rowcount or 0)
+
+
+def list_entries(
+    conn: Connection, actor: Actor, *, cursor: str | None, limit: int,
+    tenant_id: str | None = None, kind: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest first; a tenant-admin sees only its own tenant's entries."""
+    c = _log.c
+    stmt = select(_log).order_by(c.id.desc()).limit(limit + 1)
+    if cursor is not None:
+        raw = cursor.removeprefix("rv_")
+        if not raw.isdigit() or len(raw) > 18:
+            raise InvalidRequest("cursor is not valid")
+        stmt = stmt.where(c.id < int(raw))
+    if tenant_id is not None:
+        if not actor.sees_tenant(tenant_id):
+            return [], None
+        stmt = stmt.where(c.tenant_id == tenant_id)
+    elif not actor.org_wide:
+        stmt = stmt.where(c.tenant_id == actor.tenant_id)
+    if kind is not None:
+        if kind not in ("token", "workload", "tenant"):
+            raise InvalidRequest("kind must be token, workload or tenant")
+        stmt = stmt.where(c.kind == kind)
+    items = [Entry.from_row(r).view() for r in conn.execute(stmt).all()]
+    if len(items) > limit:
+        return items[:limit], str(items[limit - 1]["id"])
+    return items, None
+
+
+# --- the operations (each inside the caller's transaction) ---------------------------------
+
+
+def require_may_manage(actor: Actor, workload: dict[str, Any]) -> None:
+    """A tenant-admin may not act on an identity that holds more than tenant-admin (an
+    org-admin or auditor living in its tenant): that would let it take over or silence one."""
+    if "org-admin" not in actor.roles and set(workload.get("roles") or []) - {"tenant-admin"}:
+        raise Forbidden("only an org-admin may act on an org-admin or auditor identity")
+
+
+def _revoke_slices(conn: Connection, column: str, ident: str, cutoff: int, now: int) -> int:
+    """Mark every live slice of an identity issued at or before ``cutoff`` revoked and return
+    its unspent money now; a slice with a hold still open is released by the sweeper once the
+    hold closes. Returns the micro-dollars returned now."""
+    s = _slice.c
+    jtis = conn.execute(
+        update(_slice)
+        .where(s[column] == ident, s.released_at.is_(None), s.revoked_at.is_(None),
+               s.issued_at <= cutoff)
+        .values(revoked_at=now)
+        .returning(s.jti)
+    ).all()
+    return sum(ledger.release_slice(conn, str(j[0]), now) for j in sorted(jtis))
+
+
+def revoke_token(
+    conn: Connection, actor: Actor, jti: str, reason: str | None, now: int
+) -> tuple[dict[str, Any], Entry | None]:
+    """Revoke one token by ``jti`` and return its unspent slice to the budgets. Revoking an
+    already revoked token changes nothing and answers the same."""
+    s = _slice.c
+    row = conn.execute(
+        select(s.tenant_id, s.workload_id, s.expires_at).where(s.jti == jti)
+    ).first()
+    if row is None or not actor.sees_tenant(row.tenant_id):
+        raise NotFound("no such token")
+    owner = conn.execute(select(_workload.c.roles).where(_workload.c.id == row.workload_id)).first()
+    require_may_manage(actor, {"roles": owner[0] if owner is not None else []})
+    marked = conn.execute(
+        update(_slice).where(s.jti == jti, s.revoked_at.is_(None)).values(revoked_at=now)
+        .returning(s.jti)
+    ).first()
+    if marked is None:
+        previous = conn.execute(
+            select(_log).where(_log.c.kind == "token", _log.c.target == jti)
+            .order_by(_log.c.id.desc()).limit(1)
+        ).first()
+        view = Entry.from_row(previous).view() if previous is not None else {
+            "kind": "token", "action": "revoke", "target": jti, "tenant_id": row.tenant_id}
+        return {**view, "returned_micros": 0}, None
+    returned = ledger.release_slice(conn, jti, now)
+    entry = _append(
+        conn, kind="token", action="revoke", target=jti, tenant_id=row.tenant_id,
+        cutoff=None, expires_at=int(row.expires_at),
+        relevant_until=int(row.expires_at) + LEEWAY_S, created_at=now, actor=actor.id,
+        reason=reason,
+    )
+    record(conn, actor.id, "token.revoke", jti,
+           {"reason": reason, "workload_id": row.workload_id, "tenant_id": row.tenant_id,
+            "returned_micros": returned}, now)
+    return {**entry.view(), "returned_micros": returned}, entry
+
+
+def _suspension_entry(
+    conn: Connection, actor: Actor, kind: str, target: str, tenant_id: str, action: str,
+    cutoff: int, reason: str | None, now: int,
+) -> Entry:
+    return _append(
+        conn, kind=kind, action=action, target=target, tenant_id=tenant_id, cutoff=cutoff,
+        expires_at=None, relevant_until=max(cutoff + MAX_TOKEN_LIFETIME_S + LEEWAY_S, now),
+        created_at=now, actor=actor.id, reason=reason,
+    )
+
+
+def suspend_workload(
+    conn: Connection, actor: Actor, workload_id: str, reason: str | None, now: int
+) -> tuple[dict[str, Any], Entry | None]:
+    """Suspend a workload: its live tokens die, its new exchanges are refused (as a wrong
+    secret is), and the unspent part of its slices returns."""
+    view = get_workload(conn, actor, workload_id)
+    require_may_manage(actor, view)
+    if workload_id == actor.id:
+        raise Conflict("an admin cannot suspend its own identity")
+    w = _workload.c
+    # The UPDATE comes before the log insert: it locks the row, so entries for one identity
+    # are numbered in the order their transactions commit.
+    done = conn.execute(
+        update(_workload).where(w.id == workload_id, w.suspended_at.is_(None))
+        .values(suspended_at=now).returning(w.id)
+    ).first()
+    if done is None:
+        return view, None
+    returned = _revoke_slices(conn, "workload_id", workload_id, now, now)
+    entry = _suspension_entry(conn, actor, "workload", workload_id, view["tenant_id"],
+                              "suspend", now, reason, now)
+    record(conn, actor.id, "workload.suspend", workload_id,
+           {"reason": reason, "tenant_id": view["tenant_id"], "returned_micros": returned}, now)
+    return get_workload(conn, actor, workload_id), entry
+
+
+def suspension_cutoff(conn: Connection, actor: Actor, kind: str, ident: str) -> int | None:
+    """The cut-off of a suspension in force (None when not suspended), for an actor who may
+    see the identity."""
+    if kind == "workload":
+        get_workload(conn, actor, ident)
+        value = conn.execute(select(_workload.c.suspended_at).where(_workload.c.id == ident))
+    else:
+        get_tenant(conn, actor, ident)
+        value = conn.execute(select(_tenant.c.suspended_at).where(_tenant.c.id == ident))
+    found = value.scalar()
+    return None if found is None else int(found)
+
+
+def resume_workload(
+    conn: Connection, actor: Actor, workload_id: str, reason: str | None, now: int
+) -> tuple[dict[str, Any], Entry | None]:
+    """Let a workload get tokens again; tokens issued before its suspension stay dead."""
+    view = get_workload(conn, actor, workload_id)
+    require_may_manage(actor, view)
+    w = _workload.c
+    cutoff = conn.execute(select(w.suspended_at).where(w.id == workload_id)).scalar()
+    if cutoff is None:
+        return view, None
+    done = conn.execute(
+        update(_workload).where(w.id == workload_id, w.suspended_at == cutoff)
+        .values(suspended_at=None).returning(w.id)
+    ).first()
+    if done is None:
+        raise Conflict("the workload changed meanwhile; try again")
+    entry = _suspension_entry(conn, actor, "workload", workload_id, view["tenant_id"],
+                              "resume", int(cutoff), reason, now)
+    record(conn, actor.id, "workload.resume", workload_id,
+           {"reason": reason, "tenant_id": view["tenant_id"]}, now)
+    return get_workload(conn, actor, workload_id), entry
+
+
+def suspend_tenant(
+    conn: Connection, actor: Actor, tenant_id: str, reason: str | None, now: int
+) -> tuple[dict[str, Any], Entry | None]:
+    """The tenant kill switch: every token of every workload of the tenant dies at once."""
+    view = get_tenant(conn, actor, tenant_id)
+    if tenant_id == actor.tenant_id:
+        raise Conflict("an admin cannot suspend its own tenant")
+    t = _tenant.c
+    done = conn.execute(
+        update(_tenant).where(t.id == tenant_id, t.suspended_at.is_(None))
+        .values(suspended_at=now).returning(t.id)
+    ).first()
+    if done is None:
+        return view, None
+    returned = _revoke_slices(conn, "tenant_id", tenant_id, now, now)
+    entry = _suspension_entry(conn, actor, "tenant", tenant_id, tenant_id, "suspend", now,
+                              reason, now)
+    record(conn, actor.id, "tenant.suspend", tenant_id,
+           {"reason": reason, "returned_micros": returned}, now)
+    return get_tenant(conn, actor, tenant_id), entry
+
+
+def resume_tenant(
+    conn: Connection, actor: Actor, tenant_id: str, reason: str | None, now: int
+) -> tuple[dict[str, Any], Entry | None]:
+    view = get_tenant(conn, actor, tenant_id)
+    t = _tenant.c
+    cutoff = conn.execute(select(t.suspended_at).where(t.id == tenant_id)).scalar()
+    if cutoff is None:
+        return view, None
+    done = conn.execute(
+        update(_tenant).where(t.id == tenant_id, t.suspended_at == cutoff)
+        .values(suspended_at=None).returning(t.id)
+    ).first()
+    if done is None:
+        raise Conflict("the tenant changed meanwhile; try again")
+    entry = _suspension_entry(conn, actor, "tenant", tenant_id, tenant_id, "resume",
+                              int(cutoff), reason, now)
+    record(conn, actor.id, "tenant.resume", tenant_id, {"reason": reason}, now)
+    return get_tenant(conn, actor, tenant_id), entry
+
+
+# --- propagation ---------------------------------------------------------------------------
+
+
+def connect_dedicated(db: Database) -> Any:
+    """A PostgreSQL connection of its own (autocommit), outside the pool: for ``LISTEN`` and
+    for the scheduler's session advisory lock, both of which live as long as the connection."""
+    import psycopg
+
+    url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+
+Handler = Callable[[dict[str, Any]], None]
+
+
+class Propagator:
+    """A background thread that keeps this replica's memory in step with the others.
+
+    On PostgreSQL it waits on ``LISTEN`` and dispatches each message by its ``type``; every
+    ``interval_s`` (and after each reconnect) it runs the periodic tasks, the first of which
+    is the catch-up read of the revocation log. On SQLite only the periodic tasks run.
+    """
+
+    POLL_S = 0.25  # how quickly a stop request is noticed
+
+    def __init__(self, db: Database, denylist: Denylist, interval_s: float):
+        self._db = db
+        self._denylist = denylist
+        self._interval = interval_s
+        self._handlers: dict[str, list[Handler]] = {"revocation": [self._on_revocation]}
+        self._periodic: list[Callable[[], None]] = [self.catch_up]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.listening = threading.Event()  # set while a LISTEN connection is up
+
+    def on(self, message_type: str, handler: Handler) -> None:
+        self._handlers.setdefault(message_type, []).append(handler)
+
+    def every_interval(self, task: Callable[[], None]) -> None:
+        self._periodic.append(task)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="broker-propagation", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def catch_up(self) -> None:
+        now = int(time.time())
+        self._db.transaction(lambda conn: catch_up(conn, self._denylist, now))
+        self._denylist.prune(now)
+
+    def _on_revocation(self, message: dict[str, Any]) -> None:
+        entry_id = int(message["id"])
+        entry = self._db.transaction(lambda conn: read_entry(conn, entry_id))
+        if entry is not None:
+            self._denylist.apply(entry)
+
+    def dispatch(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+            handlers = self._handlers.get(str(message.get("type")), [])
+        except (ValueError, AttributeError):
+            log.warning("ignored a malformed notification")
+            return
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception as exc:  # one bad handler must not stop propagation
+                log.warning("notification handler failed: %s", type(exc).__name__)
+
+    def _tick(self) -> None:
+        for task in self._periodic:
+            try:
+                task()
+            except Exception as exc:  # the next tick retries; the thread must outlive outages
+                log.warning("periodic propagation task failed: %s", type(exc).__name__)
+
+    def _run(self) -> None:
+        if self._db.is_sqlite:
+            while not self._stop.wait(self._interval):
+                self._tick()
+            return
+        while not self._stop.is_set():
+            try:
+                self._listen()
+            except Exception as exc:
+                self.listening.clear()
+                log.warning("revocation listener lost its connection: %s", type(exc).__name__)
+                self._stop.wait(1.0)
+
+    def _listen(self) -> None:
+        with connect_dedicated(self._db) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            self.listening.set()
+            # Anything committed while we were not listening is in the log.
+            self._tick()
+            due = time.monotonic() + self._interval
+            while not self._stop.is_set():
+                wait = max(0.0, min(self.POLL_S, due - time.monotonic()))
+                for note in conn.notifies(timeout=wait):
+                    self.dispatch(note.payload)
+                if time.monotonic() >= due:
+                    self._tick()
+                    due = time.monotonic() + self._interval
+        self.listening.clear()
