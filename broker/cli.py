@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -35,11 +36,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Build (and so check Vault and the schema) before binding the port, to fail with a message.
     services = Services.build(settings, auto_migrate=args.migrate)
     app = create_app(settings, services=services, extensions=default_extensions(settings))
-    uvicorn.run(
-        app, host=settings.server.host, port=settings.server.port, log_level="info",
-        access_log=False, server_header=False,
-    )
-    services.close()
+    try:
+        uvicorn.run(
+            app, host=settings.server.host, port=settings.server.port, log_level="info",
+            access_log=False, server_header=False,
+        )
+    finally:
+        services.close()
     return 0
 
 
@@ -77,6 +80,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unwind_on_sigterm(signum: int, frame: object) -> None:
+    # uvicorn stops gracefully on SIGTERM, then re-raises it; unwinding instead of dying lets
+    # ``finally`` blocks close the database and stop a dev OpenBao child. A shutdown that was
+    # asked for and completed is a success.
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="broker", description="Secrets broker for AI workloads")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     rotate.add_argument("--config")
     rotate.set_defaults(func=cmd_keys)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _unwind_on_sigterm)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Alembic narrates every plugin and step at INFO; our commands say what they did themselves.
     logging.getLogger("alembic").setLevel(logging.WARNING)

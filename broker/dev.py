@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -105,10 +104,6 @@ def _banner(base: str, seeded: dict[str, str], admin_secret: str, vault_addr: st
 """
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def run_dev(config: Path | None, port: int) -> int:
     import uvicorn
 
@@ -116,9 +111,6 @@ def run_dev(config: Path | None, port: int) -> int:
     from broker.extensions import default_extensions
     from broker.services import Services
 
-    # uvicorn re-raises the signal that stopped it; make SIGTERM unwind like Ctrl-C does, so the
-    # OpenBao child is stopped on every way out.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     vault: DevVault | None = None
     vault_addr = os.environ.get("BROKER_VAULT_ADDR")
     overrides: dict[str, Any] = {}

@@ -327,6 +327,17 @@ def bootstrap_admin(conn: Connection, secret: str, pepper: bytes, now: int) -> b
     ).first()
     if exists is not None:
         return False
+    # Replicas starting together on an empty database race here: the loser's inserts hit the
+    # primary keys and it simply finds the admin the winner created.
+    try:
+        with conn.begin_nested():
+            _insert_bootstrap_admin(conn, secret, pepper, now)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _insert_bootstrap_admin(conn: Connection, secret: str, pepper: bytes, now: int) -> None:
     if conn.execute(select(_tenant.c.id).where(_tenant.c.id == ROOT_TENANT_ID)).first() is None:
         conn.execute(insert(_tenant).values(id=ROOT_TENANT_ID, name="root", budgets=[], created_at=now))
     conn.execute(
@@ -342,7 +353,6 @@ def bootstrap_admin(conn: Connection, secret: str, pepper: bytes, now: int) -> b
             created_at=now,
         )
     )
-    return True
 
 
 def _page(items: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], str | None]:

@@ -80,7 +80,7 @@ def verify(token: str, keyring: Keyring, *, issuer: str, audience: str) -> Verif
     try:
         header = _segment(head)
         _segment(body)  # refuse duplicate claim names before PyJWT keeps the last one
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise InvalidToken() from None
     if FORBIDDEN_HEADERS & header.keys() or header.get("typ") != TOKEN_TYPE:
         raise InvalidToken()

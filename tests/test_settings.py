@@ -5,7 +5,6 @@ traceback) and otherwise serves."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -257,8 +256,8 @@ def _serve_until_healthy(args: list[str], env: dict[str, str], cwd: Path) -> Non
             proc.kill()
             out, _ = proc.communicate()
         LOGS.append(out)
-    # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly.
-    assert proc.returncode in (0, -signal.SIGTERM), out
+    # A shutdown that was asked for and completed is a success.
+    assert proc.returncode == 0, out
     assert "Application shutdown complete" in out, out
     assert "Traceback" not in out, out
 
