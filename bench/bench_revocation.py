@@ -434,7 +434,7 @@ def measure_denylist(vault: DevVault, work: Path, args: argparse.Namespace) -> D
         rss_full = 0.0
         unload: list[float] = []
         costs: dict[str, Costs] = {}
-        for kind in ["settled", "fresh"] * args.rounds:
+        for kind in args.kinds * args.rounds:
             # The entries expire once this segment's measurement is over, so that the next
             # empty segment runs on the same process with nothing in memory again.
             until = int(time.time() + LOAD_BUDGET_S + quiet + warm + dur + 2)
@@ -538,12 +538,16 @@ def denylist_text(deny: DenylistRun, args: argparse.Namespace) -> str:
     for kind, label in (("empty", "empty denylist"),
                         ("settled", f"{deny.entries:,} entries, settled"),
                         ("fresh", f"{deny.entries:,} entries, fresh (< 60 s old)")):
+        if not by_kind[kind]:
+            continue
         rps, cpu = _pooled(by_kind[kind])
         ratios[kind] = (rps / e_rps, cpu / e_cpu if e_cpu else 0.0)
         summary_rows.append((label, str(len(by_kind[kind])), f"{rps:,.0f}", f"{rps / e_rps:.3f}",
                              f"{cpu:,.0f}", f"{ratios[kind][1]:.3f}"))
     summary = harness.table(summary_rows, ["denylist", "segments", "req/s (pooled)", "÷ empty",
                                            "req per server CPU-s (pooled)", "÷ empty"])
+    headline = "; ".join(f"{r:.3f} {kind} (per server CPU-second {c:.3f})"
+                         for kind, (r, c) in ratios.items() if kind != "empty")
     loaded = [s for s in segs if s.kind != "empty"]
     loads = ", ".join(f"{s.load_s:.2f}" for s in loaded)
     inserts = ", ".join(f"{s.insert_s:.2f}" for s in loaded)
@@ -579,9 +583,7 @@ tokens) keeps about {CATCHUP_OVERLAP_S / 900:.0%} of them in that window: betwee
 
 {summary}
 
-**Throughput ratio, {deny.entries:,} entries ÷ empty: {ratios['settled'][0]:.3f} settled,
-{ratios['fresh'][0]:.3f} fresh** (per server CPU-second: {ratios['settled'][1]:.3f} and
-{ratios['fresh'][1]:.3f}).
+**Throughput ratio, {deny.entries:,} entries ÷ empty: {headline}**.
 
 {costs_text(deny)}
 Every segment, in the order run (`÷ empty either side`: req/s over the mean of the empty segments
@@ -633,7 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2,
-                        help="(settled, fresh) pairs of loaded segments, each between empty ones")
+                        help="rounds of loaded segments (one of each kind), each between empty ones")
+    parser.add_argument("--kinds", default="settled,fresh",
+                        help="the kinds of loaded segment in a round: settled, fresh or both")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per segment")
     parser.add_argument("--warmup", type=float, default=1.0, help="discarded seconds before each")
     parser.add_argument("--quiet-wait", type=float, default=2.0,
@@ -643,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.revocations < 1 or args.entries < 1 or args.rounds < 1:
         parser.error("--revocations, --entries and --rounds must be positive")
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not args.kinds or set(args.kinds) - {"settled", "fresh"}:
+        parser.error("--kinds takes settled, fresh or settled,fresh")
     if args.quiet_wait + args.warmup + args.duration + LOAD_BUDGET_S > CATCHUP_OVERLAP_S - 5:
         parser.error("a fresh segment must fit in the catch-up's 60 s re-read window")
     if not harness.wrk_available():

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broker import identities as ids
+from broker import revocation
 from broker.audit import record
 from broker.auth import authenticate_admin
 from broker.errors import InvalidRequest
@@ -26,6 +27,7 @@ from broker.http import (
 )
 from broker.identities import Actor
 from broker.oauth_routes import bearer_token, services_of
+from broker.revocation import Entry
 from broker.services import Services
 
 Handler = Callable[[Request, Services, Actor], Awaitable[Response]]
@@ -156,11 +158,15 @@ async def delete_workload(request: Request, svc: Services, actor: Actor) -> Resp
     wid = path_id(request)
     now = int(time.time())
 
-    def txn(conn: Connection) -> None:
+    def txn(conn: Connection) -> Entry | None:
+        # Deleting is suspending for good: the identity's live tokens die with it, on every
+        # replica, and their unspent slices return.
+        _view, entry = revocation.suspend_workload(conn, actor, wid, "workload deleted", now)
         ids.delete_workload(conn, actor, wid)
         record(conn, actor.id, "workload.delete", wid, {}, now)
+        return entry
 
-    await svc.db.run(txn)
+    revocation.apply_here(svc.extras.get("token_gate"), await svc.db.run(txn))
     return Response(status_code=204)
 
 

@@ -208,6 +208,13 @@ class Denylist:
 # --- reading and writing the log -----------------------------------------------------------
 
 
+def apply_here(gate: object, entry: Entry | None) -> None:
+    """This replica need not wait for its own notification: the change holds from the
+    response on (and on SQLite there is no other replica to tell)."""
+    if entry is not None and isinstance(gate, Denylist):
+        gate.apply(entry)
+
+
 def _append(conn: Connection, **values: Any) -> Entry:
     row = conn.execute(insert(_log).values(**values).returning(*_log.c)).one()
     entry = Entry.from_row(row)

@@ -43,11 +43,7 @@ async def _reason(request: Request, svc: Services) -> ReasonBody:
 
 
 def _apply_here(svc: Services, entry: Entry | None) -> None:
-    """This replica need not wait for its own notification: the change holds from the
-    response on (and on SQLite there is no other replica to tell)."""
-    gate = svc.extras.get("token_gate")
-    if entry is not None and isinstance(gate, Denylist):
-        gate.apply(entry)
+    revocation.apply_here(svc.extras.get("token_gate"), entry)
 
 
 # --- revocation ----------------------------------------------------------------------------

@@ -498,3 +498,13 @@ def test_a_running_stream_ends_soon_after_its_credential_is_pulled(gateway_env: 
     print(f"\nstream ended {took * 1000:.0f} ms after the {how} was pulled")
     assert b"token_revoked" in rest  # ended by the broker, not by the end of the answer
     assert took < 2.0 + 1.0  # decision 3: within 2 s (plus scheduling slack)
+
+
+def test_deleting_a_workload_kills_its_live_tokens_and_returns_their_budget(broker: Broker) -> None:
+    agent = _agent(broker)
+    token = _token(broker, agent)
+    assert _active(broker, token) and _reserved(broker, agent["id"]) == SLICE
+    resp = broker.client.delete(f"/v1/admin/workloads/{agent['id']}", headers=broker.admin())
+    assert resp.status_code == 204
+    assert not _active(broker, token)
+    assert _reserved(broker, agent["id"]) == 0
