@@ -6,6 +6,7 @@ Settings are read once at start and passed explicitly. A wrong key or a bad valu
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -152,8 +153,11 @@ class Settings(_Section):
 
 # Sections whose keys an environment variable may override. ``providers`` and ``models`` are
 # tables of tables, whose names may hold underscores, so they are configured in TOML only.
-_ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "server", "sweeper",
+_ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "org", "server", "sweeper",
                  "rotation", "revocation", "scheduler")
+# Tables of named tables: BROKER_PROVIDERS_<NAME>_<KEY>, where <NAME> is a configured name
+# written in upper case with "-" as "_" (e.g. BROKER_PROVIDERS_OPENAI_COMPATIBLE_BASE_URL).
+_ENV_TABLES: dict[str, type[BaseModel]] = {"providers": ProviderSettings, "models": ModelSettings}
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -169,12 +173,43 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _apply_table_env(data: dict[str, Any], env: Mapping[str, str], source: str) -> None:
+    for table, model in _ENV_TABLES.items():
+        prefix = f"BROKER_{table.upper()}_"
+        configured = data.get(table) or {}
+        if not isinstance(configured, dict):
+            continue
+        by_env_name = {str(n).upper().replace("-", "_"): str(n) for n in configured}
+        for var, raw in env.items():
+            if not var.startswith(prefix):
+                continue
+            rest = var[len(prefix):]
+            # Longest name first: GPT_4O_MINI_... must not be read as key MINI_... of GPT_4O.
+            for env_name, name in sorted(by_env_name.items(), key=lambda kv: -len(kv[0])):
+                if rest.startswith(env_name + "_"):
+                    key = rest[len(env_name) + 1 :].lower()
+                    entry = configured[name]
+                    if isinstance(entry, dict):
+                        entry[key] = _coerce(model, key, raw)
+                    break
+            else:
+                raise ConfigError(
+                    f"invalid configuration ({source}): {var}: names no configured {table} entry"
+                )
+
+
 def _coerce(section_model: type[BaseModel], key: str, raw: str) -> Any:
-    """Environment values are strings; turn them into the field's type before validation."""
+    """Environment values are strings; turn them into the field's type before validation.
+    Lists and tables (``org.budgets``) are written as JSON."""
     field = section_model.model_fields.get(key)
     if field is None:
         return raw  # validation reports the unknown key by name
     annotation = str(field.annotation)
+    if annotation.startswith(("tuple", "list", "dict")):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
     if "int" in annotation and "str" not in annotation:
         try:
             return int(raw)
@@ -218,6 +253,7 @@ def load_settings(
             raise ConfigError(f"configuration file not found: {chosen}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {chosen} is not valid TOML: {exc}") from exc
+    _apply_table_env(data, env, source)
     for section, values in _env_overrides(env).items():
         model = Settings.model_fields[section].annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)

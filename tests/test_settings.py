@@ -5,6 +5,7 @@ traceback) and otherwise serves."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -273,3 +274,37 @@ def test_migrate_then_serve(tmp_path: Path, live_env: dict[str, str]) -> None:
 
 def test_serve_migrates_when_told_to(tmp_path: Path, live_env: dict[str, str]) -> None:
     _serve_until_healthy(["serve", "--migrate"], live_env, tmp_path)
+
+
+def test_env_overrides_reach_lists_and_named_tables(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        '[providers.openai-compatible]\nbase_url = "http://old"\n'
+        '[models.gpt-4o]\nprovider = "openai-compatible"\n'
+        "input_micros_per_mtok = 1\noutput_micros_per_mtok = 2\n"
+        '[models.gpt-4o-mini]\nprovider = "openai-compatible"\n'
+        "input_micros_per_mtok = 3\noutput_micros_per_mtok = 4\n"
+    )
+    settings = load_settings(path, env={
+        "BROKER_ORG_BUDGETS": '[{"period": "day", "limit_micros": 5}]',
+        "BROKER_PROVIDERS_OPENAI_COMPATIBLE_BASE_URL": "http://new",
+        "BROKER_MODELS_GPT_4O_MINI_OUTPUT_MICROS_PER_MTOK": "7",
+    })
+    assert [(b.period, b.limit_micros) for b in settings.org.budgets] == [("day", 5)]
+    assert settings.providers["openai-compatible"].base_url == "http://new"
+    assert settings.models["gpt-4o-mini"].output_micros_per_mtok == 7
+    assert settings.models["gpt-4o"].output_micros_per_mtok == 2
+
+
+@pytest.mark.parametrize(("env", "names"), [
+    pytest.param({"BROKER_PROVIDERS_NOPE_BASE_URL": "x"}, "BROKER_PROVIDERS_NOPE_BASE_URL",
+                 id="unknown-provider"),
+    pytest.param({"BROKER_ORG_BUDGETS": '[{"period": "day", "limit_micros": 1.5}]'}, "org.budgets",
+                 id="float-money-in-json"),
+    pytest.param({"BROKER_ORG_BUDGETS": "not json"}, "org.budgets", id="not-json"),
+])
+def test_bad_env_overrides_name_the_key(tmp_path: Path, env: dict[str, str], names: str) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=re.escape(names)):
+        load_settings(path, env=env)
