@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revocations", type=int, default=200)
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of loaded segments (one of each kind), each between empty ones")
     parser.add_argument("--kinds", default="settled,fresh",
                         help="the kinds of loaded segment in a round: settled, fresh or both")

@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Alembic narrates every plugin and step at INFO; our commands say what they did themselves.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx logs every upstream request at INFO: one line per model call is our metrics' job.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     from broker.services import NotMigrated
 
     try:
