@@ -1,20 +1,68 @@
-"""``python -m bench [options]``: every benchmark in turn, each rewriting its section of
-``bench/RESULTS.md``. Options (``--duration``, ``--warmup``, ``--concurrency``, ``--no-write``,
-...) are passed to each benchmark."""
+"""``python -m bench [--only NAMES] [options]``: every benchmark in turn.
+
+``tokens`` and ``gateway`` rewrite their sections of ``bench/RESULTS.md`` and take the options
+``--duration``, ``--warmup``, ``--concurrency``, ``--profile``, ``--quiet-wait``, ``--no-write``,
+``--keep``. ``revocation`` (needs PostgreSQL, see ``bench/bench_revocation.py``) writes
+``bench/RESULTS-revocation.md`` and runs with its own defaults; only ``--no-write``, ``--keep``
+and ``--quiet-wait`` are passed on to it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 
-from bench import bench_gateway, bench_tokens
+BENCHMARKS = ("tokens", "gateway", "revocation")
+_SHARED_WITH_REVOCATION = ("--no-write", "--keep", "--quiet-wait")
 
-BENCHMARKS = (bench_tokens.main, bench_gateway.main)
+
+def _entry(name: str) -> Callable[[list[str] | None], int]:
+    # Imported on demand: a benchmark another session is still writing cannot break the others.
+    if name == "tokens":
+        from bench import bench_tokens
+
+        return bench_tokens.main
+    if name == "gateway":
+        from bench import bench_gateway
+
+        return bench_gateway.main
+    from bench import bench_revocation
+
+    return bench_revocation.main
+
+
+def _revocation_args(rest: list[str]) -> list[str]:
+    """The options the revocation benchmark shares with the others; the rest are theirs only."""
+    out: list[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        flag = arg.split("=", 1)[0]
+        if flag in _SHARED_WITH_REVOCATION:
+            out.append(arg)
+            if flag == "--quiet-wait" and "=" not in arg and i + 1 < len(rest):
+                out.append(rest[i + 1])
+                i += 1
+        i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    for bench in BENCHMARKS:
-        code = bench(args)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(BENCHMARKS),
+                        help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    chosen = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(chosen) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    for name in BENCHMARKS:
+        if name not in chosen:
+            continue
+        print(f"=== bench {name} ===", flush=True)
+        code = _entry(name)(_revocation_args(rest) if name == "revocation" else rest)
         if code:
             return code
     return 0

@@ -1,7 +1,7 @@
 """Revocation benchmark: how fast a revocation reaches another replica, and what a large denylist
 costs the gateway.
 
-    python -m bench.bench_revocation [--revocations 200] [--entries 100000] [--duration 10]
+    python -m bench.bench_revocation [--revocations 200] [--entries 100000] [--rounds 3] [--duration 8]
 
 1. Propagation. Two real ``broker serve`` processes, configured only by environment variables,
    on one fresh PostgreSQL database and one OpenBao dev server (same Vault prefix), started one

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                         help="py-spy the broker during issuance at c16 (auto: when the target is missed)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
-    parser.add_argument("--quiet-wait", type=float, default=5.0,
+    parser.add_argument("--quiet-wait", type=float, default=2.0,
                         help="before each target, wait up to this long for other processes to go quiet")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, raw profiles)")
     args = parser.parse_args(argv)

@@ -483,9 +483,12 @@ def now_utc() -> str:
 
 _HEADER = """# Benchmark results
 
-Produced by `bench/run.sh` (or one benchmark at a time: `python -m bench.bench_tokens`, ...).
-Each section below is rewritten by its own benchmark; figures within a section come from one run,
-measured side by side. These are measurements, not tests: nothing here is asserted.
+Produced by `bench/run.sh` (or `python -m bench`, or one benchmark at a time:
+`python -m bench.bench_tokens`, `python -m bench.bench_gateway`). Each `<!-- name:start/end -->`
+section is rewritten by its own benchmark; the "Analysis" sections are written by hand and name the
+run they read. Figures within a section come from one run, measured side by side. These are
+measurements, not tests: nothing here is asserted. The revocation benchmark writes
+`bench/RESULTS-revocation.md`.
 """
 
 
