@@ -78,13 +78,13 @@ async def create_tenant(request: Request, svc: Services, actor: Actor) -> Respon
 
 async def list_tenants(request: Request, svc: Services, actor: Actor) -> Response:
     cursor, limit = _list_params(request)
-    data, nxt = await svc.db.run(lambda conn: ids.list_tenants(conn, actor, cursor, limit))
+    data, nxt = await svc.db.read(lambda conn: ids.list_tenants(conn, actor, cursor, limit))
     return json_response({"data": data, "next_cursor": nxt})
 
 
 async def get_tenant(request: Request, svc: Services, actor: Actor) -> Response:
     tid = path_id(request)
-    return json_response(await svc.db.run(lambda conn: ids.get_tenant(conn, actor, tid)))
+    return json_response(await svc.db.read(lambda conn: ids.get_tenant(conn, actor, tid)))
 
 
 async def patch_tenant(request: Request, svc: Services, actor: Actor) -> Response:
@@ -130,7 +130,7 @@ async def create_workload(request: Request, svc: Services, actor: Actor) -> Resp
 async def list_workloads(request: Request, svc: Services, actor: Actor) -> Response:
     cursor, limit = _list_params(request)
     tenant_id = query_str(request, "tenant_id", 64)
-    data, nxt = await svc.db.run(
+    data, nxt = await svc.db.read(
         lambda conn: ids.list_workloads(conn, actor, tenant_id, cursor, limit)
     )
     return json_response({"data": data, "next_cursor": nxt})
@@ -138,7 +138,7 @@ async def list_workloads(request: Request, svc: Services, actor: Actor) -> Respo
 
 async def get_workload(request: Request, svc: Services, actor: Actor) -> Response:
     wid = path_id(request)
-    return json_response(await svc.db.run(lambda conn: ids.get_workload(conn, actor, wid)))
+    return json_response(await svc.db.read(lambda conn: ids.get_workload(conn, actor, wid)))
 
 
 async def patch_workload(request: Request, svc: Services, actor: Actor) -> Response:

@@ -8,6 +8,7 @@ PostgreSQL the conditional ``UPDATE ... WHERE`` statements of :mod:`broker.ledge
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from broker.errors import LedgerUnavailable
 
 T = TypeVar("T")
+
+READ_ONLY = "broker_read_only"
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -52,7 +55,9 @@ def make_engine(url: str, pool_size: int = 16) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Reads take no write lock (WAL lets them run beside the writer).
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
@@ -60,17 +65,54 @@ def make_engine(url: str, pool_size: int = 16) -> Engine:
     return create_engine(url, pool_size=pool_size, max_overflow=8, pool_pre_ping=True)
 
 
+class Sql:
+    """A fixed statement with ``:name`` parameters, run through the driver directly.
+
+    The hot paths (issuance, holds, settlements) pay for binding values, not for building,
+    hashing and compiling a SQLAlchemy expression tree on every call. Written once in SQLite's
+    named style and translated for psycopg's ``%(name)s``.
+    """
+
+    def __init__(self, statement: str):
+        self.sqlite = " ".join(statement.split())
+        self.postgresql = _NAMED.sub(r"%(\1)s", self.sqlite)
+
+    def run(self, conn: Connection, **params: Any) -> Any:
+        """The driver-level result (a ``CursorResult``): rows come back as plain tuples."""
+        sql = self.postgresql if conn.dialect.name == "postgresql" else self.sqlite
+        return conn.exec_driver_sql(sql, params)
+
+
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+
+
 class Database:
-    """Runs one transaction per call in a worker thread, so the event loop never blocks."""
+    """Runs one transaction per call in a worker thread, so the event loop never blocks.
+
+    On SQLite, write transactions queue on one first-come-first-served lock in the event loop:
+    SQLite admits one writer at a time, and threads left to contend inside its busy handler
+    sleep with a back-off instead of being woken, which turned seconds-long tails out of
+    millisecond transactions.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = anyio.Lock() if self.is_sqlite else None
 
     def transaction(self, fn: Callable[[Connection], T]) -> T:
+        return self._in_transaction(fn, read_only=False)
+
+    def read_transaction(self, fn: Callable[[Connection], T]) -> T:
+        """A transaction that only reads: no write lock on SQLite."""
+        return self._in_transaction(fn, read_only=True)
+
+    def _in_transaction(self, fn: Callable[[Connection], T], *, read_only: bool) -> T:
         try:
-            with self.engine.begin() as conn:
-                return fn(conn)
+            with self.engine.connect() as raw:
+                conn = raw.execution_options(**{READ_ONLY: True}) if read_only else raw
+                with conn.begin():
+                    return fn(conn)
         except (OperationalError, InterfaceError, PoolTimeoutError) as exc:
             raise LedgerUnavailable("the database did not answer") from exc
         except DBAPIError as exc:
@@ -79,7 +121,16 @@ class Database:
             raise
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
-        return await anyio.to_thread.run_sync(functools.partial(self.transaction, fn))
+        """Run ``fn`` in a write transaction off the event loop."""
+        call = functools.partial(self.transaction, fn)
+        if self._write_lock is None:
+            return await anyio.to_thread.run_sync(call)
+        async with self._write_lock:
+            return await anyio.to_thread.run_sync(call)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a read-only transaction off the event loop."""
+        return await anyio.to_thread.run_sync(functools.partial(self.read_transaction, fn))
 
     def ping(self) -> bool:
         try:

@@ -7,6 +7,7 @@ its own tenant, and anything else is :class:`NotFound` (never 403), so ids canno
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broker.credentials import hash_secret, new_client_secret
+from broker.db import Sql
 from broker.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from broker.models import Tenant, Workload
 from broker.policy import Kind, Name, Policy, Role
@@ -308,14 +310,52 @@ def delete_workload(conn: Connection, actor: Actor, workload_id: str) -> None:
     conn.execute(delete(_workload).where(_workload.c.id == workload_id))
 
 
-def find_by_client_id(conn: Connection, client_id: str) -> Any:
-    row = conn.execute(select(_workload).where(_workload.c.client_id == client_id)).first()
+@dataclass(frozen=True)
+class Client:
+    """What a credential check needs of a workload and its tenant (one joined read)."""
+
+    id: str
+    tenant_id: str
+    kind: str
+    roles: list[str]
+    policy: dict[str, Any]
+    policy_key: str  # the stored policy's text: a cache key for its parsed form
+    client_id: str
+    secret_hash: str
+    prev_secret_hash: str | None
+    prev_secret_expires_at: int | None
+    suspended_at: int | None
+    tenant_budgets: list[dict[str, Any]]
+    tenant_suspended_at: int | None
+
+
+_FIND_CLIENT = Sql("""
+    SELECT w.id, w.tenant_id, w.kind, w.roles, w.policy, w.client_id, w.secret_hash,
+           w.prev_secret_hash, w.prev_secret_expires_at, w.suspended_at, t.budgets,
+           t.suspended_at
+    FROM workload w JOIN tenant t ON t.id = w.tenant_id
+    WHERE w.client_id = :client_id""")
+
+
+def _json_value(raw: Any) -> tuple[Any, str]:
+    """(value, its text) of a JSON column read through the driver: SQLite hands back text,
+    psycopg the decoded value."""
+    if isinstance(raw, str):
+        return json.loads(raw), raw
+    return raw, json.dumps(raw, sort_keys=True)
+
+
+def find_by_client_id(conn: Connection, client_id: str) -> Client | None:
+    row = _FIND_CLIENT.run(conn, client_id=client_id).first()
     if row is None:
         return None
-    tenant = conn.execute(
-        select(_tenant.c.budgets, _tenant.c.suspended_at).where(_tenant.c.id == row.tenant_id)
-    ).first()
-    return row, tenant
+    policy, policy_key = _json_value(row[4])
+    return Client(
+        id=row[0], tenant_id=row[1], kind=row[2], roles=list(_json_value(row[3])[0] or []),
+        policy=policy, policy_key=policy_key, client_id=row[5], secret_hash=row[6],
+        prev_secret_hash=row[7], prev_secret_expires_at=row[8], suspended_at=row[9],
+        tenant_budgets=list(_json_value(row[10])[0] or []), tenant_suspended_at=row[11],
+    )
 
 
 def bootstrap_admin(conn: Connection, secret: str, pepper: bytes, now: int) -> bool:

@@ -6,6 +6,7 @@ exists only if its slice was reserved from every budget above it.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from broker.errors import (
     SlowDown,
     UnsupportedGrantType,
 )
-from broker.identities import find_by_client_id
+from broker.identities import Client, find_by_client_id
 from broker.ledger import BudgetRef
 from broker.plugins import AuthMethod, ClientCredentials
 from broker.policy import Policy, effective, scope_within
@@ -57,7 +58,7 @@ class _Context:
         self._conn = conn
         self._now = now
 
-    def check_client_secret(self, client_id: str, secret: str) -> tuple[Any, Any] | None:
+    def check_client_secret(self, client_id: str, secret: str) -> Client | None:
         return authenticate_client(self._services, self._conn, client_id, secret, self._now)
 
 
@@ -123,11 +124,11 @@ def parse_request(
     )
 
 
-def _budget_refs(services: Services, workload: Any, tenant: Any, policy: Policy) -> list[BudgetRef]:
-    refs = [BudgetRef("workload", workload.id, b.period, b.limit_micros) for b in policy.budgets]
+def _budget_refs(services: Services, client: Client, policy: Policy) -> list[BudgetRef]:
+    refs = [BudgetRef("workload", client.id, b.period, b.limit_micros) for b in policy.budgets]
     refs += [
-        BudgetRef("tenant", workload.tenant_id, b["period"], int(b["limit_micros"]))
-        for b in tenant.budgets or []
+        BudgetRef("tenant", client.tenant_id, b["period"], int(b["limit_micros"]))
+        for b in client.tenant_budgets
     ]
     refs += [BudgetRef("org", "org", b.period, b.limit_micros) for b in services.settings.org.budgets]
     return refs
@@ -142,11 +143,10 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
     jti = tokens.new_jti()
 
     def txn(conn: Connection) -> dict[str, Any] | None:
-        found = req.method.authenticate(_Context(services, conn, now), req.creds)
-        if found is None:
+        row = req.method.authenticate(_Context(services, conn, now), req.creds)
+        if row is None:
             return None
-        row, tenant = found
-        policy = effective(Policy.model_validate(row.policy), row.kind)
+        policy = _effective_policy(row.kind, row.policy_key)
         if req.scope is not None:
             for entry in req.scope:
                 if not scope_within(entry, policy.models):
@@ -167,7 +167,7 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
             workload_id=row.id,
             tenant_id=row.tenant_id,
             amount=amount,
-            budgets=_budget_refs(services, row, tenant, policy),
+            budgets=_budget_refs(services, row, policy),
             issued_at=now,
             expires_at=now + ttl,
         )
@@ -207,21 +207,27 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
 
 def authenticate_client(
     services: Services, conn: Connection, client_id: str, secret: str, now: int
-) -> tuple[Any, Any] | None:
-    """(workload row, tenant row) when the credentials match a live identity, else None.
+) -> Client | None:
+    """The workload (with its tenant) when the credentials match a live identity, else None.
 
     Unknown client, wrong secret and suspended identity all return None, after the same work.
     The previous secret still counts during its rotation grace.
     """
-    found = find_by_client_id(conn, client_id)
-    row, tenant = found if found is not None else (None, None)
+    client = find_by_client_id(conn, client_id)
     hashes: list[str | None] = []
-    if row is not None:
-        hashes.append(row.secret_hash)
-        if row.prev_secret_hash and (row.prev_secret_expires_at or 0) > now:
-            hashes.append(row.prev_secret_hash)
+    if client is not None:
+        hashes.append(client.secret_hash)
+        if client.prev_secret_hash and (client.prev_secret_expires_at or 0) > now:
+            hashes.append(client.prev_secret_hash)
     if not secret_matches(services.pepper, secret, hashes):
         return None
-    if row is None or tenant is None or row.suspended_at is not None or tenant.suspended_at is not None:
+    if client is None or client.suspended_at is not None or client.tenant_suspended_at is not None:
         return None
-    return row, tenant
+    return client
+
+
+@functools.lru_cache(maxsize=4096)
+def _effective_policy(kind: str, policy_text: str) -> Policy:
+    """Parsing and validating a stored policy costs more than the rest of an issuance's Python
+    work; the stored text is the key, so an edited policy is a new entry, never a stale one."""
+    return effective(Policy.model_validate_json(policy_text), kind)

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, insert, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, and_, or_, select
 
+from broker.db import Sql
 from broker.errors import BudgetExhausted, InsufficientQuota
 from broker.models import BudgetCounter, Hold, SliceCounter, TokenSlice, UsageEvent
 
@@ -61,36 +60,68 @@ def window_start(period: str, now: int) -> int:
     raise ValueError(f"unknown period {period!r}")
 
 
-def _ensure_counter(conn: Connection, ref: BudgetRef, start: int) -> None:
-    values = {
-        "scope": ref.scope,
-        "scope_id": ref.scope_id,
-        "period": ref.period,
-        "window_start": start,
-        "reserved_micros": 0,
-        "spent_micros": 0,
-    }
-    ins: Any = pg_insert(_counter) if conn.dialect.name == "postgresql" else sqlite_insert(_counter)
-    conn.execute(ins.values(**values).on_conflict_do_nothing())
+_INSERT_SLICE = Sql("""
+    INSERT INTO token_slice (jti, workload_id, tenant_id, budget_micros, spent_micros,
+                             held_micros, issued_at, expires_at)
+    VALUES (:jti, :workload_id, :tenant_id, :amount, 0, 0, :issued_at, :expires_at)""")
+_RESERVE = Sql("""
+    UPDATE budget_counter SET reserved_micros = reserved_micros + :amount
+    WHERE scope = :scope AND scope_id = :scope_id AND period = :period
+      AND window_start = :window_start
+      AND reserved_micros + spent_micros + :amount <= :limit
+    RETURNING id""")
+_ENSURE_COUNTER = Sql("""
+    INSERT INTO budget_counter (scope, scope_id, period, window_start, reserved_micros,
+                                spent_micros)
+    VALUES (:scope, :scope_id, :period, :window_start, 0, 0)
+    ON CONFLICT DO NOTHING""")
+_LINK = Sql("INSERT INTO slice_counter (jti, counter_id) VALUES (:jti, :counter_id)")
+_COUNTER_IDS = Sql("SELECT counter_id FROM slice_counter WHERE jti = :jti ORDER BY counter_id")
+_RELEASE = Sql("""
+    UPDATE token_slice SET released_at = :now
+    WHERE jti = :jti AND released_at IS NULL AND held_micros = 0
+    RETURNING budget_micros, spent_micros""")
+_UNRESERVE = Sql("UPDATE budget_counter SET reserved_micros = reserved_micros - :amount WHERE id = :id")
+_SPEND = Sql("""
+    UPDATE budget_counter
+    SET reserved_micros = reserved_micros - :amount, spent_micros = spent_micros + :amount
+    WHERE id = :id""")
+_REMAINING = Sql("""
+    SELECT budget_micros, spent_micros, held_micros, released_at FROM token_slice WHERE jti = :jti""")
+_HOLD = Sql("""
+    UPDATE token_slice SET held_micros = held_micros + :amount
+    WHERE jti = :jti AND released_at IS NULL AND revoked_at IS NULL
+      AND spent_micros + held_micros + :amount <= budget_micros
+    RETURNING budget_micros - spent_micros - held_micros""")
+_INSERT_HOLD = Sql("""
+    INSERT INTO hold (id, jti, amount_micros, created_at) VALUES (:id, :jti, :amount, :now)""")
+_DELETE_HOLD = Sql("DELETE FROM hold WHERE id = :id RETURNING jti, amount_micros")
+_SETTLE_SLICE = Sql("""
+    UPDATE token_slice
+    SET held_micros = held_micros - :held, spent_micros = spent_micros + :cost
+    WHERE jti = :jti
+    RETURNING budget_micros - spent_micros - held_micros, workload_id, tenant_id""")
+_USAGE_COLUMNS = (
+    "id", "request_id", "ts", "tenant_id", "workload_id", "jti", "model", "provider",
+    "prompt_tokens", "completion_tokens", "cost_micros", "status", "latency_ms", "stream",
+    "estimated", "client_ip",
+)
+# Built from the constant column list above, never from input.
+_INSERT_USAGE = Sql(
+    f"INSERT INTO usage_event ({', '.join(_USAGE_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join(':' + c for c in _USAGE_COLUMNS)})"
+)
+_USAGE_DEFAULTS: dict[str, Any] = {
+    "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": 0, "stream": False,
+    "estimated": False, "client_ip": None,
+}
 
 
 def _reserve_in_counter(conn: Connection, ref: BudgetRef, amount: int, start: int) -> int | None:
-    c = _counter.c
-    stmt = (
-        update(_counter)
-        .where(
-            and_(
-                c.scope == ref.scope,
-                c.scope_id == ref.scope_id,
-                c.period == ref.period,
-                c.window_start == start,
-                c.reserved_micros + c.spent_micros + amount <= ref.limit_micros,
-            )
-        )
-        .values(reserved_micros=c.reserved_micros + amount)
-        .returning(c.id)
-    )
-    row = conn.execute(stmt).first()
+    row = _RESERVE.run(
+        conn, amount=amount, scope=ref.scope, scope_id=ref.scope_id, period=ref.period,
+        window_start=start, limit=ref.limit_micros,
+    ).first()
     return None if row is None else int(row[0])
 
 
@@ -107,18 +138,8 @@ def reserve_slice(
 ) -> None:
     """Record a token and reserve ``amount`` from every budget above it, or raise
     :class:`BudgetExhausted` (the caller's transaction then rolls back every partial step)."""
-    conn.execute(
-        insert(_slice).values(
-            jti=jti,
-            workload_id=workload_id,
-            tenant_id=tenant_id,
-            budget_micros=amount,
-            spent_micros=0,
-            held_micros=0,
-            issued_at=issued_at,
-            expires_at=expires_at,
-        )
-    )
+    _INSERT_SLICE.run(conn, jti=jti, workload_id=workload_id, tenant_id=tenant_id,
+                      amount=amount, issued_at=issued_at, expires_at=expires_at)
     if amount == 0:
         return
     # A fixed lock order keeps concurrent PostgreSQL transactions from deadlocking.
@@ -128,37 +149,29 @@ def reserve_slice(
         start = window_start(ref.period, issued_at)
         counter_id = _reserve_in_counter(conn, ref, amount, start)
         if counter_id is None:
-            _ensure_counter(conn, ref, start)
+            _ENSURE_COUNTER.run(conn, scope=ref.scope, scope_id=ref.scope_id, period=ref.period,
+                                window_start=start)
             counter_id = _reserve_in_counter(conn, ref, amount, start)
         if counter_id is None:
             raise BudgetExhausted(f"the {ref.scope} {ref.period} budget is exhausted")
-        conn.execute(insert(_link).values(jti=jti, counter_id=counter_id))
+        _LINK.run(conn, jti=jti, counter_id=counter_id)
 
 
 def _counter_ids(conn: Connection, jti: str) -> list[int]:
-    rows = conn.execute(select(_link.c.counter_id).where(_link.c.jti == jti)).all()
-    return sorted(int(r[0]) for r in rows)
+    # Ascending ids: every transaction that touches several counters locks them in one order.
+    return [int(r[0]) for r in _COUNTER_IDS.run(conn, jti=jti)]
 
 
 def release_slice(conn: Connection, jti: str, now: int) -> int:
     """Return the unspent part of a slice to its budgets, once. Returns the amount returned
     (0 when already released, or while a hold is still open: the sweeper comes back later)."""
-    s = _slice.c
-    row = conn.execute(
-        update(_slice)
-        .where(and_(s.jti == jti, s.released_at.is_(None), s.held_micros == 0))
-        .values(released_at=now)
-        .returning(s.budget_micros, s.spent_micros)
-    ).first()
+    row = _RELEASE.run(conn, now=now, jti=jti).first()
     if row is None:
         return 0
     unspent = int(row[0]) - int(row[1])
-    ids = _counter_ids(conn, jti)
-    if unspent > 0 and ids:
-        c = _counter.c
-        conn.execute(
-            update(_counter).where(c.id.in_(ids)).values(reserved_micros=c.reserved_micros - unspent)
-        )
+    if unspent > 0:
+        for counter_id in _counter_ids(conn, jti):
+            _UNRESERVE.run(conn, amount=unspent, id=counter_id)
     return unspent
 
 
@@ -174,10 +187,7 @@ def expired_open_slices(conn: Connection, now: int, limit: int = 500) -> list[st
 
 
 def slice_remaining(conn: Connection, jti: str) -> int | None:
-    s = _slice.c
-    row = conn.execute(
-        select(s.budget_micros, s.spent_micros, s.held_micros, s.released_at).where(s.jti == jti)
-    ).first()
+    row = _REMAINING.run(conn, jti=jti).first()
     if row is None:
         return None
     if row[3] is not None:
@@ -190,23 +200,12 @@ def slice_remaining(conn: Connection, jti: str) -> int | None:
 
 def place_hold(conn: Connection, *, hold_id: str, jti: str, amount: int, now: int) -> int:
     """Hold ``amount`` inside the token's slice; raise :class:`InsufficientQuota` when it does
-    not fit. Returns what remains of the slice after the hold."""
-    s = _slice.c
-    row = conn.execute(
-        update(_slice)
-        .where(
-            and_(
-                s.jti == jti,
-                s.released_at.is_(None),
-                s.spent_micros + s.held_micros + amount <= s.budget_micros,
-            )
-        )
-        .values(held_micros=s.held_micros + amount)
-        .returning(s.budget_micros - s.spent_micros - s.held_micros)
-    ).first()
+    not fit (or the slice is released or revoked). Returns what remains of the slice after the
+    hold."""
+    row = _HOLD.run(conn, amount=amount, jti=jti).first()
     if row is None:
         raise InsufficientQuota()
-    conn.execute(insert(_hold).values(id=hold_id, jti=jti, amount_micros=amount, created_at=now))
+    _INSERT_HOLD.run(conn, id=hold_id, jti=jti, amount=amount, now=now)
     return int(row[0])
 
 
@@ -215,33 +214,20 @@ def settle_hold(conn: Connection, *, hold_id: str, cost: int, event: dict[str, A
     usage event (its identity fields default to the slice's), all at once. Returns what remains
     of the slice, or None when the hold was already settled (by the sweeper, say): then nothing
     is charged a second time."""
-    h = _hold.c
-    row = conn.execute(
-        delete(_hold).where(h.id == hold_id).returning(h.jti, h.amount_micros)
-    ).first()
+    row = _DELETE_HOLD.run(conn, id=hold_id).first()
     if row is None:
         return None
     jti, held = str(row[0]), int(row[1])
     cost = max(0, min(cost, held))
-    s = _slice.c
-    remaining, workload_id, tenant_id = conn.execute(
-        update(_slice)
-        .where(s.jti == jti)
-        .values(held_micros=s.held_micros - held, spent_micros=s.spent_micros + cost)
-        .returning(s.budget_micros - s.spent_micros - s.held_micros, s.workload_id, s.tenant_id)
+    remaining, workload_id, tenant_id = _SETTLE_SLICE.run(
+        conn, held=held, cost=cost, jti=jti
     ).one()
     if cost:
-        ids = _counter_ids(conn, jti)
-        if ids:
-            c = _counter.c
-            conn.execute(
-                update(_counter)
-                .where(c.id.in_(ids))
-                .values(reserved_micros=c.reserved_micros - cost, spent_micros=c.spent_micros + cost)
-            )
-    event = {"workload_id": workload_id, "tenant_id": tenant_id, **event,
-             "id": hold_id, "jti": jti, "cost_micros": cost}
-    conn.execute(insert(_usage).values(**event))
+        for counter_id in _counter_ids(conn, jti):
+            _SPEND.run(conn, amount=cost, id=counter_id)
+    values = {**_USAGE_DEFAULTS, "workload_id": workload_id, "tenant_id": tenant_id, **event,
+              "id": hold_id, "jti": jti, "cost_micros": cost}
+    _INSERT_USAGE.run(conn, **{c: values[c] for c in _USAGE_COLUMNS})
     return int(remaining)
 
 

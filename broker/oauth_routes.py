@@ -85,7 +85,7 @@ async def introspect_endpoint(request: Request) -> Response:
         return json_response({"active": False}, headers=_NO_STORE)
     if not org_wide and verified.tenant != caller_tenant:
         return json_response({"active": False}, headers=_NO_STORE)
-    remaining = await svc.db.run(lambda conn: ledger.slice_remaining(conn, verified.jti))
+    remaining = await svc.db.read(lambda conn: ledger.slice_remaining(conn, verified.jti))
     if remaining is None:
         return json_response({"active": False}, headers=_NO_STORE)
     body: dict[str, Any] = {"active": True, **verified.claims, "token_type": "Bearer"}
@@ -106,11 +106,11 @@ async def _introspection_caller(svc: Services, request: Request, now: int) -> tu
         def check(conn: Connection) -> Any:
             return issuance.authenticate_client(svc, conn, client_id, secret, now)
 
-        found = await svc.db.run(check)
+        found = await svc.db.read(check)
         if found is None:
             svc.failures.record_failure(client_id, source)
             raise InvalidClient()
-        row = found[0]
+        row = found
         org_wide = row.kind == "admin" and bool({"org-admin", "auditor"} & set(row.roles or []))
         return row.tenant_id, org_wide
     bearer = bearer_token(request)

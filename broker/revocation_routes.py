@@ -77,7 +77,7 @@ async def _past_cutoff_second(svc: Services, actor: Actor, kind: str, ident: str
     """Tokens carry whole seconds: one issued in the second of the cut-off counts as before
     it and stays dead. So a resume within that second waits for the next one, and every token
     issued after the resume answers is live."""
-    cutoff = await svc.db.run(lambda conn: revocation.suspension_cutoff(conn, actor, kind, ident))
+    cutoff = await svc.db.read(lambda conn: revocation.suspension_cutoff(conn, actor, kind, ident))
     if cutoff is not None and time.time() < cutoff + 1:
         await anyio.sleep(cutoff + 1 - time.time())
 
@@ -126,7 +126,7 @@ async def list_revocations(request: Request, svc: Services, actor: Actor) -> Res
     limit = query_int(request, "limit", 100, 1, 1000)
     tenant_id = query_str(request, "tenant_id", 64)
     kind = query_str(request, "kind", 16)
-    data, nxt = await svc.db.run(
+    data, nxt = await svc.db.read(
         lambda conn: revocation.list_entries(
             conn, actor, cursor=cursor, limit=limit, tenant_id=tenant_id, kind=kind
         )

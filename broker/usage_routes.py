@@ -20,7 +20,7 @@ async def usage_totals(request: Request, svc: Services, actor: Actor) -> Respons
     start = usage.parse_instant("from", query_str(request, "from", 64))
     end = usage.parse_instant("to", query_str(request, "to", 64))
     usage.check_range(start, end)
-    data = await svc.db.run(lambda conn: usage.totals(conn, actor, group_by, start, end))
+    data = await svc.db.read(lambda conn: usage.totals(conn, actor, group_by, start, end))
     return json_response({
         "data": data,
         "next_cursor": None,
@@ -38,7 +38,7 @@ async def usage_events(request: Request, svc: Services, actor: Actor) -> Respons
     limit = query_int(request, "limit", 100, 1, 1000)
     if cursor is not None:
         usage.decode_cursor(cursor)  # a bad cursor is refused before any database work
-    data, nxt = await svc.db.run(
+    data, nxt = await svc.db.read(
         lambda conn: usage.list_events(
             conn, actor, workload_id=workload_id, tenant_id=tenant_id, cursor=cursor, limit=limit
         )
