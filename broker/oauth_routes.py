@@ -17,7 +17,9 @@ from broker import issuance, ledger
 from broker.auth import authenticate_admin, verify_bearer
 from broker.errors import InvalidClient, InvalidRequest, InvalidToken, SlowDown
 from broker.http import form_or_json, json_response
+from broker.identities import Client
 from broker.services import Services
+from broker.tokens import VerifiedToken
 
 _NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
 
@@ -77,24 +79,30 @@ async def introspect_endpoint(request: Request) -> Response:
     token = params.get("token")
     if not isinstance(token, str) or not token:
         raise InvalidRequest("token is required")
-    now = int(time.time())
-    caller_tenant, org_wide = await _introspection_caller(svc, request, now)
+    # Verifying is memory-only work; its result is told to nobody until the caller has proved
+    # who it is, and it lets the caller check and the slice read share one transaction.
     try:
-        verified = verify_bearer(svc, token)
+        verified: VerifiedToken | None = verify_bearer(svc, token)
     except InvalidToken:
-        return json_response({"active": False}, headers=_NO_STORE)
-    if not org_wide and verified.tenant != caller_tenant:
-        return json_response({"active": False}, headers=_NO_STORE)
-    remaining = await svc.db.read(lambda conn: ledger.slice_remaining(conn, verified.jti))
-    if remaining is None:
+        verified = None
+    caller_tenant, org_wide, remaining = await _introspection_caller(svc, request, verified)
+    if verified is None or remaining is None or (not org_wide and verified.tenant != caller_tenant):
         return json_response({"active": False}, headers=_NO_STORE)
     body: dict[str, Any] = {"active": True, **verified.claims, "token_type": "Bearer"}
     body["budget_remaining_micros"] = remaining
     return json_response(body, headers=_NO_STORE)
 
 
-async def _introspection_caller(svc: Services, request: Request, now: int) -> tuple[str, bool]:
-    """(caller's tenant, may see every tenant) for a client in HTTP Basic or an admin bearer."""
+async def _introspection_caller(
+    svc: Services, request: Request, verified: VerifiedToken | None
+) -> tuple[str, bool, int | None]:
+    """(caller's tenant, may see every tenant, what remains of the token's slice) for a client
+    in HTTP Basic or an admin bearer; raises ``invalid_client`` for anyone else."""
+    jti = verified.jti if verified is not None else None
+
+    def remaining(conn: Connection) -> int | None:
+        return None if jti is None else ledger.slice_remaining(conn, jti)
+
     basic = basic_credentials(request)
     if basic is not None:
         client_id, secret = basic
@@ -102,21 +110,22 @@ async def _introspection_caller(svc: Services, request: Request, now: int) -> tu
         wait = svc.failures.blocked_for(client_id, source)
         if wait:
             raise SlowDown(headers={"retry-after": str(wait)})
+        now = int(time.time())
 
-        def check(conn: Connection) -> Any:
-            return issuance.authenticate_client(svc, conn, client_id, secret, now)
+        def check(conn: Connection) -> tuple[Client | None, int | None]:
+            client = issuance.authenticate_client(svc, conn, client_id, secret, now)
+            return client, (remaining(conn) if client is not None else None)
 
-        found = await svc.db.read(check)
-        if found is None:
+        client, left = await svc.db.read(check)
+        if client is None:
             svc.failures.record_failure(client_id, source)
             raise InvalidClient()
-        row = found
-        org_wide = row.kind == "admin" and bool({"org-admin", "auditor"} & set(row.roles or []))
-        return row.tenant_id, org_wide
+        org_wide = client.kind == "admin" and bool({"org-admin", "auditor"} & set(client.roles))
+        return client.tenant_id, org_wide, left
     bearer = bearer_token(request)
     if bearer is not None:
         actor = authenticate_admin(svc, bearer)
-        return actor.tenant_id, actor.org_wide
+        return actor.tenant_id, actor.org_wide, await svc.db.read(remaining)
     raise InvalidClient(headers={"www-authenticate": 'Basic realm="broker"'})
 
 
