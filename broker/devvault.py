@@ -68,18 +68,24 @@ class DevVault:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.1)
-        self.stop()
+        self._terminate()
         raise RuntimeError(f"OpenBao did not become ready in {timeout_s}s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        self._terminate()
+        # The log of a server that stopped as asked holds nothing worth keeping (and a dev
+        # server prints its root token there).
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+
+    def _terminate(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
     def __enter__(self) -> DevVault:
         return self.start()
