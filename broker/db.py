@@ -132,6 +132,14 @@ class Database:
         """Run ``fn`` in a read-only transaction off the event loop."""
         return await anyio.to_thread.run_sync(functools.partial(self.read_transaction, fn))
 
+    def connect_dedicated(self) -> Any:
+        """A PostgreSQL connection of its own (autocommit), outside the pool: for ``LISTEN`` and
+        for the scheduler's session advisory lock, both of which live as long as the connection."""
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
     def ping(self) -> bool:
         try:
             with self.engine.connect() as conn:

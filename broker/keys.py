@@ -172,6 +172,29 @@ class Keyring:
             self._apply({"keys": docs}, version)
             return self.current
 
+    def retire_expired(self, now: int | None = None) -> list[str]:
+        """Drop ``previous`` keys whose tokens have all expired; returns their kids. A
+        check-and-set write, so it cannot undo a rotation another replica makes meanwhile."""
+        now = int(time.time()) if now is None else now
+        while True:
+            found = self._vault.read(self._path)
+            if found is None:
+                return []
+            doc, version = found
+            keys = list(doc.get("keys", []))
+            gone = [k["kid"] for k in keys
+                    if k.get("state") == "previous" and int(k.get("retire_at") or 0) <= now]
+            if not gone:
+                self._apply(doc, version)
+                return []
+            kept = {**doc, "keys": [k for k in keys if k["kid"] not in gone]}
+            try:
+                new_version = self._vault.write(self._path, kept, cas=version)
+            except CasConflict:
+                continue
+            self._apply(kept, new_version)
+            return gone
+
     def refresh(self) -> None:
         """Pick up a rotation made by another replica."""
         found = self._vault.read(self._path)

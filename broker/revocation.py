@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Connection, delete, insert, or_, select, text, update
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 
 from broker import ledger
 from broker.audit import record
@@ -50,9 +50,12 @@ CHANNEL = "broker_events"
 # No token lives longer than this (decision 1), whatever a replica's configuration says: a
 # cut-off older than this plus the clock leeway can no longer refuse anything.
 MAX_TOKEN_LIFETIME_S = 900
-# The catch-up re-reads this much recent log, so an entry whose transaction committed after a
+# The catch-up re-checks this much recent log, so an entry whose transaction committed after a
 # later one (PostgreSQL sequence ids are not commit-ordered) is still seen.
 CATCHUP_OVERLAP_S = 60
+# Ids per ``IN (...)`` when the catch-up fetches the entries it lacks (under SQLite's old limit
+# of 999 bound parameters).
+FETCH_CHUNK = 900
 # Log rows are kept this long after they stopped mattering, for ``GET /v1/admin/revocations``;
 # the audit table keeps the permanent record.
 LOG_RETENTION_S = 86_400
@@ -140,6 +143,13 @@ class Denylist:
         self._suspended: set[tuple[str, str]] = set()
         self._last_change: dict[tuple[str, str], int] = {}  # key -> id of the newest entry applied
         self.last_id = 0
+        # The ids of the entries applied that were created inside the catch-up's window, so
+        # that it can tell what it lacks without reading the window's entries again. Bounded
+        # by time: ids leave once their creation falls behind the window.
+        self._recent: set[int] = set()
+        self._recent_by_second: dict[int, list[int]] = {}  # created_at -> ids
+        self._recent_sum = 0
+        self._horizon = 0
 
     def is_live(self, token: VerifiedToken) -> bool:
         if token.jti in self._tokens:
@@ -162,6 +172,10 @@ class Denylist:
         same identity, leaves the state as it was."""
         with self._lock:
             self.last_id = max(self.last_id, entry.id)
+            if entry.created_at >= self._horizon and entry.id not in self._recent:
+                self._recent.add(entry.id)
+                self._recent_by_second.setdefault(entry.created_at, []).append(entry.id)
+                self._recent_sum += entry.id
             if entry.kind == "token":
                 if entry.relevant_until > int(time.time()):
                     self._tokens[entry.target] = max(
@@ -183,6 +197,22 @@ class Denylist:
         old = self._cutoffs.get(key)
         if old is None or cutoff > old[0]:
             self._cutoffs[key] = (cutoff, cutoff + MAX_TOKEN_LIFETIME_S + LEEWAY_S)
+
+    def has_applied(self, entry_id: int) -> bool:
+        """Whether an entry created inside the catch-up's window has been applied here."""
+        return entry_id in self._recent
+
+    def applied_since(self, horizon: int) -> tuple[int, int, int]:
+        """Forget the applied ids of entries created before ``horizon`` (or before a later
+        horizon given earlier: what is forgotten stays so) and return (how many remain, their
+        sum, :attr:`last_id`), all read at once."""
+        with self._lock:
+            self._horizon = max(self._horizon, horizon)
+            for second in [s for s in self._recent_by_second if s < self._horizon]:
+                for entry_id in self._recent_by_second.pop(second):
+                    self._recent.discard(entry_id)
+                    self._recent_sum -= entry_id
+            return len(self._recent), self._recent_sum, self.last_id
 
     def reset_suspended(self, suspended: dict[tuple[str, str], int]) -> None:
         """Take the suspension state of the identity tables as the truth (at load)."""
@@ -240,10 +270,10 @@ def read_entry(conn: Connection, entry_id: int) -> Entry | None:
 def load(conn: Connection, denylist: Denylist, now: int) -> None:
     """Fill a fresh denylist: every log entry that still matters, then the suspensions in
     force according to the identity tables (which outlive pruned log entries)."""
-    rows = conn.execute(
-        select(_log).where(_log.c.relevant_until > now).order_by(_log.c.id)
-    ).all()
-    for row in rows:
+    denylist.applied_since(now - CATCHUP_OVERLAP_S)
+    # Through the index on ``relevant_until``, not the whole day of log kept; in any order, as
+    # applying is (see Denylist.apply).
+    for row in conn.execute(select(_log).where(_log.c.relevant_until > now)):
         denylist.apply(Entry.from_row(row))
     top = conn.execute(select(_log.c.id).order_by(_log.c.id.desc()).limit(1)).first()
     if top is not None:
@@ -258,20 +288,49 @@ def load(conn: Connection, denylist: Denylist, now: int) -> None:
 
 
 def catch_up(conn: Connection, denylist: Denylist, now: int) -> int:
-    """Apply log entries this replica may have missed; returns how many were read."""
-    rows = conn.execute(
-        select(_log)
-        .where(or_(_log.c.id > denylist.last_id, _log.c.created_at >= now - CATCHUP_OVERLAP_S))
-        .order_by(_log.c.id)
-    ).all()
+    """Apply log entries this replica may have missed; returns how many were read.
+
+    Two kinds can be missing: entries numbered above the highest one applied (read by primary
+    key), and entries of the last :data:`CATCHUP_OVERLAP_S` numbered below it, whose
+    transactions committed after a later-numbered one was applied. For the second kind the
+    database counts and sums the window's ids through the index on ``created_at``, and the
+    denylist compares them with the ids it applied from that window: when they agree nothing
+    is missing (every id applied is of a committed row), so a mass revocation is not read
+    again on every tick. Only when they differ are the window's ids read, and only the entries
+    missing from memory fetched.
+    """
+    c = _log.c
+    rows = list(conn.execute(select(_log).where(c.id > denylist.last_id).order_by(c.id)))
     for row in rows:
         denylist.apply(Entry.from_row(row))
-    return len(rows)
+    since = now - CATCHUP_OVERLAP_S
+    count, total, last_id = denylist.applied_since(since)
+    window = (c.created_at >= since, c.id <= last_id)
+    found = conn.execute(select(func.count(), func.coalesce(func.sum(c.id), 0)).where(*window)).one()
+    # The sum too: a row deleted by hand and a late one arriving in the same tick would
+    # balance the count alone.
+    if (int(found[0]), int(found[1])) == (count, total):
+        return len(rows)
+    missing = [i for i in conn.execute(select(c.id).where(*window)).scalars()
+               if not denylist.has_applied(i)]
+    late: list[Any] = []
+    for start in range(0, len(missing), FETCH_CHUNK):
+        late.extend(conn.execute(select(_log).where(c.id.in_(missing[start:start + FETCH_CHUNK]))))
+    for row in late:
+        denylist.apply(Entry.from_row(row))
+    return len(rows) + len(late)
 
 
 def prune_log(conn: Connection, now: int) -> int:
-    """Delete log rows that stopped mattering more than :data:`LOG_RETENTION_S` ago."""
-    result = conn.execute(delete(_log).where(_log.c.relevant_until < now - LOG_RETENTION_S))
+    """Delete log rows that stopped mattering more than :data:`LOG_RETENTION_S` ago.
+
+    Never a row of the catch-up's window, though: revoking a token that expired days ago
+    writes a row that stopped mattering before it was made, and the catch-up's count of the
+    window relies on the rows it applied staying there."""
+    horizon = now - LOG_RETENTION_S
+    result = conn.execute(
+        delete(_log).where(_log.c.relevant_until < horizon, _log.c.created_at < horizon)
+    )
     return int(result.rowcount or 0)
 
 
@@ -484,15 +543,6 @@ def resume_tenant(
 # --- propagation ---------------------------------------------------------------------------
 
 
-def connect_dedicated(db: Database) -> Any:
-    """A PostgreSQL connection of its own (autocommit), outside the pool: for ``LISTEN`` and
-    for the scheduler's session advisory lock, both of which live as long as the connection."""
-    import psycopg
-
-    url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    return psycopg.connect(url, autocommit=True, connect_timeout=10)
-
-
 Handler = Callable[[dict[str, Any]], None]
 
 
@@ -534,12 +584,14 @@ class Propagator:
 
     def catch_up(self) -> None:
         now = int(time.time())
-        self._db.transaction(lambda conn: catch_up(conn, self._denylist, now))
+        self._db.read_transaction(lambda conn: catch_up(conn, self._denylist, now))
         self._denylist.prune(now)
 
     def _on_revocation(self, message: dict[str, Any]) -> None:
         entry_id = int(message["id"])
-        entry = self._db.transaction(lambda conn: read_entry(conn, entry_id))
+        if self._denylist.has_applied(entry_id):  # our own change, or the catch-up was first
+            return
+        entry = self._db.read_transaction(lambda conn: read_entry(conn, entry_id))
         if entry is not None:
             self._denylist.apply(entry)
 
@@ -577,7 +629,7 @@ class Propagator:
                 self._stop.wait(1.0)
 
     def _listen(self) -> None:
-        with connect_dedicated(self._db) as conn:
+        with self._db.connect_dedicated() as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             self.listening.set()
             # Anything committed while we were not listening is in the log.

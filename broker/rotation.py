@@ -36,7 +36,6 @@ log = logging.getLogger("broker.rotation")
 _workload = Workload.__table__  # type: ignore[attr-defined]
 
 # The keyring's document under the broker's Vault prefix (the path broker.keys.Keyring uses).
-SIGNING_KEYS_PATH = "signing-keys"
 KEYS_MESSAGE = {"type": "keys"}
 _STATE_ORDER = {"next": 0, "current": 1, "previous": 2}
 
@@ -80,30 +79,12 @@ def rotate_signing_key(
 
 
 def retire_signing_keys(svc: Services, actor: str = "scheduler", now: int | None = None) -> list[str]:
-    """Remove ``previous`` keys whose tokens have all expired; returns their kids.
-
-    A check-and-set write, so it cannot undo a rotation another replica makes at the same time.
-    """
+    """Remove ``previous`` keys whose tokens have all expired, audit it and tell the replicas;
+    returns their kids."""
     now = int(time.time()) if now is None else now
-    path = svc.vault.path(SIGNING_KEYS_PATH)
-    while True:
-        found = svc.vault.read(path)
-        if found is None:
-            return []
-        doc, version = found
-        keys = list(doc.get("keys", []))
-        gone = [k["kid"] for k in keys
-                if k.get("state") == "previous" and int(k.get("retire_at") or 0) <= now]
-        if not gone:
-            svc.keyring.refresh()
-            return []
-        kept = [k for k in keys if k["kid"] not in gone]
-        try:
-            svc.vault.write(path, {**doc, "keys": kept}, cas=version)
-        except CasConflict:
-            continue
-        break
-    svc.keyring.refresh()
+    gone = svc.keyring.retire_expired(now)
+    if not gone:
+        return []
 
     def txn(conn: Connection) -> None:
         for kid in gone:

@@ -32,7 +32,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from broker.db import Database
 from broker.models import ScheduledJob
-from broker.revocation import connect_dedicated
 
 log = logging.getLogger("broker.scheduler")
 
@@ -133,7 +132,7 @@ class Scheduler:
             return True
         try:
             if self._conn is None:
-                self._conn = connect_dedicated(self._db)
+                self._conn = self._db.connect_dedicated()
             if self._leader:
                 self._conn.execute("SELECT 1")  # still our session, so still our lock
             else:

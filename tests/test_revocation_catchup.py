@@ -1,0 +1,156 @@
+"""The periodic catch-up: it finds every log entry this replica missed, including one whose
+transaction committed after a later-numbered one was applied, and reads whole rows only for the
+entries it lacks, so a mass revocation is not read again on every tick."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, insert
+
+from broker import revocation
+from broker.db import Database, make_engine
+from broker.revocation import CATCHUP_OVERLAP_S, Denylist, Entry, Propagator
+from broker.tokens import VerifiedToken
+
+_log = revocation.Revocation.__table__  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(make_engine(db_url))
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def materialised(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ids of the log rows turned into entries, in order."""
+    seen: list[int] = []
+    original = Entry.from_row
+
+    def counting(row: Any) -> Entry:
+        seen.append(int(row.id))
+        return original(row)
+
+    monkeypatch.setattr(Entry, "from_row", staticmethod(counting))
+    return seen
+
+
+def _revoke(db: Database, jtis: list[str], now: int, ids: list[int] | None = None) -> list[int]:
+    """Token revocations written straight to the log, as another replica would."""
+    rows = [{"kind": "token", "action": "revoke", "target": jti, "tenant_id": "tn_a",
+             "cutoff": None, "expires_at": now + 600, "relevant_until": now + 630,
+             "created_at": now, "actor": "wl_admin", "reason": None} for jti in jtis]
+    if ids is not None:
+        rows = [{**row, "id": i} for row, i in zip(rows, ids, strict=True)]
+    return db.transaction(lambda c: [int(c.execute(insert(_log).values(**row).returning(_log.c.id))
+                                         .scalar_one()) for row in rows])
+
+
+def _catch_up(db: Database, denylist: Denylist, now: int) -> int:
+    return db.read_transaction(lambda c: revocation.catch_up(c, denylist, now))
+
+
+def _live(denylist: Denylist, jti: str, now: int) -> bool:
+    token = VerifiedToken(sub="wl_a", tenant="tn_a", kind="agent", jti=jti, iat=now, exp=now + 300,
+                          models=(), budget_micros=0, roles=(), act=None, claims={})
+    return denylist.is_live(token)
+
+
+def test_after_a_burst_the_catch_up_reads_whole_rows_only_for_entries_it_lacks(
+    db: Database, materialised: list[int]
+) -> None:
+    now = int(time.time())
+    burst = _revoke(db, [f"burst{i}" for i in range(300)], now)
+    denylist = Denylist()
+    db.read_transaction(lambda c: revocation.load(c, denylist, now))
+    assert sorted(materialised) == burst
+    materialised.clear()
+
+    for _ in range(3):  # ticks inside the window of the burst: nothing to read again
+        assert _catch_up(db, denylist, now + 1) == 0
+    assert materialised == []
+
+    # Five more; two of them reach this replica by notification first, the highest among them,
+    # so the other three are numbered below the highest id applied.
+    more = _revoke(db, [f"more{i}" for i in range(5)], now)
+    for entry_id in (more[1], more[4]):
+        entry = db.read_transaction(lambda c, i=entry_id: revocation.read_entry(c, i))
+        assert entry is not None
+        denylist.apply(entry)
+    materialised.clear()
+    assert _catch_up(db, denylist, now + 1) == 3
+    assert sorted(materialised) == [more[0], more[2], more[3]]
+    assert not any(_live(denylist, f"more{i}", now) for i in range(5))
+    materialised.clear()
+    assert _catch_up(db, denylist, now + 2) == 0 and materialised == []
+
+
+def test_an_entry_committed_after_a_later_numbered_one_is_still_applied(
+    db: Database, materialised: list[int]
+) -> None:
+    now = int(time.time())
+    _revoke(db, ["a", "b", "c"], now, ids=[1, 2, 3])
+    _revoke(db, ["d"], now, ids=[10])
+    denylist = Denylist()
+    assert _catch_up(db, denylist, now) == 4 and denylist.last_id == 10
+    materialised.clear()
+
+    # Id 7 was handed out before id 10 but its transaction commits only now.
+    _revoke(db, ["late"], now + 5, ids=[7])
+    assert _live(denylist, "late", now)
+    assert _catch_up(db, denylist, now + 5) == 1
+    assert materialised == [7]
+    assert not _live(denylist, "late", now)
+
+
+def test_a_row_deleted_by_hand_does_not_hide_a_late_one(db: Database) -> None:
+    now = int(time.time())
+    _revoke(db, ["a", "b", "c", "d"], now, ids=[1, 2, 3, 6])
+    denylist = Denylist()
+    assert _catch_up(db, denylist, now) == 4
+    # The same number of ids in the window as applied, but not the same ids.
+    db.transaction(lambda c: c.execute(delete(_log).where(_log.c.id == 2)))
+    _revoke(db, ["late"], now, ids=[4])
+    assert _catch_up(db, denylist, now) == 1
+    assert not _live(denylist, "late", now)
+
+
+def test_the_ids_remembered_for_the_catch_up_leave_with_the_window(db: Database) -> None:
+    now = int(time.time())
+    _revoke(db, [f"j{i}" for i in range(50)], now)
+    denylist = Denylist()
+    _catch_up(db, denylist, now)
+    assert denylist.applied_since(now - CATCHUP_OVERLAP_S)[0] == 50
+    assert _catch_up(db, denylist, now + CATCHUP_OVERLAP_S + 1) == 0
+    assert denylist.applied_since(now + 1)[0] == 0
+    assert not _live(denylist, "j0", now)  # forgetting the id does not forget the revocation
+
+
+def test_a_notification_of_an_entry_already_applied_is_not_read_again(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = int(time.time())
+    first, second = _revoke(db, ["seen", "unseen"], now)
+    denylist = Denylist()
+    entry = db.read_transaction(lambda c: revocation.read_entry(c, first))
+    assert entry is not None
+    denylist.apply(entry)  # as the replica that made the change does at once
+    reads: list[int] = []
+    original = revocation.read_entry
+
+    def counting(conn: Any, entry_id: int) -> Entry | None:
+        reads.append(entry_id)
+        return original(conn, entry_id)
+
+    monkeypatch.setattr(revocation, "read_entry", counting)
+    propagator = Propagator(db, denylist, interval_s=60)
+    for entry_id in (first, second):
+        propagator.dispatch(json.dumps({"type": "revocation", "id": entry_id}))
+    assert reads == [second]
+    assert not _live(denylist, "unseen", now)
