@@ -37,8 +37,11 @@ class FakeProviderServer:
     `state.received_keys` / `state.requests` while the server runs.
     """
 
-    def __init__(self, state: MockState | None = None) -> None:
+    def __init__(self, state: MockState | None = None, *,
+                 tls: tuple[str, str] | None = None) -> None:
+        """``tls``: (certificate file, key file) to serve HTTPS, as real providers do."""
         self.state = state if state is not None else MockState()
+        self.tls = tls
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -46,7 +49,7 @@ class FakeProviderServer:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}"
 
     def start(self) -> FakeProviderServer:
         # Binding the socket ourselves (port 0) leaves no window for another process to take
@@ -63,6 +66,8 @@ class FakeProviderServer:
             log_level="warning",
             # A test that stops the server mid-stream must not hang on the open connection.
             timeout_graceful_shutdown=1,
+            ssl_certfile=self.tls[0] if self.tls else None,
+            ssl_keyfile=self.tls[1] if self.tls else None,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(
