@@ -27,7 +27,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ from broker.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from broker.gateway_stream import NOTHING, MeteredStream, Outcome
+from broker.gateway_stream import NOTHING, MeteredStream, Outcome, body_chunks
 from broker.limits import InMemoryLimiter, Limiter
 from broker.models import Workload
 from broker.policy import Policy, effective, model_allowed
@@ -57,6 +57,7 @@ from broker.providers import Operation, Provider, Usage, build_providers
 from broker.services import Services
 from broker.settings import ModelSettings
 from broker.tokens import VerifiedToken
+from broker.upstream_http import DEFAULT_HEADERS, environment_has_proxy, lean_transport
 
 log = logging.getLogger("broker.gateway")
 
@@ -69,6 +70,7 @@ POLICY_CACHE_MAX = 10_000
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
 HOLD_ATTEMPTS = 3
+_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
 
 
 @dataclass
@@ -99,6 +101,27 @@ class Call:
 
 
 @dataclass(frozen=True)
+class _Upstream:
+    """One provider's way out: the sender, the timeouts, the parsed URLs it was given."""
+
+    send: Callable[[httpx.Request], Awaitable[httpx.Response]]
+    extensions: dict[str, Any]
+    urls: dict[str, httpx.URL]
+
+    def request(self, url: str, headers: Mapping[str, str], content: bytes) -> httpx.Request:
+        parsed = self.urls.get(url)
+        if parsed is None:
+            if len(self.urls) >= 64:
+                self.urls.clear()
+            parsed = self.urls[url] = httpx.URL(url)
+        present = {k.lower() for k in headers}
+        merged = [(k, v) for k, v in DEFAULT_HEADERS if k not in present]
+        merged.extend(headers.items())
+        return httpx.Request("POST", parsed, headers=merged, content=content,
+                             extensions=self.extensions)
+
+
+@dataclass(frozen=True)
 class Reply:
     """A complete (non-stream) answer for the client."""
 
@@ -120,7 +143,9 @@ class Gateway:
         limiter = svc.extras.get("limiter")
         self.limiter: Limiter = limiter if limiter is not None else InMemoryLimiter()
         self._policies: dict[str, tuple[float, Policy]] = {}
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._upstreams: dict[str, _Upstream] = {}
+        self._shared: httpx.AsyncHTTPTransport | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     def build(cls, svc: Services) -> Gateway:
@@ -129,24 +154,40 @@ class Gateway:
 
     # --- HTTP clients ------------------------------------------------------------------
 
-    def _client(self, provider: Provider) -> httpx.AsyncClient:
+    def _upstream(self, provider: Provider) -> _Upstream:
+        """How requests reach ``provider``: built once per provider and shared."""
+        up = self._upstreams.get(provider.config.name)
+        if up is not None:
+            return up
         transport = provider.transport()
-        slot = provider.config.name if transport is not None else ""
-        client = self._clients.get(slot)
-        if client is None:
+        send: Callable[[httpx.Request], Awaitable[httpx.Response]]
+        if transport is None and not environment_has_proxy():
+            # The network path: the lean transport, called directly (see broker.upstream_http).
+            shared = self._shared
+            if shared is None:
+                shared = self._shared = lean_transport(_LIMITS)
+                self._closers.append(shared.aclose)
+            send = shared.handle_async_request
+        else:
+            # In-process providers, or a proxy from the environment: httpx's client as is.
             # Redirects are never followed: the provider key must reach only the configured URL.
-            client = httpx.AsyncClient(
-                transport=transport,
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-            )
-            self._clients[slot] = client
-        return client
+            client = httpx.AsyncClient(transport=transport, follow_redirects=False, limits=_LIMITS)
+            self._closers.append(client.aclose)
+
+            async def send(request: httpx.Request) -> httpx.Response:
+                return await client.send(request, stream=True)
+
+        timeout_s = provider.config.timeout_s
+        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)).as_dict()
+        up = self._upstreams[provider.config.name] = _Upstream(send, {"timeout": timeout}, {})
+        return up
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
+        closers, self._closers = self._closers, []
+        self._upstreams.clear()
+        self._shared = None
+        for close in closers:
+            await close()
 
     # --- admission ---------------------------------------------------------------------
 
@@ -256,14 +297,11 @@ class Gateway:
             key = await self.keys.get(provider.config.name)
             upstream = provider.build_request(call.op, call.body, key=key,
                                               client_headers=client_headers)
-            client = self._client(provider)
-            timeout = httpx.Timeout(provider.config.timeout_s,
-                                    connect=min(CONNECT_TIMEOUT_S, provider.config.timeout_s))
-            request = client.build_request("POST", upstream.url, content=upstream.content,
-                                           headers=upstream.headers, timeout=timeout)
+            up = self._upstream(provider)
+            request = up.request(upstream.url, upstream.headers, upstream.content)
             outcome = taken
             try:
-                response = await client.send(request, stream=True)
+                response = await up.send(request)
             except (httpx.ConnectTimeout, httpx.PoolTimeout):
                 outcome = Outcome("upstream_timeout", NOTHING)
                 raise UpstreamTimeout() from None
@@ -429,7 +467,7 @@ def _refusal(response: httpx.Response) -> tuple[Outcome, Exception | None]:
 async def _read_capped(response: httpx.Response) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in body_chunks(response):
         size += len(chunk)
         if size > MAX_RESPONSE_BYTES:
             raise UpstreamError("the provider's answer is too large")

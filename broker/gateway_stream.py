@@ -9,7 +9,7 @@ client leaves. Whatever ends it, even a cancellation, it settles exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -30,6 +30,15 @@ class Outcome:
 
 
 NOTHING = Usage(0, 0)
+
+
+def body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response's body as it arrives, decoded; without a content encoding, the raw bytes
+    (httpx's decoding layer is one more generator hop per chunk)."""
+    encoding = response.headers.get("content-encoding", "")
+    if encoding.strip().lower() in ("", "identity"):
+        return response.aiter_raw()
+    return response.aiter_bytes()
 
 
 def wall_tokens(limit: int) -> int:
@@ -106,7 +115,7 @@ class MeteredStream:
         meter, wall = self.meter, self.wall
         parser = SseParser()
         try:
-            async for chunk in self.response.aiter_bytes():
+            async for chunk in body_chunks(self.response):
                 out: list[bytes] = []
                 for event in parser.feed(chunk):
                     forward = meter.read(event)

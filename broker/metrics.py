@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,6 +47,23 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
         self.metrics = metrics
+        # The labelled children by (route, method, status): ``labels()`` validates and locks on
+        # every call, and the set of keys is small (route templates, not paths).
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _observe(self, template: str, method: str, status: int, seconds: float) -> None:
+        key = (template, method, status)
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) >= 10_000:
+                self._children.clear()
+            children = self._children[key] = (
+                self.metrics.latency.labels(template),
+                self.metrics.requests.labels(template, method, str(status)),
+            )
+        latency, requests = children
+        latency.observe(seconds)
+        requests.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,8 +78,7 @@ class MetricsMiddleware:
                 status = message["status"]
                 route = scope.get("route")
                 template = getattr(route, "path", None) or "unmatched"
-                self.metrics.latency.labels(template).observe(time.perf_counter() - start)
-                self.metrics.requests.labels(template, scope["method"], str(status)).inc()
+                self._observe(template, scope["method"], status, time.perf_counter() - start)
             await send(message)
 
         await self.app(scope, receive, observe)

@@ -11,6 +11,7 @@ the provider, never the key.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +26,8 @@ from broker.errors import Unavailable, VaultUnavailable
 log = logging.getLogger("broker.provider_keys")
 
 FRESH_S = 5.0
+# Past this share of ``fresh_s``, a call still gets the cached key and starts a background read.
+REFRESH_AHEAD = 0.8
 KEY_FIELD = "api_key"
 
 
@@ -65,6 +68,7 @@ class ProviderKeys:
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        self._ahead: dict[str, asyncio.Task[None]] = {}  # background reads running (kept alive)
 
     async def get(self, provider: str) -> str:
         """The provider's current key; :class:`Unavailable` (503) when none can be served."""
@@ -74,6 +78,8 @@ class ProviderKeys:
         now = self._clock()
         cached = self._cache.get(provider)
         if cached is not None and now < cached.fresh_until:
+            if now - cached.read_at >= self.fresh_s * REFRESH_AHEAD and provider not in self._ahead:
+                self._refresh_ahead(provider, path)
             return cached.key
         lock = self._locks.setdefault(provider, anyio.Lock())
         if lock.locked() and cached is not None and now - cached.read_at <= self.max_stale_s:
@@ -83,6 +89,33 @@ class ProviderKeys:
             if cached is not None and self._clock() < cached.fresh_until:
                 return cached.key
             return await self._refresh(provider, path, cached)
+
+    def _refresh_ahead(self, provider: str, path: str) -> None:
+        """Read Vault in the background while the cached key is still fresh, so that under
+        steady traffic no call waits for Vault. Without traffic, or if this read has not
+        finished, the call that finds the key stale reads Vault itself, as before."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        lock = self._locks.setdefault(provider, anyio.Lock())
+        if lock.locked():
+            return
+
+        async def refresh() -> None:
+            try:
+                async with lock:
+                    cached = self._cache.get(provider)
+                    if cached is not None and self._clock() - cached.read_at < self.fresh_s * REFRESH_AHEAD:
+                        return  # someone else just read it
+                    await self._refresh(provider, path, cached)
+            except Exception as exc:  # the next call past freshness reads (and reports) again
+                log.warning("provider %s: background key read failed: %s", provider,
+                            type(exc).__name__)
+            finally:
+                self._ahead.pop(provider, None)
+
+        self._ahead[provider] = loop.create_task(refresh())
 
     async def _refresh(self, provider: str, path: str, cached: _Cached | None) -> str:
         try:
