@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from broker import tokens
@@ -21,8 +22,12 @@ def verify_bearer(svc: Services, bearer: str | None) -> VerifiedToken:
     """A verified, unrevoked broker token, or :class:`InvalidToken` (one answer for all causes)."""
     if not bearer:
         raise InvalidToken()
-    verified = tokens.verify(
-        bearer, svc.keyring, issuer=svc.settings.issuer.url, audience=svc.settings.issuer.audience
+    cache = svc.extras.get("verified_cache")
+    if cache is None:
+        cache = svc.extras.setdefault("verified_cache", tokens.VerifiedCache())
+    verified: VerifiedToken = cache.verify(
+        bearer, svc.keyring, issuer=svc.settings.issuer.url,
+        audience=svc.settings.issuer.audience, now=time.time(),
     )
     gate: TokenGate | None = svc.extras.get("token_gate")
     if gate is not None and not gate.is_live(verified):

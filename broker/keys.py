@@ -11,6 +11,7 @@ A key moves through the states ``next`` (published in the JWKS, not yet signing)
 from __future__ import annotations
 
 import base64
+import functools
 import secrets
 import time
 import uuid
@@ -34,8 +35,9 @@ class SigningKey:
     retire_at: int | None = None  # for previous keys: when the last token it signed expires
     alg: str = ALG
 
-    @property
+    @functools.cached_property
     def public_key(self) -> Ed25519PublicKey:
+        # Derived once: every verification asks for it.
         return self.private_key.public_key()
 
     def public_jwk(self) -> dict[str, str]:

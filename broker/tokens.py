@@ -143,3 +143,39 @@ def _list(v: Any) -> list[Any]:
     if not isinstance(v, list):
         raise TypeError
     return v
+
+
+class VerifiedCache:
+    """Remembers tokens whose signature and claims were verified, so a token presented on every
+    call of an agent's loop pays for Ed25519 verification once.
+
+    A hit is re-checked for what changes with time: expiry (with the same leeway) and whether
+    its signing key is still in the keyring (a retired key ends its tokens here too). This is
+    no revocation state: the caller still asks the revocation gate on every call. Bounded: it
+    forgets everything when full rather than grow.
+    """
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[VerifiedToken, str]] = {}
+
+    def verify(self, token: str, keyring: Keyring, *, issuer: str, audience: str,
+               now: float) -> VerifiedToken:
+        hit = self._entries.get(token)
+        if hit is not None:
+            verified, kid = hit
+            if now <= verified.exp + LEEWAY_S and keyring.get(kid) is not None:
+                return verified
+            self._entries.pop(token, None)
+        verified = verify(token, keyring, issuer=issuer, audience=audience)
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[token] = (verified, _kid_of(token))
+        return verified
+
+
+def _kid_of(token: str) -> str:
+    kid = _segment(token.split(".", 1)[0]).get("kid")
+    assert isinstance(kid, str)  # verify() accepted it, so it names a key
+    return kid
+

@@ -140,3 +140,27 @@ def test_metadata_document(broker: Broker) -> None:
     assert meta["jwks_uri"] == "http://broker.test/.well-known/jwks.json"
     assert "client_credentials" in meta["grant_types_supported"]
     assert json.dumps(meta)
+
+
+def test_verified_cache_rechecks_expiry_and_the_signing_key(broker: Broker) -> None:
+    from broker.errors import InvalidToken
+    from broker.tokens import LEEWAY_S, VerifiedCache
+
+    agent = _agent(broker)
+    token = broker.token(agent["client_id"], agent["client_secret"])
+    ring, settings = broker.services.keyring, broker.settings
+    cache = VerifiedCache()
+    args = {"issuer": settings.issuer.url, "audience": settings.issuer.audience}
+    first = cache.verify(token, ring, now=0, **args)
+    assert cache.verify(token, ring, now=first.exp, **args) is first  # served from memory
+    # Past expiry plus leeway the memory is not trusted: the token is verified afresh (here the
+    # real clock still finds it valid, so a new verification comes back).
+    again = cache.verify(token, ring, now=first.exp + LEEWAY_S + 1, **args)
+    assert again is not first and again == first
+    kid = jwt.get_unverified_header(token)["kid"]
+    removed = ring.keys.pop(kid)
+    try:
+        with pytest.raises(InvalidToken):  # its key left the keyring: the hit is not trusted
+            cache.verify(token, ring, now=first.iat, **args)
+    finally:
+        ring.keys[kid] = removed
