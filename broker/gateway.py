@@ -201,7 +201,7 @@ class Gateway:
         if hit is not None and hit[0] > now:
             return hit[1]
         w = _workload.c
-        row = await self.svc.db.run(
+        row = await self.svc.db.read(
             lambda conn: conn.execute(select(w.policy, w.kind).where(w.id == workload_id)).first()
         )
         if row is None:
