@@ -90,7 +90,12 @@ class MeteredStream:
 
                 async def watch_client() -> None:
                     await disconnected()
-                    self._stop("client_disconnected", None)
+                    if self.meter.done:
+                        # The answer was complete: a client that hangs up after the provider's
+                        # last event (the SDKs close at [DONE]) received everything.
+                        self._stop("upstream_error" if self.meter.failed else "ok", None)
+                    else:
+                        self._stop("client_disconnected", None)
                     tg.cancel_scope.cancel()
 
                 async def watch_gate() -> None:
