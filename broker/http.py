@@ -242,11 +242,18 @@ def parse_json(raw: bytes) -> Any:
     return value
 
 
-async def json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+async def json_object(
+    request: Request, max_bytes: int, *, empty: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The body as a JSON object; with ``empty``, a body of nothing but whitespace is that
+    (for routes whose body is optional)."""
+    raw = await read_body(request, max_bytes)
+    if empty is not None and not raw.strip():
+        return empty
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", "") and not ctype.endswith("+json"):
         raise UnsupportedMediaType("send application/json")
-    value = parse_json(await read_body(request, max_bytes))
+    value = parse_json(raw)
     if not isinstance(value, dict):
         raise ValidationFailed("the body must be a JSON object")
     return value

@@ -15,8 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from broker import revocation, rotation
 from broker.admin_routes import admin
-from broker.errors import UnsupportedMediaType, ValidationFailed
-from broker.http import json_response, parse_json, path_id, query_int, query_str, read_body, validate
+from broker.http import json_object, json_response, path_id, query_int, query_str, validate
 from broker.identities import Actor
 from broker.openapi import REQUEST_SCHEMAS
 from broker.revocation import Denylist, Entry, Propagator, ReasonBody
@@ -29,16 +28,9 @@ _NO_STORE = {"cache-control": "no-store"}
 
 async def _reason(request: Request, svc: Services) -> ReasonBody:
     """The optional ``{"reason": ...}`` body: an empty body is no reason."""
-    raw = await read_body(request, svc.settings.server.admin_max_body_bytes)
-    if not raw.strip():
-        return ReasonBody()
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype not in ("application/json", "") and not ctype.endswith("+json"):
-        raise UnsupportedMediaType("send application/json")
-    value = parse_json(raw)
-    if not isinstance(value, dict):
-        raise ValidationFailed("the body must be a JSON object")
-    body: ReasonBody = validate(ReasonBody, value)
+    body: ReasonBody = validate(
+        ReasonBody, await json_object(request, svc.settings.server.admin_max_body_bytes, empty={})
+    )
     return body
 
 
