@@ -9,6 +9,8 @@ import threading
 import time
 from collections import deque
 
+from broker.errors import SlowDown
+
 SECRET_PREFIX = "bks_"
 SECRET_BYTES = 32  # 256 bits of entropy
 
@@ -64,6 +66,12 @@ class FailureTracker:
             if len(q) < self.limit:
                 return 0
             return max(1, int(q[-self.limit] + self.window_s - now) + 1)
+
+    def ensure_allowed(self, client_id: str, source: str) -> None:
+        """Raise ``slow_down`` (with ``Retry-After``) while the pair is throttled."""
+        wait = self.blocked_for(client_id, source)
+        if wait:
+            raise SlowDown(headers={"retry-after": str(wait)})
 
     def record_failure(self, client_id: str, source: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

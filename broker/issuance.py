@@ -20,7 +20,6 @@ from broker.errors import (
     InvalidClient,
     InvalidRequest,
     InvalidScope,
-    SlowDown,
     UnsupportedGrantType,
 )
 from broker.identities import Client, find_by_client_id
@@ -135,9 +134,7 @@ def _budget_refs(services: Services, client: Client, policy: Policy) -> list[Bud
 
 
 async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
-    wait = services.failures.blocked_for(req.client_id, req.source)
-    if wait:
-        raise SlowDown(headers={"retry-after": str(wait)})
+    services.failures.ensure_allowed(req.client_id, req.source)
     settings = services.settings
     now = int(time.time())
     jti = tokens.new_jti()

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from broker import issuance, ledger
 from broker.auth import authenticate_admin, verify_bearer
-from broker.errors import InvalidClient, InvalidRequest, InvalidToken, SlowDown
+from broker.errors import InvalidClient, InvalidRequest, InvalidToken
 from broker.http import form_or_json, json_response
 from broker.identities import Client
 from broker.services import Services
@@ -107,9 +107,7 @@ async def _introspection_caller(
     if basic is not None:
         client_id, secret = basic
         source = client_address(request)
-        wait = svc.failures.blocked_for(client_id, source)
-        if wait:
-            raise SlowDown(headers={"retry-after": str(wait)})
+        svc.failures.ensure_allowed(client_id, source)
         now = int(time.time())
 
         def check(conn: Connection) -> tuple[Client | None, int | None]:
