@@ -93,11 +93,16 @@ def create_app(
     *,
     services: Services | None = None,
     auto_migrate: bool = False,
-    extensions: tuple[Extension, ...] = (),
+    extensions: tuple[Extension, ...] | None = None,
     run_background: bool = True,
 ) -> Starlette:
     """The ASGI app. ``services`` may be passed in (tests, ``broker dev``); otherwise the
-    lifespan builds them, which refuses to start without Vault or on an un-migrated database."""
+    lifespan builds them, which refuses to start without Vault or on an un-migrated database.
+    ``extensions`` defaults to every capability of :func:`broker.extensions.default_extensions`."""
+    if extensions is None:
+        from broker.extensions import default_extensions  # it names app's Extension type
+
+        extensions = default_extensions(settings)
     metrics = Metrics()
     routes: list[BaseRoute] = [
         *oauth_routes.routes,

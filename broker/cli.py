@@ -29,13 +29,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broker.app import create_app
-    from broker.extensions import default_extensions
     from broker.services import Services
 
     settings = _settings(args)
     # Build (and so check Vault and the schema) before binding the port, to fail with a message.
     services = Services.build(settings, auto_migrate=args.migrate)
-    app = create_app(settings, services=services, extensions=default_extensions(settings))
+    app = create_app(settings, services=services)
     try:
         uvicorn.run(
             app, host=settings.server.host, port=settings.server.port, log_level="info",

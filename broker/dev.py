@@ -108,7 +108,6 @@ def run_dev(config: Path | None, port: int) -> int:
     import uvicorn
 
     from broker.app import create_app
-    from broker.extensions import default_extensions
     from broker.services import Services
 
     vault: DevVault | None = None
@@ -136,7 +135,7 @@ def run_dev(config: Path | None, port: int) -> int:
         settings = load_settings(config, env=env, overrides=overrides)
         services = Services.build(settings, auto_migrate=True)
         seeded = _seed(services)
-        app = create_app(settings, services=services, extensions=default_extensions(settings))
+        app = create_app(settings, services=services)
         print(_banner(base, seeded, admin_secret, vault_addr), flush=True)
         started = time.monotonic()
         try:

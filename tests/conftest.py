@@ -22,7 +22,6 @@ from starlette.testclient import TestClient
 from broker.app import create_app
 from broker.db import make_engine, migrate
 from broker.devvault import DevVault, free_port
-from broker.extensions import default_extensions
 from broker.services import Services
 from broker.settings import Settings, load_settings
 
@@ -245,7 +244,7 @@ def make_broker(vault: DevVault) -> Iterator[BrokerFactory]:
         settings = make_settings(db, vault, **sections)
         services = Services.build(settings)
         stack.callback(services.close)
-        app = create_app(settings, services=services, extensions=default_extensions(settings))
+        app = create_app(settings, services=services)
         client = stack.enter_context(TestClient(app, base_url="http://broker.test"))
         return Broker(settings, services, _LoggingClient(client, RESPONSES))
 
@@ -297,7 +296,7 @@ def make_live_broker(vault: DevVault) -> Iterator[Callable[..., Broker]]:
         settings = make_settings(db, vault, **sections)
         services = Services.build(settings)
         closers.append(services.close)
-        app = create_app(settings, services=services, extensions=default_extensions(settings))
+        app = create_app(settings, services=services)
         server = LiveServer(app).start()
         servers.append(server)
         client = httpx.Client(base_url=server.url, timeout=30)

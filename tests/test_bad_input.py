@@ -33,7 +33,6 @@ from starlette.testclient import TestClient
 from broker.app import create_app
 from broker.db import make_engine, migrate
 from broker.devvault import DevVault
-from broker.extensions import default_extensions
 from broker.services import Services
 from tests.conftest import (
     PG_ADMIN_URL,
@@ -264,7 +263,7 @@ def world(request: pytest.FixtureRequest, vault: DevVault,
         settings = make_settings(url, vault)
         services = Services.build(settings)
         stack.callback(services.close)
-        app = create_app(settings, services=services, extensions=default_extensions(settings))
+        app = create_app(settings, services=services)
         client = stack.enter_context(TestClient(app, base_url="http://broker.test"))
         yield build_world(Broker(settings, services, _LoggingClient(client, RESPONSES)))
 

@@ -25,7 +25,6 @@ from starlette.testclient import TestClient
 
 from broker.app import create_app
 from broker.devvault import DevVault, free_port
-from broker.extensions import default_extensions
 from broker.services import Services
 from broker.settings import Settings
 from tests.conftest import ADMIN_SECRET, SECRETS, Broker
@@ -42,7 +41,7 @@ def start_replica(stack: contextlib.ExitStack, settings: Settings,
             for name, values in sections.items()})
     services = Services.build(settings)
     stack.callback(services.close)
-    app = create_app(settings, services=services, extensions=default_extensions(settings))
+    app = create_app(settings, services=services)
     client = stack.enter_context(TestClient(app, base_url="http://broker.test"))
     return Broker(settings, services, client)
 
