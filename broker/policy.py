@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from broker.names import normalize_name
 from broker.settings import MAX_MICROS, BudgetLimit
 
 Kind = Literal["agent", "service", "interactive", "admin"]
@@ -21,17 +21,7 @@ KINDS: tuple[str, ...] = ("agent", "service", "interactive", "admin")
 
 Micros = Annotated[StrictInt, Field(ge=0, le=MAX_MICROS)]
 
-_BIDI = {"\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"}
 _MODEL_PATTERN = re.compile(r"^[A-Za-z0-9._:/@*?\-\[\]]{1,256}$")
-
-
-def _check_name(value: str) -> str:
-    if not 1 <= len(value) <= 128:
-        raise ValueError("must be 1 to 128 characters")
-    for ch in value:
-        if ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            raise ValueError("must not contain control or bidirectional-override characters")
-    return value
 
 
 def _check_model_pattern(value: str) -> str:
@@ -40,7 +30,7 @@ def _check_model_pattern(value: str) -> str:
     return value
 
 
-Name = Annotated[StrictStr, AfterValidator(_check_name)]
+Name = Annotated[StrictStr, AfterValidator(normalize_name)]
 ModelPattern = Annotated[StrictStr, AfterValidator(_check_model_pattern)]
 
 

@@ -6,6 +6,7 @@ Settings are read once at start and passed explicitly. A wrong key or a bad valu
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -82,6 +83,8 @@ class AuthSettings(_Section):
     failure_limit: StrictInt = Field(default=10, ge=1, le=10_000)
     failure_window_s: StrictInt = Field(default=300, ge=1, le=86_400)
     secret_grace_s: StrictInt = Field(default=3600, ge=0, le=30 * 86_400)
+    # Tokens one authenticated client may obtain per minute (429 slow_down beyond).
+    issuance_rpm: StrictInt = Field(default=120, ge=1, le=1_000_000)
 
 
 class OrgSettings(_Section):
@@ -93,12 +96,43 @@ class ServerSettings(_Section):
     port: StrictInt = Field(default=8080, ge=0, le=65535)
     max_body_bytes: StrictInt = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     admin_max_body_bytes: StrictInt = Field(default=65_536, ge=1024, le=16 * 1_048_576)
+    # Peers (CIDRs) whose X-Forwarded-For is believed; empty: the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
+    # A request head must arrive within this; connections beyond the cap are refused.
+    head_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    max_connections: StrictInt = Field(default=4096, ge=1, le=1_000_000)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP network (CIDR)") from None
+        return value
+
+
+class MetricsSettings(_Section):
+    # When set, GET /metrics needs it as a bearer token.
+    token: SecretStr | None = None
+
+
+class GatewaySettings(_Section):
+    # The longest a stream may run, whatever its token's expiry.
+    max_stream_s: StrictInt = Field(default=300, ge=1, le=86_400)
+    # How long a stream whose client left is still read, to learn the provider's usage.
+    drain_s: StrictInt = Field(default=30, ge=0, le=3600)
+    # Gateway calls one tenant may have running at once (on one replica).
+    tenant_max_concurrent: StrictInt = Field(default=128, ge=1, le=1_000_000)
 
 
 class SweeperSettings(_Section):
     interval_s: float = Field(default=10.0, gt=0, le=3600)
     # A hold older than this can no longer belong to a running request.
     max_request_s: StrictInt = Field(default=600, ge=1, le=86_400)
+    # Released token slices are deleted this long after their release.
+    slice_retention_s: StrictInt = Field(default=86_400, ge=0, le=366 * 86_400)
 
 
 class RotationSettings(_Section):
@@ -125,6 +159,20 @@ class ProviderSettings(_Section):
     base_url: str | None = None
     vault_path: str | None = None
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    # Connections to this provider at once (each provider has a pool of its own).
+    max_connections: StrictInt = Field(default=256, ge=1, le=100_000)
+    # ``anthropic-beta`` values that may pass to this provider; any other is refused.
+    allowed_beta: tuple[str, ...] = ()
+    # Request fields beyond the plugin's known ones that may pass (counted as input text).
+    allowed_fields: tuple[str, ...] = ()
+    # The tokens held for a media part whose size the broker cannot see (a document by URL
+    # or file id); unset, such parts are refused.
+    unsized_part_tokens: StrictInt | None = Field(default=None, ge=1, le=10_000_000)
+    # The tokens held per page of a PDF document (its text and its page image).
+    pdf_page_tokens: StrictInt = Field(default=6_000, ge=1, le=1_000_000)
+
+
+ImageRuleName = Literal["openai-tiles", "anthropic-pixels", "none"]
 
 
 class ModelSettings(_Section):
@@ -132,6 +180,25 @@ class ModelSettings(_Section):
     upstream_model: str | None = None
     input_micros_per_mtok: StrictInt = Field(ge=0, le=MAX_MICROS)
     output_micros_per_mtok: StrictInt = Field(ge=0, le=MAX_MICROS)
+    # Invoice-exact prices: cached input (OpenAI cached tokens, Anthropic cache reads) and
+    # Anthropic cache writes. Unset: the input price, and 1.25 times it for cache writes.
+    cached_input_micros_per_mtok: StrictInt | None = Field(default=None, ge=0, le=MAX_MICROS)
+    cache_write_micros_per_mtok: StrictInt | None = Field(default=None, ge=0, le=MAX_MICROS)
+    # How an image part is bounded; unset: the costliest rule the provider's plugin knows.
+    image_rule: ImageRuleName | None = None
+    image_base_tokens: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
+    image_tile_tokens: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
+    # OpenAI ``service_tier`` values beyond auto/default that may pass, each with its price as
+    # a percentage of the prices above (e.g. {"priority" = 200, "flex" = 50}).
+    service_tier_percent: dict[str, StrictInt] = Field(default_factory=dict)
+
+    @field_validator("service_tier_percent")
+    @classmethod
+    def _percent(cls, value: dict[str, int]) -> dict[str, int]:
+        for tier, percent in value.items():
+            if not 1 <= percent <= 10_000:
+                raise ValueError(f"{tier}: a percentage from 1 to 10000")
+        return value
 
 
 class Settings(_Section):
@@ -142,6 +209,8 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     org: OrgSettings = OrgSettings()
     server: ServerSettings = ServerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    gateway: GatewaySettings = GatewaySettings()
     sweeper: SweeperSettings = SweeperSettings()
     rotation: RotationSettings = RotationSettings()
     revocation: RevocationSettings = RevocationSettings()
@@ -153,8 +222,8 @@ class Settings(_Section):
 
 # Sections whose keys an environment variable may override. ``providers`` and ``models`` are
 # tables of tables, whose names may hold underscores, so they are configured in TOML only.
-_ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "org", "server", "sweeper",
-                 "rotation", "revocation", "scheduler")
+_ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "org", "server", "metrics",
+                 "gateway", "sweeper", "rotation", "revocation", "scheduler")
 # Tables of named tables: BROKER_PROVIDERS_<NAME>_<KEY>, where <NAME> is a configured name
 # written in upper case with "-" as "_" (e.g. BROKER_PROVIDERS_OPENAI_COMPATIBLE_BASE_URL).
 _ENV_TABLES: dict[str, type[BaseModel]] = {"providers": ProviderSettings, "models": ModelSettings}
@@ -284,6 +353,19 @@ def _check_consistency(settings: Settings) -> None:
             raise ConfigError(
                 f"invalid configuration: models.{name}.provider: unknown provider "
                 f"{model.provider!r}"
+            )
+    longest = settings.gateway.max_stream_s + settings.gateway.drain_s
+    if longest >= settings.sweeper.max_request_s:
+        # A hold older than max_request_s is settled as orphaned: no running call may be older.
+        raise ConfigError(
+            "invalid configuration: gateway.max_stream_s: with gateway.drain_s it must stay "
+            f"below sweeper.max_request_s ({settings.sweeper.max_request_s})"
+        )
+    for name, provider in settings.providers.items():
+        if provider.timeout_s >= settings.sweeper.max_request_s:
+            raise ConfigError(
+                f"invalid configuration: providers.{name}.timeout_s: must stay below "
+                f"sweeper.max_request_s ({settings.sweeper.max_request_s})"
             )
     if settings.tokens.default_ttl_s > settings.tokens.max_ttl_s:
         raise ConfigError("invalid configuration: tokens.default_ttl_s: exceeds tokens.max_ttl_s")
