@@ -21,6 +21,7 @@ from broker.credentials import hash_secret, new_client_secret
 from broker.db import Sql
 from broker.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from broker.models import Tenant, Workload
+from broker.names import name_key
 from broker.policy import Kind, Name, Policy, Role
 from broker.settings import BudgetLimit
 
@@ -147,7 +148,10 @@ def create_tenant(conn: Connection, actor: Actor, body: TenantCreate, now: int) 
     try:
         with conn.begin_nested():
             conn.execute(
-                insert(_tenant).values(id=tid, name=body.name, budgets=budgets, created_at=now)
+                insert(_tenant).values(
+                    id=tid, name=body.name, name_key=name_key(body.name), budgets=budgets,
+                    created_at=now,
+                )
             )
     except IntegrityError:
         raise Conflict("a tenant with this name exists") from None
@@ -185,6 +189,7 @@ def patch_tenant(
     values: dict[str, Any] = {}
     if body.name is not None:
         values["name"] = body.name
+        values["name_key"] = name_key(body.name)
     if body.budgets is not None:
         values["budgets"] = [b.model_dump() for b in body.budgets]
     if values:
@@ -233,6 +238,7 @@ def create_workload(
                     id=wid,
                     tenant_id=body.tenant_id,
                     name=body.name,
+                    name_key=name_key(body.name),
                     kind=body.kind,
                     roles=list(body.roles),
                     policy=body.policy.model_dump(exclude_none=True),
@@ -284,6 +290,7 @@ def patch_workload(
     values: dict[str, Any] = {}
     if body.name is not None:
         values["name"] = body.name
+        values["name_key"] = name_key(body.name)
     if body.roles is not None:
         if row.kind != "admin" and body.roles:
             raise ValidationFailed("roles are only for identities of kind admin")
@@ -379,12 +386,15 @@ def bootstrap_admin(conn: Connection, secret: str, pepper: bytes, now: int) -> b
 
 def _insert_bootstrap_admin(conn: Connection, secret: str, pepper: bytes, now: int) -> None:
     if conn.execute(select(_tenant.c.id).where(_tenant.c.id == ROOT_TENANT_ID)).first() is None:
-        conn.execute(insert(_tenant).values(id=ROOT_TENANT_ID, name="root", budgets=[], created_at=now))
+        conn.execute(insert(_tenant).values(
+            id=ROOT_TENANT_ID, name="root", name_key=name_key("root"), budgets=[], created_at=now
+        ))
     conn.execute(
         insert(_workload).values(
             id="wl_admin",
             tenant_id=ROOT_TENANT_ID,
             name="admin",
+            name_key=name_key("admin"),
             kind="admin",
             roles=["org-admin"],
             policy={},

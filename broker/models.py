@@ -18,9 +18,12 @@ def _json() -> Any:
 
 class Tenant(SQLModel, table=True):
     __tablename__ = "tenant"
+    # Unique by key, not by name: see broker.names.name_key.
+    __table_args__ = (UniqueConstraint("name_key", name="uq_tenant_name_key"),)
 
     id: str = Field(primary_key=True, max_length=40)
-    name: str = Field(max_length=128, unique=True)
+    name: str = Field(max_length=128)  # as shown: broker.names.normalize_name's form
+    name_key: str = Field(max_length=256)  # broker.names.name_key of the name
     budgets: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: int = Field(sa_type=BigInteger)
     # A suspension is a cut-off time: tokens issued at or before it are dead.
@@ -29,11 +32,14 @@ class Tenant(SQLModel, table=True):
 
 class Workload(SQLModel, table=True):
     __tablename__ = "workload"
-    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_workload_tenant_name"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name_key", name="uq_workload_tenant_name_key"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
     name: str = Field(max_length=128)
+    name_key: str = Field(max_length=256)
     kind: str = Field(max_length=16)
     roles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     policy: dict[str, Any] = _json()
