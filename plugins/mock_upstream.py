@@ -3,24 +3,58 @@
 It backs the `mock` provider plugin in-process (through `httpx.ASGITransport`, for `broker dev`)
 and runs as a real HTTP server in the tests (`tests/fake_provider.py`), where `MockState.faults`
 injects the failures the gateway must survive: error statuses, latency, cut streams, missing
-usage, and answers longer than the `max_tokens` the gateway asked for.
+usage, and answers longer than the `max_tokens` the gateway asked for. `MockState.bills` records
+what the fake billed for each request, so that a test can compare the broker's ledger with the
+provider's invoice.
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/embeddings` (OpenAI);
 `POST /v1/messages` (Anthropic); `POST|GET /admin/keys`, `DELETE /admin/keys/{id}` (key rotation,
 authenticated by the `x-admin-key` header).
 
-Token rule, so that tests can compute the expected usage:
+Token rules, so that tests can compute the expected usage. `MockState.billing` picks one:
 
-* prompt tokens: the sum of `ceil(len(text) / 4)` over every text of the request, minimum 1, no
-  per-message overhead. The texts are each message's `content` when it is a string, or the `text`
-  of each part when it is a list; Anthropic's `system` (string or text blocks) counts too. For
-  embeddings, each string of `input` is a text.
-* completion tokens: `n = min(limit, 16)`, where the limit is `max_completion_tokens` or else
-  `max_tokens` (OpenAI, optional: no limit gives 16) or `max_tokens` (Anthropic, required).
-  With `faults.ignore_max_tokens`, `n = faults.overrun_tokens` whatever the limit.
-* the answer is `"w0 w1 ... w{n-1}"`, one token per word; a stream sends one word per chunk
-  (`"w0"`, `" w1"`, ...). The stop reason is `length` / `max_tokens` when the limit was below 16,
-  otherwise `stop` / `end_turn`.
+* `"words"` (the default) -- prompt tokens: the sum of `ceil(len(text) / 4)` over every text of
+  the request, minimum 1, no per-message overhead. The texts are each message's `content` when it
+  is a string, or the `text` of each part when it is a list; Anthropic's `system` (string or text
+  blocks) counts too. For embeddings, each string of `input` is a text. Completion tokens: one
+  per generated word.
+* `"tokenizer"` -- prompt tokens: over EVERY string anywhere in the request body, at any depth
+  (every string value and every object key: messages, system, tools and their JSON schemas,
+  images' base64 data, unknown fields...), `ceil(ascii_chars / 4) + non_ascii_chars` per
+  string, summed, minimum 1 (`tokenizer_tokens`; the walk is iterative, any depth is fine).
+  Embeddings: the same over `input`. Completion tokens: the same count (`text_tokens`, no
+  minimum) of the generated answer text, as one string.
+
+The answer: `n = min(limit, faults.answer_tokens)` words (16 by default), where the limit is
+`max_completion_tokens` or else `max_tokens` (OpenAI, optional: no limit gives `answer_tokens`)
+or `max_tokens` (Anthropic, required). With `faults.ignore_max_tokens`,
+`n = faults.overrun_tokens` whatever the limit. With `faults.answer_script == "latin"` the answer
+is `"w0 w1 ... w{n-1}"` and a stream sends one word per chunk (`"w0"`, `" w1"`, ...); with
+`"cjk"` each word is one ideograph (cycling through `CJK_WORDS`), without spaces, so that each is
+exactly one token in tokenizer mode too. The stop reason is `length` / `max_tokens` when the
+limit was below `answer_tokens`, otherwise `stop` / `end_turn`. In tokenizer mode the answer is
+also cut to the last word that keeps its count within the limit (only long Latin answers, past
+word 99, can need it): without `ignore_max_tokens` the fake never bills more output than asked.
+
+Caching: `faults.cache_read_tokens = k` reports `min(k, prompt)` of the prompt tokens as cache
+reads (OpenAI: `usage.prompt_tokens_details.cached_tokens`, `prompt_tokens` staying the total;
+Anthropic: `cache_read_input_tokens`). On Anthropic, a request with a `cache_control` anywhere
+reports the rest of its prompt as cache writes -- 1-hour writes if any `cache_control` has
+`"ttl": "1h"`, else 5-minute ones -- in `cache_creation_input_tokens` and `usage.cache_creation`,
+with `input_tokens` 0. Without either, usage has exactly the fields it always had.
+
+Bills: every generation request that gets past authentication, the faults and validation
+(chat, messages, embeddings) appends one `Bill` to `MockState.bills`, with `prompt_tokens`
+holding the prompt tokens billed at the plain input price (the total minus cache reads and
+writes). A non-stream bill is filled at once with what the usage reports (even when
+`omit_usage` hides it). A stream's bill holds the prompt from the start and counts the
+completion as the server sends each content chunk: one token per chunk in words mode, the
+tokenizer count of the text sent so far in tokenizer mode; `complete` turns True after the last
+event went out, `ended` whenever the stream stops (finished, cut by `cut_after_chunks`, or
+abandoned by the client). `MockState.total_billed` prices them, each bill rounded up to a whole
+micro-dollar on its own.
+
+Each chat completion echoes the request's `service_tier` (or `"default"`), as OpenAI does.
 
 A request without an API key (`Authorization: Bearer` or `x-api-key`) is refused with 401, as a
 real provider does; with `valid_keys` set, so is any key outside it.
@@ -45,12 +79,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 Dialect = Literal["openai", "anthropic"]
+Billing = Literal["words", "tokenizer"]
+Script = Literal["latin", "cjk"]
+BillRoute = Literal["chat", "messages", "embeddings"]
 
-MAX_ANSWER_TOKENS = 16
+DEFAULT_ANSWER_TOKENS = 16
+MAX_ANSWER_TOKENS = DEFAULT_ANSWER_TOKENS  # the former fixed cap, now `Faults.answer_tokens`
+CJK_WORDS = "字文中語言模型測試"  # a "cjk" answer cycles through these, one per word
 EMBEDDING_SIZE = 8
 # A fixed timestamp keeps every response byte-for-byte reproducible.
 CREATED = 1_700_000_000
 DEFAULT_MODELS = ("mock-gpt", "mock-claude", "mock-embedding")
+PER_MILLION = 1_000_000
 
 _ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
@@ -69,7 +109,7 @@ class StreamCut(Exception):
 
 @dataclass
 class Faults:
-    """Failures to inject; all off by default."""
+    """Failures to inject and answers to shape; all off (today's behaviour) by default."""
 
     status: int | None = None  # answer this HTTP error status instead of generating
     delay_s: float = 0.0  # sleep before answering
@@ -78,6 +118,55 @@ class Faults:
     ignore_max_tokens: bool = False  # generate `overrun_tokens` whatever the request's limit
     overrun_tokens: int = 1000
     chunk_delay_s: float = 0.0  # sleep between stream events
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS  # words in an answer the limit does not cut
+    answer_script: Script = "latin"  # "w0 w1 ..." or one CJK ideograph per word
+    cache_read_tokens: int = 0  # report this many prompt tokens (at most all) as cache reads
+    omit_final_usage: bool = False  # streams: no final usage (Anthropic keeps message_start's)
+
+
+@dataclass
+class Bill:
+    """What the fake billed for one generation request; a stream's grows as it is sent.
+
+    `prompt_tokens` are the prompt tokens billed at the plain input price: the prompt minus its
+    cache writes and reads, which have fields of their own.
+    """
+
+    route: BillRoute
+    model: str
+    stream: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_write_tokens: int = 0  # Anthropic 5-minute cache writes
+    cache_write_1h_tokens: int = 0  # Anthropic 1-hour cache writes
+    cache_read_tokens: int = 0
+    complete: bool = False  # the whole answer was sent
+    ended: bool = False  # nothing more will be billed (finished, cut or abandoned)
+
+    def cost_micros(
+        self,
+        price_in: int,
+        price_out: int,
+        cache_write: int | None = None,
+        cache_write_1h: int | None = None,
+        cache_read: int | None = None,
+    ) -> int:
+        """This bill in micro-dollars, rounded up; prices are micro-dollars per million tokens.
+
+        Cache prices default to Anthropic's multiples of the input price: 5-minute writes 1.25x,
+        1-hour writes 2x; reads default to the input price. Exact: the sum is kept in quarters.
+        """
+        write_quarters = 5 * price_in if cache_write is None else 4 * cache_write
+        write_1h = 2 * price_in if cache_write_1h is None else cache_write_1h
+        read = price_in if cache_read is None else cache_read
+        whole = (
+            self.prompt_tokens * price_in
+            + self.completion_tokens * price_out
+            + self.cache_write_1h_tokens * write_1h
+            + self.cache_read_tokens * read
+        )
+        quarters = 4 * whole + self.cache_write_tokens * write_quarters
+        return -(-quarters // (4 * PER_MILLION))
 
 
 @dataclass
@@ -91,12 +180,30 @@ class MockState:
     admin_key: str = "fake-admin-key"
     admin_keys: dict[str, str] = field(default_factory=dict)  # id -> key made by POST /admin/keys
     models: tuple[str, ...] = DEFAULT_MODELS
+    billing: Billing = "words"
+    bills: list[Bill] = field(default_factory=list)
 
     def reset(self) -> None:
-        """Forget the recorded keys and requests and turn every fault off."""
+        """Forget the recorded keys, requests and bills; turn every fault off; bill by words."""
         self.received_keys.clear()
         self.requests.clear()
+        self.bills.clear()
         self.faults = Faults()
+        self.billing = "words"
+
+    def total_billed(
+        self,
+        price_in: int,
+        price_out: int,
+        cache_write: int | None = None,
+        cache_write_1h: int | None = None,
+        cache_read: int | None = None,
+    ) -> int:
+        """The sum of `Bill.cost_micros` over the bills: each one rounded up on its own."""
+        return sum(
+            bill.cost_micros(price_in, price_out, cache_write, cache_write_1h, cache_read)
+            for bill in list(self.bills)
+        )
 
 
 def create_mock_upstream(state: MockState | None = None) -> Starlette:
@@ -130,27 +237,109 @@ def _texts(content: object) -> Iterator[str]:
 
 
 def count_tokens(texts: Iterable[str]) -> int:
-    """The fake's tokenizer: `ceil(len / 4)` per text, summed, at least 1."""
+    """The words-mode tokenizer: `ceil(len / 4)` per text, summed, at least 1."""
     return max(1, sum(math.ceil(len(text) / 4) for text in texts))
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
+    """The words-mode prompt tokens of a chat or messages body."""
     texts = [t for m in body["messages"] if isinstance(m, dict) for t in _texts(m.get("content"))]
     return count_tokens([*texts, *_texts(body.get("system"))])
+
+
+def _char_counts(text: str) -> tuple[int, int]:
+    """(ASCII characters, other characters) of `text`."""
+    if text.isascii():
+        return len(text), 0
+    ascii_chars = sum(1 for char in text if char < "\x80")
+    return ascii_chars, len(text) - ascii_chars
+
+
+def _tokenizer_count(ascii_chars: int, other_chars: int) -> int:
+    return -(-ascii_chars // 4) + other_chars
+
+
+def text_tokens(text: str) -> int:
+    """The tokenizer-mode count of one string: a token per 4 ASCII characters (rounded up) plus a
+    token per non-ASCII character; 0 for the empty string."""
+    return _tokenizer_count(*_char_counts(text))
+
+
+def _walk(value: object) -> Iterator[object]:
+    """Every node of a JSON value, object keys included, depth-first, without recursion."""
+    stack: list[object] = [value]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, dict):
+            for key, item in reversed(list(node.items())):
+                stack.append(item)
+                stack.append(key)
+        elif isinstance(node, list | tuple):
+            stack.extend(reversed(node))
+
+
+def tokenizer_tokens(value: object) -> int:
+    """The tokenizer-mode count of a JSON value: `text_tokens` of every string at any depth, keys
+    included, summed, at least 1."""
+    return max(1, sum(text_tokens(node) for node in _walk(value) if isinstance(node, str)))
+
+
+def _cache_ttls(body: object) -> set[str]:
+    """The TTL of every `cache_control` in the body ("5m" unless it says "1h")."""
+    ttls: set[str] = set()
+    for node in _walk(body):
+        if isinstance(node, dict) and node.get("cache_control") is not None:
+            control = node["cache_control"]
+            ttl = control.get("ttl") if isinstance(control, dict) else None
+            ttls.add("1h" if ttl == "1h" else "5m")
+    return ttls
 
 
 def _is_texts(value: object) -> TypeGuard[list[str]]:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
-def _words(n: int) -> list[str]:
+def _words(n: int, script: Script = "latin") -> list[str]:
+    if script == "cjk":
+        return [CJK_WORDS[i % len(CJK_WORDS)] for i in range(n)]
     return [f"w{i}" if i == 0 else f" w{i}" for i in range(n)]
+
+
+def _fit(words: list[str], limit: int) -> list[str]:
+    """The longest prefix of `words` whose tokenizer count stays within `limit`."""
+    ascii_chars = other_chars = 0
+    for i, word in enumerate(words):
+        more_ascii, more_other = _char_counts(word)
+        ascii_chars, other_chars = ascii_chars + more_ascii, other_chars + more_other
+        if _tokenizer_count(ascii_chars, other_chars) > limit:
+            return words[:i]
+    return words
 
 
 def _vector(text: str) -> list[float]:
     # Multiples of 1/256 survive the float32 round trip of `encoding_format=base64` exactly.
     digest = hashlib.sha256(text.encode()).digest()
     return [b / 256 - 0.5 for b in digest[:EMBEDDING_SIZE]]
+
+
+class _Meter:
+    """Counts a stream's output into its bill as the chunks are sent."""
+
+    def __init__(self, bill: Bill, billing: Billing) -> None:
+        self.bill = bill
+        self.billing = billing
+        self.ascii_chars = 0
+        self.other_chars = 0
+
+    def sent(self, text: str) -> None:
+        if self.billing == "words":
+            self.bill.completion_tokens += 1
+            return
+        more_ascii, more_other = _char_counts(text)
+        self.ascii_chars += more_ascii
+        self.other_chars += more_other
+        self.bill.completion_tokens = _tokenizer_count(self.ascii_chars, self.other_chars)
 
 
 # --- wire-format helpers ---------------------------------------------------------------------
@@ -183,13 +372,41 @@ def _api_key(request: Request) -> str | None:
 
 
 @dataclass(frozen=True)
+class _Prompt:
+    """A request's prompt tokens, split the way the provider bills them."""
+
+    total: int
+    cache_read: int = 0
+    cache_write: int = 0  # 5-minute writes
+    cache_write_1h: int = 0
+    caching: bool = False  # report Anthropic's cache fields
+
+    @property
+    def uncached(self) -> int:
+        return self.total - self.cache_read - self.cache_write - self.cache_write_1h
+
+    def anthropic_usage(self, output_tokens: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {"input_tokens": self.uncached}
+        if self.caching:
+            usage["cache_creation_input_tokens"] = self.cache_write + self.cache_write_1h
+            usage["cache_read_input_tokens"] = self.cache_read
+            usage["cache_creation"] = {
+                "ephemeral_5m_input_tokens": self.cache_write,
+                "ephemeral_1h_input_tokens": self.cache_write_1h,
+            }
+        usage["output_tokens"] = output_tokens
+        return usage
+
+
+@dataclass(frozen=True)
 class _Answer:
     """What the fake generates for one chat or message request."""
 
     model: str
-    prompt_tokens: int
+    prompt: _Prompt
     words: list[str]
     truncated: bool
+    completion_tokens: int
 
     @property
     def text(self) -> str:
@@ -232,26 +449,81 @@ class _Upstream:
             return _error(dialect, faults.status, f"Injected fault: HTTP {faults.status}.")
         return body
 
-    def _answer(self, body: dict[str, Any], limit: int | None) -> _Answer:
+    def _prompt(self, body: dict[str, Any], dialect: Dialect) -> _Prompt:
+        tokenizer = self.state.billing == "tokenizer"
+        total = tokenizer_tokens(body) if tokenizer else _prompt_tokens(body)
+        read = min(max(self.state.faults.cache_read_tokens, 0), total)
+        if dialect == "openai":
+            return _Prompt(total, cache_read=read)
+        ttls = _cache_ttls(body)
+        written = total - read if ttls else 0
+        return _Prompt(
+            total,
+            cache_read=read,
+            cache_write=0 if "1h" in ttls else written,
+            cache_write_1h=written if "1h" in ttls else 0,
+            caching=bool(ttls) or read > 0,
+        )
+
+    def _answer(self, body: dict[str, Any], limit: int | None, dialect: Dialect) -> _Answer:
         faults = self.state.faults
+        tokenizer = self.state.billing == "tokenizer"
         if faults.ignore_max_tokens:
             n, truncated = faults.overrun_tokens, False
         else:
-            n = MAX_ANSWER_TOKENS if limit is None else min(limit, MAX_ANSWER_TOKENS)
-            truncated = limit is not None and limit < MAX_ANSWER_TOKENS
-        return _Answer(str(body["model"]), _prompt_tokens(body), _words(n), truncated)
+            n = faults.answer_tokens if limit is None else min(limit, faults.answer_tokens)
+            truncated = limit is not None and limit < faults.answer_tokens
+        words = _words(max(n, 0), faults.answer_script)
+        if tokenizer and limit is not None and not faults.ignore_max_tokens:
+            fitted = _fit(words, limit)
+            truncated = truncated or len(fitted) < len(words)
+            words = fitted
+        completion = text_tokens("".join(words)) if tokenizer else len(words)
+        prompt = self._prompt(body, dialect)
+        return _Answer(str(body["model"]), prompt, words, truncated, completion)
 
-    async def _stream(self, events: list[str]) -> AsyncIterator[str]:
+    def _bill(self, route: BillRoute, model: str, stream: bool, prompt: _Prompt) -> Bill:
+        bill = Bill(
+            route,
+            model,
+            stream,
+            prompt_tokens=prompt.uncached,
+            cache_write_tokens=prompt.cache_write,
+            cache_write_1h_tokens=prompt.cache_write_1h,
+            cache_read_tokens=prompt.cache_read,
+        )
+        self.state.bills.append(bill)
+        return bill
+
+    def _bill_whole(self, route: BillRoute, answer: _Answer) -> None:
+        bill = self._bill(route, answer.model, False, answer.prompt)
+        bill.completion_tokens = answer.completion_tokens
+        bill.complete = bill.ended = True
+
+    async def _stream(
+        self, events: list[tuple[str, str | None]], meter: _Meter
+    ) -> AsyncIterator[str]:
+        """Send the events; the meter counts an event's text once the server took the event."""
         faults = self.state.faults
-        for i, event in enumerate(events):
-            if faults.cut_after_chunks is not None and i >= faults.cut_after_chunks:
-                raise StreamCut(f"stream cut after {i} events")
-            if i and faults.chunk_delay_s:
-                await asyncio.sleep(faults.chunk_delay_s)
-            yield event
+        try:
+            for i, (event, text) in enumerate(events):
+                if faults.cut_after_chunks is not None and i >= faults.cut_after_chunks:
+                    raise StreamCut(f"stream cut after {i} events")
+                if i and faults.chunk_delay_s:
+                    await asyncio.sleep(faults.chunk_delay_s)
+                yield event
+                if text is not None:
+                    meter.sent(text)
+            meter.bill.complete = True
+        finally:
+            meter.bill.ended = True
 
-    def _event_stream(self, events: list[str]) -> StreamingResponse:
-        return StreamingResponse(self._stream(events), media_type="text/event-stream")
+    def _event_stream(
+        self, events: list[tuple[str, str | None]], route: BillRoute, answer: _Answer
+    ) -> StreamingResponse:
+        bill = self._bill(route, answer.model, True, answer.prompt)
+        meter = _Meter(bill, self.state.billing)
+        return StreamingResponse(self._stream(events, meter), media_type="text/event-stream")
 
     # --- OpenAI ---------------------------------------------------------------------------
 
@@ -274,15 +546,21 @@ class _Upstream:
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             return _error("openai", 400, "The token limit must be a positive integer.")
-        answer = self._answer(body, limit)
+        faults = self.state.faults
+        answer = self._answer(body, limit, "openai")
         completion_id = f"chatcmpl-mock-{len(self.state.requests)}"
         finish_reason = "length" if answer.truncated else "stop"
-        usage = {
-            "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": len(answer.words),
-            "total_tokens": answer.prompt_tokens + len(answer.words),
+        tier = body.get("service_tier")
+        service_tier = tier if isinstance(tier, str) else "default"
+        usage: dict[str, Any] = {
+            "prompt_tokens": answer.prompt.total,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt.total + answer.completion_tokens,
         }
+        if faults.cache_read_tokens > 0:
+            usage["prompt_tokens_details"] = {"cached_tokens": answer.prompt.cache_read}
         if not body.get("stream"):
+            self._bill_whole("chat", answer)
             message = {"role": "assistant", "content": answer.text, "refusal": None}
             response: dict[str, Any] = {
                 "id": completion_id,
@@ -297,8 +575,9 @@ class _Upstream:
                         "finish_reason": finish_reason,
                     }
                 ],
+                "service_tier": service_tier,
             }
-            if not self.state.faults.omit_usage:
+            if not faults.omit_usage:
                 response["usage"] = usage
             return JSONResponse(response)
 
@@ -311,6 +590,7 @@ class _Upstream:
                 "object": "chat.completion.chunk",
                 "created": CREATED,
                 "model": answer.model,
+                "service_tier": service_tier,
                 "choices": choices,
             }
             # OpenAI sends `usage: null` on every chunk once the caller asked for usage.
@@ -321,21 +601,24 @@ class _Upstream:
         def delta(content: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
             return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]
 
-        events = [chunk(delta({"role": "assistant", "content": ""}))]
-        events += [chunk(delta({"content": word})) for word in answer.words]
-        events.append(chunk(delta({}, finish_reason)))
-        if include_usage and not self.state.faults.omit_usage:
+        events: list[tuple[str, str | None]] = [
+            (chunk(delta({"role": "assistant", "content": ""})), None)
+        ]
+        events += [(chunk(delta({"content": word})), word) for word in answer.words]
+        events.append((chunk(delta({}, finish_reason)), None))
+        if include_usage and not faults.omit_usage and not faults.omit_final_usage:
             final = {
                 "id": completion_id,
                 "object": "chat.completion.chunk",
                 "created": CREATED,
                 "model": answer.model,
+                "service_tier": service_tier,
                 "choices": [],
                 "usage": usage,
             }
-            events.append(_sse(final))
-        events.append("data: [DONE]\n\n")
-        return self._event_stream(events)
+            events.append((_sse(final), None))
+        events.append(("data: [DONE]\n\n", None))
+        return self._event_stream(events, "chat", answer)
 
     async def embeddings(self, request: Request) -> Response:
         body = await self._admit(request, "openai")
@@ -345,6 +628,10 @@ class _Upstream:
         inputs = [raw] if isinstance(raw, str) else raw
         if not isinstance(body.get("model"), str) or not _is_texts(inputs):
             return _error("openai", 400, "'model' and 'input' (string or strings) are required.")
+        tokenizer = self.state.billing == "tokenizer"
+        tokens = tokenizer_tokens(raw) if tokenizer else count_tokens(inputs)
+        bill = self._bill("embeddings", body["model"], False, _Prompt(tokens))
+        bill.complete = bill.ended = True
         as_base64 = body.get("encoding_format") == "base64"
         data = []
         for index, text in enumerate(inputs):
@@ -355,7 +642,6 @@ class _Upstream:
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         response: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
         if not self.state.faults.omit_usage:
-            tokens = count_tokens(inputs)
             response["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse(response)
 
@@ -370,10 +656,10 @@ class _Upstream:
         limit = body.get("max_tokens")
         if not isinstance(limit, int) or limit < 1:
             return _error("anthropic", 400, "max_tokens: Field required (a positive integer)")
-        answer = self._answer(body, limit)
+        faults = self.state.faults
+        answer = self._answer(body, limit, "anthropic")
         message_id = f"msg_mock_{len(self.state.requests)}"
         stop_reason = "max_tokens" if answer.truncated else "end_turn"
-        omit_usage = self.state.faults.omit_usage
         message: dict[str, Any] = {
             "id": message_id,
             "type": "message",
@@ -384,11 +670,9 @@ class _Upstream:
             "stop_sequence": None,
         }
         if not body.get("stream"):
-            if not omit_usage:
-                message["usage"] = {
-                    "input_tokens": answer.prompt_tokens,
-                    "output_tokens": len(answer.words),
-                }
+            self._bill_whole("messages", answer)
+            if not faults.omit_usage:
+                message["usage"] = answer.prompt.anthropic_usage(answer.completion_tokens)
             return JSONResponse(message)
 
         start = {**message, "content": [], "stop_reason": None}
@@ -396,36 +680,40 @@ class _Upstream:
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": None},
         }
-        if not omit_usage:
-            start["usage"] = {"input_tokens": answer.prompt_tokens, "output_tokens": 1}
-            final_delta["usage"] = {"output_tokens": len(answer.words)}
+        if not faults.omit_usage:
+            start["usage"] = answer.prompt.anthropic_usage(1)
+            if not faults.omit_final_usage:
+                final_delta["usage"] = {"output_tokens": answer.completion_tokens}
         block = {
             "type": "content_block_start",
             "index": 0,
             "content_block": {"type": "text", "text": ""},
         }
-        events = [
-            _sse({"type": "message_start", "message": start}, "message_start"),
-            _sse(block, "content_block_start"),
-            _sse({"type": "ping"}, "ping"),
+        events: list[tuple[str, str | None]] = [
+            (_sse({"type": "message_start", "message": start}, "message_start"), None),
+            (_sse(block, "content_block_start"), None),
+            (_sse({"type": "ping"}, "ping"), None),
         ]
         events += [
-            _sse(
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": word},
-                },
-                "content_block_delta",
+            (
+                _sse(
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": word},
+                    },
+                    "content_block_delta",
+                ),
+                word,
             )
             for word in answer.words
         ]
         events += [
-            _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-            _sse(final_delta, "message_delta"),
-            _sse({"type": "message_stop"}, "message_stop"),
+            (_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"), None),
+            (_sse(final_delta, "message_delta"), None),
+            (_sse({"type": "message_stop"}, "message_stop"), None),
         ]
-        return self._event_stream(events)
+        return self._event_stream(events, "messages", answer)
 
     # --- admin: provider-side key rotation ------------------------------------------------
 
