@@ -26,9 +26,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from broker.app import create_app
+    from broker.server import serve
     from broker.services import Services
 
     settings = _settings(args)
@@ -36,10 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     services = Services.build(settings, auto_migrate=args.migrate)
     app = create_app(settings, services=services)
     try:
-        uvicorn.run(
-            app, host=settings.server.host, port=settings.server.port, log_level="info",
-            access_log=False, server_header=False,
-        )
+        serve(app, settings, log_level="info")
     finally:
         services.close()
     return 0

@@ -105,9 +105,8 @@ def _banner(base: str, seeded: dict[str, str], admin_secret: str, vault_addr: st
 
 
 def run_dev(config: Path | None, port: int) -> int:
-    import uvicorn
-
     from broker.app import create_app
+    from broker.server import serve
     from broker.services import Services
 
     vault: DevVault | None = None
@@ -139,7 +138,7 @@ def run_dev(config: Path | None, port: int) -> int:
         print(_banner(base, seeded, admin_secret, vault_addr), flush=True)
         started = time.monotonic()
         try:
-            uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", server_header=False)
+            serve(app, settings, host="127.0.0.1", port=port, log_level="warning")
         finally:
             services.close()
             print(f"broker dev: stopped after {time.monotonic() - started:.0f}s", file=sys.stderr)
