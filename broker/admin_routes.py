@@ -6,6 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import Response
@@ -146,12 +147,23 @@ async def patch_workload(request: Request, svc: Services, actor: Actor) -> Respo
     body = validate(ids.WorkloadPatch, await _body(request, svc))
     now = int(time.time())
 
-    def txn(conn: Connection) -> dict[str, Any]:
-        view = ids.patch_workload(conn, actor, wid, body)
+    def txn(conn: Connection) -> tuple[dict[str, Any], Entry | None]:
+        view, changed = ids.patch_workload(conn, actor, wid, body)
         record(conn, actor.id, "workload.update", wid, body.model_dump(exclude_none=True), now)
-        return view
+        entry = None
+        if changed:
+            # Tokens carry the identity they were minted for: a new one must not ride on them.
+            entry = revocation.cut_workload(conn, actor, wid, view["tenant_id"],
+                                            "roles or policy changed", now)
+        return view, entry
 
-    return json_response(await svc.db.run(txn))
+    view, entry = await svc.db.run(txn)
+    revocation.apply_here(svc.extras.get("token_gate"), entry)
+    if entry is not None:
+        # Tokens carry whole seconds and the cut-off kills those of its own second: answer
+        # only once a token issued after this answer is sure to live.
+        await anyio.sleep(max(0.0, now + 1 - time.time()))
+    return json_response(view)
 
 
 async def delete_workload(request: Request, svc: Services, actor: Actor) -> Response:

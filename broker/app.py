@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -18,8 +19,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broker import admin_routes, oauth_routes, usage_routes
-from broker.errors import BrokerError, MethodNotAllowed, NotFound, Unavailable
-from broker.http import EdgeMiddleware, error_response, json_response
+from broker.errors import BrokerError, InvalidToken, MethodNotAllowed, NotFound, Unavailable
+from broker.http import ClientAddressMiddleware, EdgeMiddleware, error_response, json_response
 from broker.metrics import Metrics, MetricsMiddleware
 from broker.openapi import build_openapi
 from broker.services import Services
@@ -47,6 +48,14 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text. With ``metrics.token`` set, only for a bearer of it (compared in
+    constant time): the counters tell which routes, providers and errors are in use."""
+    expected = request.app.state.metrics_token
+    if expected is not None:
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise InvalidToken("the metrics token is required")
     metrics: Metrics = request.app.state.metrics
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -151,7 +160,11 @@ def create_app(
     }
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(EdgeMiddleware), Middleware(MetricsMiddleware, metrics=metrics)],
+        middleware=[
+            Middleware(EdgeMiddleware),
+            Middleware(ClientAddressMiddleware, trusted_proxies=settings.server.trusted_proxies),
+            Middleware(MetricsMiddleware, metrics=metrics),
+        ],
         exception_handlers=handlers,
         lifespan=lifespan,
     )
@@ -159,5 +172,7 @@ def create_app(
     # request's Host header.
     app.router.redirect_slashes = False
     app.state.metrics = metrics
+    token = settings.metrics.token
+    app.state.metrics_token = token.get_secret_value() if token is not None else None
     return app
 

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # httpx logs every upstream request at INFO: one line per model call is our metrics' job.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # pypdf narrates what it repairs in a client's PDF, quoting its bytes: not for our logs.
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
     from broker.services import NotMigrated
 
     try:

@@ -36,52 +36,74 @@ def secret_matches(pepper: bytes, secret: str, stored_hashes: list[str | None]) 
     return ok
 
 
-class FailureTracker:
-    """Counts failed secret checks per (client, source address) in a sliding window.
+class SlidingWindow:
+    """Counts events per key in a sliding window of ``window_s``; at ``limit`` events in the
+    window the key is blocked until the oldest leaves it. Kept in memory and bounded: keys whose
+    events all left the window are pruned, and under a flood of distinct keys the oldest go."""
 
-    After ``limit`` failures in ``window_s`` the pair is refused with ``slow_down`` even with a
-    correct secret, until the oldest failure leaves the window. Kept in memory: bounded by the
-    number of distinct pairs that failed in the last window (old pairs are pruned).
-    """
-
-    def __init__(self, limit: int, window_s: int, max_pairs: int = 100_000):
+    def __init__(self, limit: int, window_s: int, max_keys: int = 100_000):
         self.limit = limit
         self.window_s = window_s
-        self.max_pairs = max_pairs
-        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self.max_keys = max_keys
+        self._events: dict[tuple[str, str], deque[float]] = {}
         self._lock = threading.Lock()
 
     def _prune(self, q: deque[float], now: float) -> None:
         while q and q[0] <= now - self.window_s:
             q.popleft()
 
-    def blocked_for(self, client_id: str, source: str, now: float | None = None) -> int:
-        """Seconds until the pair may try again; 0 when it may try now."""
+    def _wait(self, key: tuple[str, str], now: float) -> int:
+        q = self._events.get(key)
+        if not q:
+            return 0
+        self._prune(q, now)
+        if len(q) < self.limit:
+            return 0
+        return max(1, int(q[-self.limit] + self.window_s - now) + 1)
+
+    def _record(self, key: tuple[str, str], now: float) -> None:
+        if len(self._events) >= self.max_keys:
+            for old in [k for k, q in self._events.items() if not q or q[-1] <= now - self.window_s]:
+                del self._events[old]
+            if len(self._events) >= self.max_keys:
+                # Under a flood of distinct keys, forget the oldest rather than grow forever.
+                self._events.pop(next(iter(self._events)))
+        q = self._events.setdefault(key, deque())
+        self._prune(q, now)
+        q.append(now)
+
+    def blocked_for(self, key: tuple[str, str], now: float | None = None) -> int:
+        """Seconds until the key may act again; 0 when it may act now."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            q = self._failures.get((client_id, source))
-            if not q:
-                return 0
-            self._prune(q, now)
-            if len(q) < self.limit:
-                return 0
-            return max(1, int(q[-self.limit] + self.window_s - now) + 1)
+            return self._wait(key, now)
+
+    def record(self, key: tuple[str, str], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._record(key, now)
+
+    def take(self, key: tuple[str, str], now: float | None = None) -> int:
+        """Count one event unless the key is blocked: 0 when counted, else the seconds to wait
+        (checked and counted under one lock, so concurrent callers cannot both slip in)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            wait = self._wait(key, now)
+            if not wait:
+                self._record(key, now)
+            return wait
+
+
+class FailureTracker(SlidingWindow):
+    """Failed secret checks per (client, source address): after ``limit`` failures in
+    ``window_s`` the pair is refused with ``slow_down`` even with a correct secret, until the
+    oldest failure leaves the window."""
 
     def ensure_allowed(self, client_id: str, source: str) -> None:
         """Raise ``slow_down`` (with ``Retry-After``) while the pair is throttled."""
-        wait = self.blocked_for(client_id, source)
+        wait = self.blocked_for((client_id, source))
         if wait:
             raise SlowDown(headers={"retry-after": str(wait)})
 
     def record_failure(self, client_id: str, source: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            if len(self._failures) >= self.max_pairs:
-                for key in [k for k, q in self._failures.items() if not q or q[-1] <= now - self.window_s]:
-                    del self._failures[key]
-                if len(self._failures) >= self.max_pairs:
-                    # Under a flood of distinct pairs, forget the oldest rather than grow forever.
-                    self._failures.pop(next(iter(self._failures)))
-            q = self._failures.setdefault((client_id, source), deque())
-            self._prune(q, now)
-            q.append(now)
+        self.record((client_id, source), now)

@@ -17,9 +17,12 @@ class BrokerError(Exception):
     code: str = "internal_error"
     title: str = "Internal error"
 
-    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None):
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None,
+                 param: str | None = None):
         self.detail = detail or self.title
         self.headers = headers or {}
+        # The request field at fault, for the dialects that name one (OpenAI's ``param``).
+        self.param = param
         super().__init__(self.detail)
 
 
@@ -30,6 +33,11 @@ class InvalidRequest(BrokerError):
     status = 400
     code = "invalid_request"
     title = "Invalid request"
+
+
+class Unbounded(InvalidRequest):
+    """A request part or field whose cost the broker cannot bound: it is refused, never
+    forwarded unpriced. The message names the field."""
 
 
 class ValidationFailed(BrokerError):
@@ -83,6 +91,14 @@ class InvalidScope(BrokerError):
     status = 400
     code = "invalid_scope"
     title = "Invalid scope"
+
+
+class InvalidTarget(BrokerError):
+    """RFC 8707: the ``resource`` or ``audience`` asked for is not one this broker serves."""
+
+    status = 400
+    code = "invalid_target"
+    title = "Invalid target"
 
 
 class InvalidClient(BrokerError):

@@ -6,18 +6,24 @@ One call, in order (see ``docs/request-flow.md``):
    the workload's policy (403), and not need an approval (403);
 2. the provider key is read (cached) before any money moves, so a Vault outage costs nothing;
 3. the limiter admits the call at its worst case (429 ``rate_limit_exceeded``);
-4. one transaction reads what remains of the slice, lowers the output-token limit to what it can
+4. the provider plugin BOUNDS the request (:mod:`broker.bounds`): a proven upper bound on the
+   input it can be billed, or a 400 naming a field whose cost cannot be bounded;
+5. one transaction reads what remains of the slice, lowers the output-token limit to what it can
    pay for, and HOLDS the worst-case cost with a conditional update (429 ``insufficient_quota``
    when not even one output token fits; 503 when the ledger does not answer, before any
    provider call);
-5. the request goes to the provider with the provider key (the client's credentials never do);
-6. the actual cost, from the provider's usage (or estimated from what was streamed, and marked
-   so), is SETTLED: charged, the rest of the hold released, one usage event written. Settlement
-   runs in ``finally`` blocks shielded from cancellation, so no path leaves a hold behind; if the
-   process dies, the sweeper settles the orphan at the full hold.
+6. the request goes to the provider with the provider key (the client's credentials never do);
+7. the actual cost, from the provider's usage, is SETTLED: charged in full, the rest of the hold
+   released, one usage event written. Without the provider's usage the charge is a bound, never a
+   guess below the bill: the input bound (or the input the provider reported) and the output
+   streamed counted as one token per byte, capped by the hold; the whole hold when the request
+   was sent and nothing is known. Settlement runs in ``finally`` blocks shielded from
+   cancellation, so no path leaves a hold behind; if the process dies, the sweeper settles the
+   orphan at the full hold.
 
-The charge is never more than the hold; zero when the provider never took the request; at least
-the input tokens once it did.
+The charge is zero when the provider never took the request. It stays within the hold, since
+the hold is a bound; a provider that bills more anyway is charged in full (an ``overrun``: the
+budgets go past their limits, the call is audited and alerted, and the token is revoked).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import anyio
 import httpx
 from sqlalchemy import Connection, select
 
-from broker import ledger
+from broker import ledger, revocation
+from broker.bounds import BoundContext, RequestBound
 from broker.errors import (
     ApprovalRequired,
     InsufficientQuota,
@@ -47,16 +54,18 @@ from broker.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from broker.gateway_stream import NOTHING, MeteredStream, Outcome, body_chunks
+from broker.gateway_stream import MeteredStream, body_chunks
 from broker.limits import InMemoryLimiter, Limiter
+from broker.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule
 from broker.models import Workload
 from broker.policy import Policy, effective, model_allowed
-from broker.pricing import Price, cost_micros, max_output_tokens
+from broker.pricing import NOTHING, Price, Usage
 from broker.provider_keys import ProviderKeys
-from broker.providers import Operation, Provider, Usage, build_providers
+from broker.providers import Operation, Provider, StreamMeter, build_providers
+from broker.revocation import Entry
 from broker.services import Services
 from broker.settings import ModelSettings
-from broker.tokens import VerifiedToken
+from broker.tokens import LEEWAY_S, VerifiedToken
 from broker.upstream_http import DEFAULT_HEADERS, environment_has_proxy, lean_transport
 
 log = logging.getLogger("broker.gateway")
@@ -70,7 +79,16 @@ POLICY_CACHE_MAX = 10_000
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
 HOLD_ATTEMPTS = 3
-_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+KEEPALIVE_PER_PROVIDER = 200
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a call ended and what it used: what settlement charges."""
+
+    status: str
+    usage: Usage
+    estimated: bool = False
 
 
 @dataclass
@@ -86,10 +104,10 @@ class Call:
     body: dict[str, Any]
     stream: bool
     client_wants_usage: bool
+    bound: RequestBound
     hold_id: str
     held: int
     remaining: int
-    prompt_estimate: int
     output_limit: int  # per answer; 0 for embeddings
     choices: int
     limiter_tokens: int
@@ -98,6 +116,24 @@ class Call:
     client_ip: str | None
     started: float
     settled: bool = False
+
+    @property
+    def output_cap(self) -> int:
+        """The most output the provider may bill: the limit set on every answer, plus the
+        output the request itself may add (an OpenAI prediction)."""
+        return self.output_limit * self.choices + self.bound.extra_output_tokens
+
+    def worst(self) -> Usage:
+        """The usage the hold was priced at: what is charged when nothing else is known."""
+        return self.price.worst_case(self.bound.input_tokens, self.output_cap, self.bound.cache)
+
+    def bounded(self, reported: Usage | None, output_bound: int) -> Usage:
+        """The charge when the provider's final usage is missing: the input it reported (else
+        the input bound) and the output seen, counted high, never above the hold's."""
+        source = reported or self.price.worst_input(self.bound.input_tokens, self.bound.cache)
+        seen = max(output_bound, reported.completion_tokens if reported is not None else 0)
+        return Usage(source.prompt_tokens, min(self.output_cap, seen), source.cached_tokens,
+                     source.cache_write_tokens, source.cache_write_1h_tokens)
 
 
 @dataclass(frozen=True)
@@ -130,6 +166,21 @@ class Reply:
     headers: dict[str, str]
 
 
+def _image_rule(spec: ModelSettings) -> ImageRule | None:
+    """The model's configured image rule; None leaves the plugin's costliest."""
+    if spec.image_rule is None:
+        return None
+    if spec.image_rule == "openai-tiles":
+        return ImageRule(
+            "openai-tiles",
+            OPENAI_COSTLIEST.base_tokens if spec.image_base_tokens is None else spec.image_base_tokens,
+            OPENAI_COSTLIEST.tile_tokens if spec.image_tile_tokens is None else spec.image_tile_tokens,
+        )
+    if spec.image_rule == "anthropic-pixels":
+        return ANTHROPIC_PIXELS
+    return ImageRule("none")
+
+
 class Gateway:
     def __init__(self, svc: Services, providers: Mapping[str, Provider]) -> None:
         self.svc = svc
@@ -144,48 +195,71 @@ class Gateway:
         self.limiter: Limiter = limiter if limiter is not None else InMemoryLimiter()
         self._policies: dict[str, tuple[float, Policy]] = {}
         self._upstreams: dict[str, _Upstream] = {}
-        self._shared: httpx.AsyncHTTPTransport | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._contexts = {name: self._bound_context(spec)
+                          for name, spec in svc.settings.models.items()}
+        gate = svc.extras.get("token_gate")
+        if isinstance(gate, revocation.Denylist):
+            gate.listeners.append(self._forget_policy)
 
     @classmethod
     def build(cls, svc: Services) -> Gateway:
         """Build every configured provider; a missing plugin is a ConfigError naming the key."""
         return cls(svc, build_providers(svc.settings.providers))
 
+    def _bound_context(self, spec: ModelSettings) -> BoundContext:
+        provider = self.settings.providers[spec.provider]
+        return BoundContext(
+            image_rule=_image_rule(spec),
+            service_tier_percent=dict(spec.service_tier_percent),
+            allowed_fields=frozenset(provider.allowed_fields),
+            allowed_beta=frozenset(provider.allowed_beta),
+            unsized_part_tokens=provider.unsized_part_tokens,
+            pdf_page_tokens=provider.pdf_page_tokens,
+            max_media_bytes=self.settings.server.max_body_bytes,
+        )
+
+    def _forget_policy(self, entry: Entry) -> None:
+        if entry.kind == "workload":
+            self._policies.pop(entry.target, None)
+
     # --- HTTP clients ------------------------------------------------------------------
 
     def _upstream(self, provider: Provider) -> _Upstream:
-        """How requests reach ``provider``: built once per provider and shared."""
-        up = self._upstreams.get(provider.config.name)
+        """How requests reach ``provider``: a connection pool of its own, built once, so that
+        calls held open on one provider cannot starve the others."""
+        name = provider.config.name
+        up = self._upstreams.get(name)
         if up is not None:
             return up
+        most = self.settings.providers[name].max_connections
+        limits = httpx.Limits(max_connections=most,
+                              max_keepalive_connections=min(most, KEEPALIVE_PER_PROVIDER))
         transport = provider.transport()
         send: Callable[[httpx.Request], Awaitable[httpx.Response]]
         if transport is None and not environment_has_proxy():
             # The network path: the lean transport, called directly (see broker.upstream_http).
-            shared = self._shared
-            if shared is None:
-                shared = self._shared = lean_transport(_LIMITS)
-                self._closers.append(shared.aclose)
-            send = shared.handle_async_request
+            lean = lean_transport(limits)
+            self._closers.append(lean.aclose)
+            send = lean.handle_async_request
         else:
             # In-process providers, or a proxy from the environment: httpx's client as is.
             # Redirects are never followed: the provider key must reach only the configured URL.
-            client = httpx.AsyncClient(transport=transport, follow_redirects=False, limits=_LIMITS)
+            client = httpx.AsyncClient(transport=transport, follow_redirects=False, limits=limits)
             self._closers.append(client.aclose)
 
             async def send(request: httpx.Request) -> httpx.Response:
                 return await client.send(request, stream=True)
 
         timeout_s = provider.config.timeout_s
-        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)).as_dict()
-        up = self._upstreams[provider.config.name] = _Upstream(send, {"timeout": timeout}, {})
+        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s),
+                                pool=min(CONNECT_TIMEOUT_S, timeout_s)).as_dict()
+        up = self._upstreams[name] = _Upstream(send, {"timeout": timeout}, {})
         return up
 
     async def aclose(self) -> None:
         closers, self._closers = self._closers, []
         self._upstreams.clear()
-        self._shared = None
         for close in closers:
             await close()
 
@@ -195,7 +269,8 @@ class Gateway:
         return [(n, m) for n, m in self.settings.models.items() if model_allowed(n, token.models)]
 
     async def policy(self, workload_id: str) -> Policy:
-        """The workload's effective policy, cached briefly to keep the hot path off the database."""
+        """The workload's effective policy, cached briefly to keep the hot path off the database
+        (and dropped at once when the workload's tokens are cut or it is suspended)."""
         now = time.monotonic()
         hit = self._policies.get(workload_id)
         if hit is not None and hit[0] > now:
@@ -217,15 +292,17 @@ class Gateway:
         token: VerifiedToken,
         op: Operation,
         body: dict[str, Any],
+        client_headers: Mapping[str, str],
         *,
         request_id: str,
         client_ip: str | None,
     ) -> Call:
-        """Check the call, admit it, hold its worst case; the caller must then settle it."""
+        """Check the call, bound it, admit it, hold its worst case; the caller must then
+        settle it."""
         started = time.perf_counter()
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidRequest("model is required")
+            raise InvalidRequest("model is required", param="model")
         spec = self.settings.models.get(model)
         if spec is None:
             raise ModelNotFound(f"the model {model[:200]!r} does not exist")
@@ -233,7 +310,7 @@ class Gateway:
             raise ModelNotAllowed(f"this token may not use the model {model!r}")
         provider = self.providers[spec.provider]
         if op not in provider.operations:
-            raise InvalidRequest(f"the model {model!r} is not served on this route")
+            raise InvalidRequest(f"the model {model!r} is not served on this route", param="model")
         policy = await self.policy(token.sub)
         if not model_allowed(model, policy.models):
             raise ModelNotAllowed(f"the policy no longer allows the model {model!r}")
@@ -241,35 +318,39 @@ class Gateway:
             raise ApprovalRequired(f"the model {model!r} needs an approval")
         stream = body.get("stream", False)
         if not isinstance(stream, bool) or (stream and op == "embeddings"):
-            raise InvalidRequest("stream must be a boolean (and is not supported for embeddings)")
+            raise InvalidRequest("stream must be a boolean (and is not supported for embeddings)",
+                                 param="stream")
+        bound = provider.bound_request(op, body, self._contexts[model], client_headers)
         requested, choices = provider.output_limit(op, body)
         # Asking for stream usage may refuse a malformed request: do it before money moves.
         client_wants_usage = provider.ask_stream_usage(op, body) if stream else False
-        prompt = provider.estimate_input_tokens(op, body)
-        price = Price.of(spec)
+        price = Price.of(spec, bound.price_percent)
         wanted = 0 if op == "embeddings" else requested or DEFAULT_OUTPUT_LIMIT
         # The whole slice bounds what the limiter is asked to hold, without a database read.
-        bound = max_output_tokens(price, prompt, token.budget_micros)
-        if bound is not None and op != "embeddings":
-            wanted = max(1, min(wanted, bound // choices))
+        affordable = _affordable(price, bound, token.budget_micros)
+        if affordable is not None and op != "embeddings":
+            wanted = max(1, min(wanted, affordable // choices))
         await self.keys.get(spec.provider)  # a Vault outage refuses the call before money moves
-        limiter_tokens = prompt + wanted * choices
-        limiter_micros = cost_micros(price, prompt, wanted * choices)
+        worst = price.worst_case(bound.input_tokens, wanted * choices + bound.extra_output_tokens,
+                                 bound.cache)
+        limiter_tokens, limiter_micros = worst.tokens, price.cost(worst)
+        tenant_cap = self.settings.gateway.tenant_max_concurrent
         self.limiter.admit(token.sub, policy, tokens=limiter_tokens, cost_micros=limiter_micros,
-                           now=time.time())
+                           now=time.time(), group=token.tenant, group_cap=tenant_cap)
         hold_id = "h_" + secrets.token_hex(12)
         try:
             limit, held, remaining = await self.svc.db.run(
-                lambda conn: _hold(conn, hold_id, token.jti, op, price, prompt, wanted, choices)
+                lambda conn: _hold(conn, hold_id, token.jti, op, price, bound, wanted, choices)
             )
         except BaseException:
             self.limiter.settle(token.sub, policy, held_tokens=limiter_tokens, used_tokens=0,
-                                held_micros=limiter_micros, used_micros=0, now=time.time())
+                                held_micros=limiter_micros, used_micros=0, now=time.time(),
+                                group=token.tenant)
             raise
         call = Call(
             token=token, op=op, model=model, provider=provider, price=price, policy=policy,
-            body=body, stream=stream, client_wants_usage=client_wants_usage, hold_id=hold_id,
-            held=held, remaining=remaining, prompt_estimate=prompt, output_limit=limit,
+            body=body, stream=stream, client_wants_usage=client_wants_usage, bound=bound,
+            hold_id=hold_id, held=held, remaining=remaining, output_limit=limit,
             choices=choices, limiter_tokens=limiter_tokens, limiter_micros=limiter_micros,
             request_id=request_id, client_ip=client_ip, started=started,
         )
@@ -288,9 +369,9 @@ class Gateway:
         """Send the call upstream. A non-stream call is settled before this returns; a stream
         is handed over to the returned :class:`MeteredStream`, which settles it."""
         provider = call.provider
-        # Once the request is on its way the provider may bill its input, even if we never
-        # learn the answer (cancelled, timed out, unreadable).
-        taken = Outcome("cancelled", Usage(call.prompt_estimate, 0), estimated=True)
+        # Once the request is on its way the provider may bill all of it, even if we never
+        # learn the answer (cancelled, timed out, unreadable): the whole hold.
+        taken = Outcome("cancelled", call.worst(), estimated=True)
         outcome = Outcome("not_sent", NOTHING)
         handed_over = False
         try:
@@ -351,35 +432,46 @@ class Gateway:
             gate = self.svc.extras.get("token_gate")
             return gate is None or bool(gate.is_live(call.token))
 
-        async def settle(outcome: Outcome) -> None:
+        async def settle(status: str, meter: StreamMeter) -> None:
+            if meter.final and meter.usage is not None:
+                outcome = Outcome(status, meter.usage)
+            else:
+                outcome = Outcome(status, call.bounded(meter.usage, meter.output_bound),
+                                  estimated=True)
             await self.settle(call, outcome)
 
+        gateway = self.settings.gateway
+        # The stream may not outlive its token (plus the leeway), nor the broker's own cap.
+        lifetime = min(call.token.exp + LEEWAY_S - time.time(), float(gateway.max_stream_s))
         meter = call.provider.stream_meter(call.op, client_wants_usage=call.client_wants_usage)
         return MeteredStream(response, meter, limit=call.output_limit * call.choices,
-                             prompt_estimate=call.prompt_estimate, remaining=call.remaining,
-                             is_live=is_live, settle=settle)
+                             remaining=call.remaining, deadline=time.monotonic() + lifetime,
+                             drain_s=float(gateway.drain_s), is_live=is_live, settle=settle)
 
     def _completed(self, call: Call, raw: bytes) -> tuple[Outcome, Any]:
         try:
             parsed = json.loads(raw)
         except ValueError:
-            return Outcome("upstream_error", Usage(call.prompt_estimate, 0), estimated=True), None
+            return Outcome("upstream_error", call.worst(), estimated=True), None
         usage = call.provider.read_usage(call.op, parsed)
         if usage is not None:
             return Outcome("ok", usage), parsed
-        out = call.provider.estimate_output_tokens(call.op, parsed)
-        return Outcome("ok", Usage(call.prompt_estimate, out), estimated=True), parsed
+        out = call.provider.output_bound(call.op, parsed)
+        return Outcome("ok", call.bounded(None, out), estimated=True), parsed
 
     # --- settlement --------------------------------------------------------------------
 
     async def settle(self, call: Call, outcome: Outcome) -> tuple[int, int | None]:
-        """Charge the outcome (at most the hold), release the rest, write the usage event, once.
-        Shielded: a cancelled request still settles. Returns (cost, what remains of the slice)."""
+        """Charge the outcome in full, release the rest of the hold, write the usage event,
+        once. Shielded: a cancelled request still settles. Returns (cost, what remains of the
+        slice). A charge above the hold (the provider billed more than the bound) is an
+        overrun: charged all the same, audited, alerted, and the token revoked."""
         if call.settled:
             return 0, None
         call.settled = True
         usage = outcome.usage
-        cost = min(cost_micros(call.price, usage.prompt_tokens, usage.completion_tokens), call.held)
+        cost = call.price.cost(usage)
+        status = "overrun" if cost > call.held else outcome.status
         now = time.time()
         event = {
             "request_id": call.request_id[:64],
@@ -388,7 +480,7 @@ class Gateway:
             "provider": call.provider.config.name,
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
-            "status": outcome.status,
+            "status": status,
             "latency_ms": int((time.perf_counter() - call.started) * 1000),
             "stream": call.stream,
             "estimated": outcome.estimated,
@@ -398,30 +490,69 @@ class Gateway:
         with anyio.CancelScope(shield=True):
             try:
                 remaining = await self.svc.db.run(
-                    lambda conn: ledger.settle_hold(conn, hold_id=call.hold_id, cost=cost,
-                                                    event=event)
-                )
+                    lambda conn: self._settle_in(conn, call, cost, event, outcome.status))
             except Exception as exc:
                 # The hold stays; the sweeper settles it at the full amount once it is orphaned.
                 log.error("settling hold %s failed: %s", call.hold_id, type(exc).__name__)
             finally:
-                tokens = usage.prompt_tokens + usage.completion_tokens
                 self.limiter.settle(call.token.sub, call.policy, held_tokens=call.limiter_tokens,
-                                    used_tokens=min(tokens, call.limiter_tokens),
-                                    held_micros=call.limiter_micros,
-                                    used_micros=min(cost, call.limiter_micros), now=now)
+                                    used_tokens=usage.tokens, held_micros=call.limiter_micros,
+                                    used_micros=cost, now=now, group=call.token.tenant)
         return cost, remaining
+
+    def _settle_in(self, conn: Connection, call: Call, cost: int, event: dict[str, Any],
+                   ended: str) -> int | None:
+        done = ledger.settle_hold(conn, hold_id=call.hold_id, cost=cost, event=event)
+        if done is None:
+            return None
+        if done.excess:
+            entry = revocation.revoke_for_overrun(
+                conn, jti=done.jti, workload_id=done.workload_id, tenant_id=done.tenant_id,
+                excess=done.excess,
+                detail={"request_id": event["request_id"], "model": call.model,
+                        "provider": call.provider.config.name, "held_micros": call.held,
+                        "cost_micros": cost, "ended": ended},
+                now=int(event["ts"]),
+            )
+            self._alert_overrun(call, done.excess, entry)
+        return done.remaining
+
+    def _alert_overrun(self, call: Call, excess: int, entry: Entry | None) -> None:
+        provider = call.provider.config.name
+        log.warning("overrun: provider %s billed call %s of workload %s %d micro-dollars above "
+                    "its hold; the token is revoked", provider, call.request_id[:64],
+                    call.token.sub, excess)
+        metrics = self.svc.extras.get("metrics")
+        if metrics is not None:
+            metrics.overruns.labels(provider).inc()
+            metrics.overrun_micros.labels(provider).inc(excess)
+        # Applied here before the commit is harmless: the gate only refuses more.
+        revocation.apply_here(self.svc.extras.get("token_gate"), entry)
+
+
+def _affordable(price: Price, bound: RequestBound, budget: int) -> int | None:
+    """The most output tokens (for all answers together) that ``budget`` pays for beside the
+    request's worst-case input and extra output; None when money sets no limit."""
+    most = price.max_output_tokens(price.worst_input(bound.input_tokens, bound.cache), budget)
+    if most is None:
+        return None
+    return most - bound.extra_output_tokens
 
 
 def _hold(
-    conn: Connection, hold_id: str, jti: str, op: Operation, price: Price, prompt: int,
+    conn: Connection, hold_id: str, jti: str, op: Operation, price: Price, bound: RequestBound,
     wanted: int, choices: int,
 ) -> tuple[int, int, int]:
     """(output limit per answer, amount held, what remains of the slice). The limit is the
     largest the remaining slice pays for, at most ``wanted``; retried when a concurrent hold
     took the room between the read and the conditional update (PostgreSQL)."""
+
+    def amount_for(limit: int) -> int:
+        return price.cost(price.worst_case(
+            bound.input_tokens, limit * choices + bound.extra_output_tokens, bound.cache))
+
     # Most calls fit as asked: try that first, and read the slice only when it does not.
-    amount = cost_micros(price, prompt, wanted * choices)
+    amount = amount_for(wanted)
     now = int(time.time())
     with contextlib.suppress(InsufficientQuota):
         return wanted, amount, ledger.place_hold(conn, hold_id=hold_id, jti=jti, amount=amount,
@@ -431,14 +562,14 @@ def _hold(
         if remaining is None:
             raise InsufficientQuota("this token has no budget slice")
         limit = wanted
-        affordable = max_output_tokens(price, prompt, remaining)
+        affordable = _affordable(price, bound, remaining)
         if affordable is not None and op != "embeddings":
             limit = min(limit, affordable // choices)
             if limit < 1:
                 raise InsufficientQuota("the token's remaining slice cannot pay for an answer")
         elif affordable is not None and affordable < 0:
             raise InsufficientQuota("the token's remaining slice cannot pay for this input")
-        amount = cost_micros(price, prompt, limit * choices)
+        amount = amount_for(limit)
         try:
             left = ledger.place_hold(conn, hold_id=hold_id, jti=jti, amount=amount, now=now)
         except InsufficientQuota:

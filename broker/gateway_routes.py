@@ -110,7 +110,8 @@ class GatewayRoutes:
         svc = self.gateway.svc
         token = _token(request)
         body = await json_object(request, svc.settings.server.max_body_bytes)
-        call = await self.gateway.begin(token, op, body, request_id=request_id(request),
+        call = await self.gateway.begin(token, op, body, request.headers,
+                                        request_id=request_id(request),
                                         client_ip=client_address(request))
         result = await self.gateway.forward(call, request.headers)
         if isinstance(result, Reply):

@@ -4,6 +4,7 @@ dialect. Errors are rendered here and only here.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -88,6 +89,51 @@ class EdgeMiddleware:
             await response(scope, receive, send_with_id)
 
 
+class ClientAddressMiddleware:
+    """Sets the request's client address to the real caller's.
+
+    The TCP peer is the client, unless it is one of ``server.trusted_proxies``: then
+    ``X-Forwarded-For`` is read from the right, skipping the trusted proxies, and the first
+    address that is not one of them is the client. Every entry must be an IP address (400
+    otherwise), so no string from a header reaches a counter key or a usage record. A peer
+    that is not trusted has its ``X-Forwarded-For`` ignored: anyone can write that header.
+    """
+
+    def __init__(self, app: ASGIApp, trusted_proxies: tuple[str, ...] = ()):
+        self.app = app
+        self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.trusted:
+            await self.app(scope, receive, send)
+            return
+        peer = scope.get("client")
+        if peer and self._is_trusted(str(peer[0])):
+            values = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
+            hops = [h.strip() for h in ",".join(values).split(",") if h.strip()]
+            client = str(peer[0])
+            for hop in reversed(hops):
+                try:
+                    client = str(ipaddress.ip_address(hop))
+                except ValueError:
+                    response = error_response(
+                        InvalidRequest("X-Forwarded-For must list IP addresses"),
+                        scope.get("path", ""))
+                    await response(scope, receive, send)
+                    return
+                if not self._is_trusted(client):
+                    break
+            scope["client"] = (client, 0)
+        await self.app(scope, receive, send)
+
+
 def request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
@@ -138,7 +184,7 @@ def error_body(exc: BrokerError, dialect: str) -> tuple[dict[str, Any], str]:
         if exc.code == "insufficient_quota":
             etype = "insufficient_quota"
         return {
-            "error": {"message": exc.detail, "type": etype, "code": code, "param": None}
+            "error": {"message": exc.detail, "type": etype, "code": code, "param": exc.param}
         }, "application/json"
     if dialect == "anthropic":
         etype = _ANTHROPIC_TYPES.get(exc.status, "api_error")

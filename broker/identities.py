@@ -282,11 +282,21 @@ def list_workloads(
     return _page([workload_view(r) for r in rows], limit)
 
 
+def require_may_manage(actor: Actor, roles: list[str] | None) -> None:
+    """A tenant-admin may not act on an identity that holds more than tenant-admin (an
+    org-admin or auditor living in its tenant): that would let it take over or silence one."""
+    if "org-admin" not in actor.roles and set(roles or []) - {"tenant-admin"}:
+        raise Forbidden("only an org-admin may act on an org-admin or auditor identity")
+
+
 def patch_workload(
     conn: Connection, actor: Actor, workload_id: str, body: WorkloadPatch
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], bool]:
+    """Apply the patch; returns the workload and whether its identity changed (roles or
+    policy), in which case the caller must cut its live tokens: they carry the old one."""
     row = _workload_row(conn, actor, workload_id)
     actor.require_write()
+    require_may_manage(actor, list(row.roles or []))
     values: dict[str, Any] = {}
     if body.name is not None:
         values["name"] = body.name
@@ -300,13 +310,15 @@ def patch_workload(
         values["roles"] = list(body.roles)
     if body.policy is not None:
         values["policy"] = body.policy.model_dump(exclude_none=True)
+    changed = ("roles" in values and sorted(values["roles"]) != sorted(row.roles or [])) or (
+        "policy" in values and values["policy"] != _json_value(row.policy)[0])
     if values:
         try:
             with conn.begin_nested():
                 conn.execute(update(_workload).where(_workload.c.id == workload_id).values(**values))
         except IntegrityError:
             raise Conflict("a workload with this name exists in the tenant") from None
-    return get_workload(conn, actor, workload_id)
+    return get_workload(conn, actor, workload_id), changed
 
 
 def delete_workload(conn: Connection, actor: Actor, workload_id: str) -> None:

@@ -20,6 +20,8 @@ from broker.errors import (
     InvalidClient,
     InvalidRequest,
     InvalidScope,
+    InvalidTarget,
+    SlowDown,
     UnsupportedGrantType,
 )
 from broker.identities import Client, find_by_client_id
@@ -97,7 +99,11 @@ def parse_request(
     source: str,
     max_ttl: int,
     methods: Mapping[str, AuthMethod],
+    targets: frozenset[str] = frozenset(),
 ) -> TokenRequest:
+    """The token request, checked. ``targets`` are the ``resource``/``audience`` values that
+    name this broker (its audience and its issuer URL): tokens are only ever for it, so any
+    other target is refused (RFC 8707 ``invalid_target``) rather than silently ignored."""
     unknown = set(params) - KNOWN_PARAMS
     if unknown:
         raise InvalidRequest(f"unknown parameter {sorted(unknown)[0]!r}"[:200])
@@ -109,6 +115,10 @@ def parse_request(
         raise UnsupportedGrantType(f"grant_type {grant!r} is not supported"[:200])
     _str_param(params, "client_id", 512)
     _str_param(params, "client_secret", 512)
+    for name in ("resource", "audience"):
+        target = _str_param(params, name, 2048)
+        if target is not None and target.rstrip("/") not in targets:
+            raise InvalidTarget(f"this broker issues tokens only for itself: {name} must name it")
     creds = method.credentials(params, basic)
     scope_raw = _str_param(params, "scope", 4096)
     scope = tuple(scope_raw.split()) if scope_raw else None
@@ -152,6 +162,11 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
         else:
             models = list(policy.models)
         ttl = min(req.ttl_s or policy.token_ttl_s or settings.tokens.default_ttl_s, settings.tokens.max_ttl_s)
+        wait = services.issuance.take((row.client_id, ""))
+        if wait:
+            raise SlowDown(
+                f"this client may obtain {settings.auth.issuance_rpm} tokens per minute",
+                headers={"retry-after": str(wait)})
         per_token = policy.token_budget_micros or 0
         if req.budget_micros is not None and req.budget_micros > per_token:
             raise InvalidRequest(f"budget_micros exceeds the policy's per-token slice of {per_token}")
@@ -167,6 +182,8 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
             budgets=_budget_refs(services, row, policy),
             issued_at=now,
             expires_at=now + ttl,
+            max_live=policy.max_live_tokens,
+            retry_after_s=max(1, int(settings.sweeper.interval_s + 0.999)),
         )
         claims: dict[str, Any] = {
             "iss": settings.issuer.url,

@@ -7,6 +7,12 @@ Three layers hold money:
 * token slices: ``spent + held <= budget`` of the slice;
 * holds: the worst-case cost of one running gateway request, inside its token's slice.
 
+A hold is a proven upper bound on what the provider can bill (:mod:`broker.bounds`), so a
+settlement normally charges at most the hold. If a provider ever bills more, the broker charges
+what was billed: the slice's ``spent`` and the budgets' ``spent`` then pass their limits (an
+*overrun*: visible as a negative remainder, never hidden), and the caller refuses the token from
+then on. The inequalities above hold for everything the broker itself decides.
+
 Functions here take a SQLAlchemy ``Connection`` inside a transaction opened by
 :class:`broker.db.Database`, so a caller composes them into one transaction. No function reads
 a balance and writes it back: each check is part of the ``WHERE`` of the ``UPDATE`` that moves
@@ -24,7 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, or_, select
 
 from broker.db import Sql
-from broker.errors import BudgetExhausted, InsufficientQuota
+from broker.errors import BudgetExhausted, InsufficientQuota, SlowDown
 from broker.models import BudgetCounter, Hold, SliceCounter, TokenSlice, UsageEvent
 
 _counter = BudgetCounter.__table__  # type: ignore[attr-defined]
@@ -80,11 +86,27 @@ _COUNTER_IDS = Sql("SELECT counter_id FROM slice_counter WHERE jti = :jti ORDER 
 _RELEASE = Sql("""
     UPDATE token_slice SET released_at = :now
     WHERE jti = :jti AND released_at IS NULL AND held_micros = 0
-    RETURNING budget_micros, spent_micros""")
+    RETURNING budget_micros, spent_micros, workload_id""")
+_LIVE_UP = Sql("""
+    UPDATE workload SET live_slices = live_slices + 1
+    WHERE id = :workload_id AND live_slices < :cap
+    RETURNING live_slices""")
+_LIVE_DOWN = Sql("""
+    UPDATE workload SET live_slices = live_slices - 1
+    WHERE id = :workload_id AND live_slices > 0""")
+_PRUNE_LINKS = Sql("""
+    DELETE FROM slice_counter WHERE jti IN (
+        SELECT jti FROM token_slice WHERE released_at IS NOT NULL AND released_at < :before
+        LIMIT :batch)""")
+_PRUNE_SLICES = Sql("""
+    DELETE FROM token_slice WHERE jti IN (
+        SELECT jti FROM token_slice WHERE released_at IS NOT NULL AND released_at < :before
+          AND NOT EXISTS (SELECT 1 FROM slice_counter l WHERE l.jti = token_slice.jti)
+        LIMIT :batch)""")
 _UNRESERVE = Sql("UPDATE budget_counter SET reserved_micros = reserved_micros - :amount WHERE id = :id")
 _SPEND = Sql("""
     UPDATE budget_counter
-    SET reserved_micros = reserved_micros - :amount, spent_micros = spent_micros + :amount
+    SET reserved_micros = reserved_micros - :reserved, spent_micros = spent_micros + :amount
     WHERE id = :id""")
 _REMAINING = Sql("""
     SELECT budget_micros, spent_micros, held_micros, released_at FROM token_slice WHERE jti = :jti""")
@@ -100,7 +122,7 @@ _SETTLE_SLICE = Sql("""
     UPDATE token_slice
     SET held_micros = held_micros - :held, spent_micros = spent_micros + :cost
     WHERE jti = :jti
-    RETURNING budget_micros - spent_micros - held_micros, workload_id, tenant_id""")
+    RETURNING budget_micros, spent_micros, held_micros, workload_id, tenant_id""")
 _USAGE_COLUMNS = (
     "id", "request_id", "ts", "tenant_id", "workload_id", "jti", "model", "provider",
     "prompt_tokens", "completion_tokens", "cost_micros", "status", "latency_ms", "stream",
@@ -135,9 +157,19 @@ def reserve_slice(
     budgets: list[BudgetRef],
     issued_at: int,
     expires_at: int,
+    max_live: int | None = None,
+    retry_after_s: int = 10,
 ) -> None:
     """Record a token and reserve ``amount`` from every budget above it, or raise
-    :class:`BudgetExhausted` (the caller's transaction then rolls back every partial step)."""
+    :class:`BudgetExhausted` (the caller's transaction then rolls back every partial step).
+
+    ``max_live`` caps the workload's slices not yet released (a conditional update, so
+    concurrent issuances cannot pass it): one workload cannot pin the budgets above it with a
+    flood of tokens. Beyond it, :class:`SlowDown`."""
+    cap = max_live if max_live is not None else 2**62
+    if _LIVE_UP.run(conn, workload_id=workload_id, cap=cap).first() is None:
+        raise SlowDown(f"this workload already has {cap} live tokens (policy.max_live_tokens)",
+                       headers={"retry-after": str(retry_after_s)})
     _INSERT_SLICE.run(conn, jti=jti, workload_id=workload_id, tenant_id=tenant_id,
                       amount=amount, issued_at=issued_at, expires_at=expires_at)
     if amount == 0:
@@ -168,11 +200,20 @@ def release_slice(conn: Connection, jti: str, now: int) -> int:
     row = _RELEASE.run(conn, now=now, jti=jti).first()
     if row is None:
         return 0
-    unspent = int(row[0]) - int(row[1])
+    _LIVE_DOWN.run(conn, workload_id=row[2])
+    # After an overrun the slice spent more than its budget: nothing returns.
+    unspent = max(0, int(row[0]) - int(row[1]))
     if unspent > 0:
         for counter_id in _counter_ids(conn, jti):
             _UNRESERVE.run(conn, amount=unspent, id=counter_id)
     return unspent
+
+
+def prune_released_slices(conn: Connection, before: int, batch: int = 1000) -> int:
+    """Delete up to ``batch`` slices released before ``before`` (and their links to budget
+    counters): their money has returned, and their usage events keep the record."""
+    _PRUNE_LINKS.run(conn, before=before, batch=batch)
+    return int(_PRUNE_SLICES.run(conn, before=before, batch=batch).rowcount or 0)
 
 
 def expired_open_slices(conn: Connection, now: int, limit: int = 500) -> list[str]:
@@ -209,26 +250,45 @@ def place_hold(conn: Connection, *, hold_id: str, jti: str, amount: int, now: in
     return int(row[0])
 
 
-def settle_hold(conn: Connection, *, hold_id: str, cost: int, event: dict[str, Any]) -> int | None:
-    """Close a hold: charge ``cost`` (at most the held amount), release the rest, and write the
-    usage event (its identity fields default to the slice's), all at once. Returns what remains
-    of the slice, or None when the hold was already settled (by the sweeper, say): then nothing
-    is charged a second time."""
+@dataclass(frozen=True)
+class Settlement:
+    """What a settlement did: what remains of the slice (negative after an overrun), and how
+    much was charged above the hold (0 unless the provider billed more than the bound)."""
+
+    remaining: int
+    excess: int
+    workload_id: str
+    tenant_id: str
+    jti: str
+
+
+def settle_hold(conn: Connection, *, hold_id: str, cost: int, event: dict[str, Any]) -> Settlement | None:
+    """Close a hold: charge ``cost`` in full, release the rest of the hold, and write the usage
+    event (its identity fields default to the slice's), all at once. None when the hold was
+    already settled (by the sweeper, say): then nothing is charged a second time.
+
+    A cost above the hold is charged too (an overrun, see the module's docstring). The part of
+    it the slice still had reserved in the budgets above moves from reserved to spent; the rest
+    is added to spent alone, so that a later release never returns more than was reserved."""
     row = _DELETE_HOLD.run(conn, id=hold_id).first()
     if row is None:
         return None
     jti, held = str(row[0]), int(row[1])
-    cost = max(0, min(cost, held))
-    remaining, workload_id, tenant_id = _SETTLE_SLICE.run(
+    cost = max(0, cost)
+    budget, spent, held_left, workload_id, tenant_id = _SETTLE_SLICE.run(
         conn, held=held, cost=cost, jti=jti
     ).one()
+    # What the slice still had reserved before this charge (its budget minus what it spent).
+    reserved_before = max(0, int(budget) - (int(spent) - cost))
+    within = min(cost, reserved_before)
     if cost:
         for counter_id in _counter_ids(conn, jti):
-            _SPEND.run(conn, amount=cost, id=counter_id)
+            _SPEND.run(conn, reserved=within, amount=cost, id=counter_id)
     values = {**_USAGE_DEFAULTS, "workload_id": workload_id, "tenant_id": tenant_id, **event,
               "id": hold_id, "jti": jti, "cost_micros": cost}
     _INSERT_USAGE.run(conn, **{c: values[c] for c in _USAGE_COLUMNS})
-    return int(remaining)
+    remaining = int(budget) - int(spent) - int(held_left)
+    return Settlement(remaining, max(0, cost - held), str(workload_id), str(tenant_id), jti)
 
 
 def orphaned_holds(conn: Connection, older_than: int, limit: int = 500) -> list[tuple[str, str, int]]:

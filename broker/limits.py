@@ -10,6 +10,10 @@ How usage is counted, per key (the workload):
 * ``tpm``: the tokens of requests still running, at their held worst case, plus the actual
   tokens of requests that settled in the last 60 s.
 * ``burst``: the same for micro-dollars, over ``burst.window_s``.
+* ``max_concurrent``: requests of the key still running; and, for a ``group`` (the tenant), the
+  requests of all its keys still running, against the group's cap. A running request counts
+  from its admission to its settlement, so a caller that holds many long streams cannot take
+  more than its share of the gateway from the other tenants.
 
 A settled request's actual usage is counted from the moment it settles, not from its admission:
 ``settle`` carries no handle naming its admission, so attributing the correction to an
@@ -52,9 +56,11 @@ class Limiter(Protocol):
     """Admission control for gateway requests. ``now`` is UNIX seconds, passed in by the caller
     so the same clock serves the whole request (and tests need no sleeping)."""
 
-    def admit(self, key: str, policy: Policy, *, tokens: int, cost_micros: int, now: float) -> None:
+    def admit(self, key: str, policy: Policy, *, tokens: int, cost_micros: int, now: float,
+              group: str | None = None, group_cap: int | None = None) -> None:
         """Count the request (and hold its worst-case ``tokens`` and ``cost_micros``), or raise
-        :class:`broker.errors.RateLimited` with a ``retry-after`` header, counting nothing."""
+        :class:`broker.errors.RateLimited` with a ``retry-after`` header, counting nothing.
+        ``group`` (the tenant) may have at most ``group_cap`` requests running at once."""
         ...
 
     def settle(
@@ -67,8 +73,10 @@ class Limiter(Protocol):
         held_micros: int,
         used_micros: int,
         now: float,
+        group: str | None = None,
     ) -> None:
-        """Replace what ``admit`` held by what the request actually used."""
+        """Replace what ``admit`` held by what the request actually used (all of it, even
+        above what was held: the limits must learn what really went upstream)."""
         ...
 
 
@@ -177,18 +185,25 @@ class InMemoryLimiter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._keys: OrderedDict[str, _KeyState] = OrderedDict()
+        self._groups: dict[str, int] = {}  # group -> requests running
 
     def __len__(self) -> int:
         """How many keys are tracked (for tests and metrics)."""
         return len(self._keys)
 
-    def admit(self, key: str, policy: Policy, *, tokens: int, cost_micros: int, now: float) -> None:
+    def admit(self, key: str, policy: Policy, *, tokens: int, cost_micros: int, now: float,
+              group: str | None = None, group_cap: int | None = None) -> None:
         if tokens < 0 or cost_micros < 0:
             raise ValueError("tokens and cost_micros must not be negative")
         rate, burst = policy.rate, policy.burst
         with self._lock:
             state = self._touch(key, policy, now)
-            checks = []
+            checks: list[tuple[int, str] | None] = []
+            if policy.max_concurrent is not None and state.running >= policy.max_concurrent:
+                # A running request may finish any moment: retry soon.
+                checks.append((1, f"{policy.max_concurrent} concurrent calls"))
+            if group is not None and group_cap is not None and self._groups.get(group, 0) >= group_cap:
+                checks.append((1, f"the tenant's {group_cap} concurrent calls"))
             if rate is not None and rate.rpm is not None:
                 checks.append(
                     _refusal(state.requests, 0, 1, rate.rpm, WINDOW_S, now,
@@ -218,6 +233,8 @@ class InMemoryLimiter:
             state.held_tokens += tokens
             state.held_micros += cost_micros
             state.running += 1
+            if group is not None:
+                self._groups[group] = self._groups.get(group, 0) + 1
 
     def settle(
         self,
@@ -229,17 +246,24 @@ class InMemoryLimiter:
         held_micros: int,
         used_micros: int,
         now: float,
+        group: str | None = None,
     ) -> None:
         if min(held_tokens, used_tokens, held_micros, used_micros) < 0:
             raise ValueError("settled amounts must not be negative")
         with self._lock:
+            if group is not None:
+                left = self._groups.get(group, 0) - 1
+                if left > 0:
+                    self._groups[group] = left
+                else:
+                    self._groups.pop(group, None)
             state = self._touch(key, policy, now)
             # Clamped so that a settle without its admit (a caller's bug) cannot bank credit.
             state.held_tokens = max(0, state.held_tokens - held_tokens)
             state.held_micros = max(0, state.held_micros - held_micros)
             state.running = max(0, state.running - 1)
-            # The actual usage is recorded even above the hold (an underestimated prompt): it is
-            # what was consumed, and it delays the next admissions accordingly.
+            # The actual usage is recorded even above the hold (a provider that billed more than
+            # the bound): it is what was consumed, and it delays the next admissions accordingly.
             state.tokens.add(now, used_tokens, WINDOW_S)
             if state.spend_window:
                 state.spend.add(now, used_micros, state.spend_window)

@@ -32,6 +32,15 @@ class Metrics:
             "broker_errors_total", "Requests refused, by error code", ["code"],
             registry=self.registry,
         )
+        self.overruns = Counter(
+            "broker_overruns_total",
+            "Calls the provider billed above the broker's hold (each one also audited)",
+            ["provider"], registry=self.registry,
+        )
+        self.overrun_micros = Counter(
+            "broker_overrun_micros_total", "Micro-dollars charged above the hold",
+            ["provider"], registry=self.registry,
+        )
         self.released = Counter(
             "broker_budget_released_micros_total", "Unspent micro-dollars returned by the sweeper",
             registry=self.registry,

@@ -49,6 +49,10 @@ class Workload(SQLModel, table=True):
     prev_secret_expires_at: int | None = Field(default=None, sa_type=BigInteger)
     created_at: int = Field(sa_type=BigInteger)
     suspended_at: int | None = Field(default=None, sa_type=BigInteger)
+    # Token slices not yet released: bounded by ``policy.max_live_tokens`` with a conditional
+    # update at issuance, decremented when a slice is released (see broker.ledger).
+    live_slices: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
 class BudgetCounter(SQLModel, table=True):
@@ -153,7 +157,7 @@ class Revocation(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=16)  # token | workload | tenant
-    action: str = Field(max_length=16)  # revoke | suspend | resume
+    action: str = Field(max_length=16)  # revoke | suspend | resume | cut
     target: str = Field(max_length=64)  # a jti, a workload id or a tenant id
     tenant_id: str = Field(index=True, max_length=40)
     # Suspensions: tokens issued at or before this time are dead, even after a resume.

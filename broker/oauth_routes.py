@@ -65,9 +65,10 @@ def bearer_token(request: Request) -> str | None:
 async def token_endpoint(request: Request) -> Response:
     svc = services_of(request)
     params = await form_or_json(request, svc.settings.server.admin_max_body_bytes)
+    issuer = svc.settings.issuer
     req = issuance.parse_request(
         params, basic_credentials(request), client_address(request), svc.settings.tokens.max_ttl_s,
-        svc.auth_methods,
+        svc.auth_methods, frozenset({issuer.audience, issuer.url.rstrip("/")}),
     )
     body = await issuance.issue(svc, req)
     return json_response(body, headers=_NO_STORE)

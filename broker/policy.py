@@ -56,14 +56,20 @@ class Policy(_Strict):
     budgets: list[BudgetLimit] = Field(default_factory=list, max_length=8)
     rate: Rate | None = None
     burst: Burst | None = None
+    # Tokens of the workload alive at once, and its gateway calls running at once.
+    max_live_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+    max_concurrent: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
 
 
 # Autonomous agents get the strictest defaults: short tokens, small slices, tight rates.
 KIND_DEFAULTS: dict[str, Policy] = {
-    "agent": Policy(token_ttl_s=300, token_budget_micros=500_000, rate=Rate(rpm=60, tpm=100_000)),
-    "service": Policy(token_ttl_s=600, token_budget_micros=1_000_000, rate=Rate(rpm=600, tpm=1_000_000)),
-    "interactive": Policy(token_ttl_s=900, token_budget_micros=1_000_000, rate=Rate(rpm=120, tpm=400_000)),
-    "admin": Policy(token_ttl_s=300, token_budget_micros=0),
+    "agent": Policy(token_ttl_s=300, token_budget_micros=500_000, rate=Rate(rpm=60, tpm=100_000),
+                    max_live_tokens=20, max_concurrent=8),
+    "service": Policy(token_ttl_s=600, token_budget_micros=1_000_000,
+                      rate=Rate(rpm=600, tpm=1_000_000), max_live_tokens=100, max_concurrent=64),
+    "interactive": Policy(token_ttl_s=900, token_budget_micros=1_000_000,
+                          rate=Rate(rpm=120, tpm=400_000), max_live_tokens=20, max_concurrent=16),
+    "admin": Policy(token_ttl_s=300, token_budget_micros=0, max_live_tokens=20, max_concurrent=4),
 }
 
 
@@ -78,6 +84,10 @@ def effective(policy: Policy, kind: str) -> Policy:
             else base.token_budget_micros,
             "rate": policy.rate if policy.rate is not None else base.rate,
             "burst": policy.burst if policy.burst is not None else base.burst,
+            "max_live_tokens": policy.max_live_tokens if policy.max_live_tokens is not None
+            else base.max_live_tokens,
+            "max_concurrent": policy.max_concurrent if policy.max_concurrent is not None
+            else base.max_concurrent,
         }
     )
 

@@ -23,30 +23,41 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import httpx
 
+from broker.bounds import (
+    BoundContext,
+    RequestBound,
+    base64_data,
+    check_fields,
+    data_url,
+    image_rule,
+    image_tokens,
+    json_tokens,
+    pdf_tokens,
+    text_tokens,
+    unsized_tokens,
+    without,
+)
 from broker.errors import ConfigError
+from broker.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule
 from broker.plugins import load_plugins
+from broker.pricing import NOTHING, CacheTtl, Usage
 from broker.settings import ProviderSettings
+
+# What plugins use of the bounding helpers, from here (the plugin contract) only.
+__all__ = [
+    "ANTHROPIC_PIXELS", "NOTHING", "OPENAI_COSTLIEST", "BoundContext", "CacheTtl", "EndReason", "ImageRule",
+    "Operation", "Provider", "ProviderConfig", "ProviderPlugin", "RequestBound", "SseEvent",
+    "SseParser", "StreamMeter", "UpstreamRequest", "Usage", "base64_data", "base_url",
+    "check_fields", "data_url", "image_rule", "image_tokens", "json_bytes", "json_tokens",
+    "pdf_tokens", "positive_int", "sse", "text_tokens", "unsized_tokens", "without",
+]
 
 ENTRY_POINT_GROUP = "broker.providers"
 
 # chat: OpenAI /v1/chat/completions; embeddings: OpenAI /v1/embeddings; messages: Anthropic.
 Operation = Literal["chat", "embeddings", "messages"]
 # Why the broker ends a stream before the provider did.
-EndReason = Literal["limit", "revoked", "upstream"]
-
-# Flat allowance for an image, audio clip or document part whose size the broker cannot see
-# cheaply (the largest image most providers bill is about this many tokens).
-MEDIA_TOKENS = 1_600
-_MEDIA_PARTS = frozenset(
-    {"image_url", "image", "input_image", "input_audio", "audio", "file", "document", "input_file"}
-)
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
+EndReason = Literal["limit", "revoked", "upstream", "expired"]
 
 @dataclass(frozen=True)
 class ProviderConfig:
@@ -84,7 +95,8 @@ class StreamMeter(Protocol):
 
     usage: Usage | None  # the latest counts the provider reported
     final: bool  # ``usage`` is the provider's final count for the whole answer
-    streamed_tokens: int  # output tokens estimated from what was streamed so far
+    streamed_tokens: int  # output tokens streamed so far, counted low: for the hold's wall
+    output_bound: int  # output tokens streamed so far, counted high (UTF-8 bytes): for charging
     done: bool  # the provider's end-of-stream marker arrived
     failed: bool  # the provider reported an error inside the stream
 
@@ -108,8 +120,13 @@ class Provider(Protocol):
         """A transport of its own (in-process providers), or None for the shared network client."""
         ...
 
-    def estimate_input_tokens(self, op: Operation, body: dict[str, Any]) -> int:
-        """An estimate of the request's input tokens that errs high, never low, for text."""
+    def bound_request(
+        self, op: Operation, body: dict[str, Any], ctx: BoundContext,
+        client_headers: Mapping[str, str],
+    ) -> RequestBound:
+        """The most the provider can bill for the request's input (see :mod:`broker.bounds`):
+        a proven upper bound, whatever the body holds. Raises :class:`broker.errors.Unbounded`
+        naming the field for anything whose cost it cannot bound."""
         ...
 
     def output_limit(self, op: Operation, body: dict[str, Any]) -> tuple[int | None, int]:
@@ -136,57 +153,15 @@ class Provider(Protocol):
         """The usage a non-stream response reports, or None when it reports none."""
         ...
 
-    def estimate_output_tokens(self, op: Operation, response: Any) -> int:
-        """Output tokens estimated from a non-stream response's content."""
+    def output_bound(self, op: Operation, response: Any) -> int:
+        """An upper bound on the output tokens of a non-stream response that reports no usage
+        (the UTF-8 bytes of what it generated)."""
         ...
 
     def stream_meter(self, op: Operation, *, client_wants_usage: bool) -> StreamMeter: ...
 
 
 # --- helpers for plugins -----------------------------------------------------------------
-
-
-def text_tokens(text: str) -> int:
-    """Tokens in ``text``, estimated high: one per 4 ASCII characters (the usual English ratio,
-    rounded up) and one per other character, since non-Latin scripts tokenize densely."""
-    if text.isascii():
-        return -(-len(text) // 4)
-    wide = sum(1 for ch in text if ord(ch) > 127)
-    return -(-(len(text) - wide) // 4) + wide
-
-
-def output_tokens(text: str) -> int:
-    """Tokens in generated ``text``: models emit short words as one token each, so the word
-    count bounds the estimate from below."""
-    return max(text_tokens(text), len(text.split()))
-
-
-def content_tokens(value: Any, depth: int = 0) -> int:
-    """Tokens of every string inside a JSON value, media parts counted as :data:`MEDIA_TOKENS`."""
-    if isinstance(value, str):
-        return text_tokens(value)
-    if depth > 32:
-        return 0
-    if isinstance(value, list):
-        return sum(content_tokens(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        if value.get("type") in _MEDIA_PARTS:
-            return MEDIA_TOKENS
-        return sum(content_tokens(v, depth + 1) for v in value.values())
-    return 0
-
-
-def strings(value: Any, skip: frozenset[str] = frozenset(), depth: int = 0) -> list[str]:
-    """Every string inside a JSON value, except under the keys in ``skip``."""
-    if isinstance(value, str):
-        return [value]
-    if depth > 32:
-        return []
-    if isinstance(value, list):
-        return [s for v in value for s in strings(v, skip, depth + 1)]
-    if isinstance(value, dict):
-        return [s for k, v in value.items() if k not in skip for s in strings(v, skip, depth + 1)]
-    return []
 
 
 def positive_int(value: Any) -> int | None:

@@ -31,10 +31,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Connection, delete, func, insert, select, text, update
 
-from broker import ledger
+from broker import identities, ledger
 from broker.audit import record
 from broker.db import Database
-from broker.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from broker.errors import Conflict, InvalidRequest, NotFound
 from broker.identities import Actor, get_tenant, get_workload
 from broker.models import Revocation, Tenant, TokenSlice, Workload
 from broker.tokens import LEEWAY_S, VerifiedToken
@@ -56,6 +56,8 @@ CATCHUP_OVERLAP_S = 60
 # Ids per ``IN (...)`` when the catch-up fetches the entries it lacks (under SQLite's old limit
 # of 999 bound parameters).
 FETCH_CHUNK = 900
+# Who revokes a token whose call the provider billed above its hold.
+OVERRUN_ACTOR = "broker:overrun"
 # Log rows are kept this long after they stopped mattering, for ``GET /v1/admin/revocations``;
 # the audit table keeps the permanent record.
 LOG_RETENTION_S = 86_400
@@ -86,7 +88,7 @@ class Entry:
 
     id: int
     kind: str  # token | workload | tenant
-    action: str  # revoke | suspend | resume
+    action: str  # revoke | suspend | resume | cut (tokens ended, identity not suspended)
     target: str
     tenant_id: str
     cutoff: int | None
@@ -138,6 +140,9 @@ class Denylist:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Told of every entry applied (outside the lock): caches keyed on an identity (the
+        # gateway's policies) drop what a change of that identity made stale.
+        self.listeners: list[Callable[[Entry], None]] = []
         self._tokens: dict[str, int] = {}  # jti -> relevant until
         self._cutoffs: dict[tuple[str, str], tuple[int, int]] = {}  # key -> (cutoff, until)
         self._suspended: set[tuple[str, str]] = set()
@@ -170,6 +175,11 @@ class Denylist:
     def apply(self, entry: Entry) -> None:
         """Idempotent: applying an entry twice, or an older entry after a newer one for the
         same identity, leaves the state as it was."""
+        self._apply(entry)
+        for listener in self.listeners:
+            listener(entry)
+
+    def _apply(self, entry: Entry) -> None:
         with self._lock:
             self.last_id = max(self.last_id, entry.id)
             if entry.created_at >= self._horizon and entry.id not in self._recent:
@@ -185,6 +195,8 @@ class Denylist:
             key = (entry.kind, entry.target)
             if entry.cutoff is not None:
                 self._raise_cutoff(key, entry.cutoff)
+            if entry.action == "cut":
+                return  # a cut-off alone: it neither suspends nor resumes
             if entry.id <= self._last_change.get(key, 0):
                 return
             self._last_change[key] = entry.id
@@ -366,10 +378,7 @@ def list_entries(
 
 
 def require_may_manage(actor: Actor, workload: dict[str, Any]) -> None:
-    """A tenant-admin may not act on an identity that holds more than tenant-admin (an
-    org-admin or auditor living in its tenant): that would let it take over or silence one."""
-    if "org-admin" not in actor.roles and set(workload.get("roles") or []) - {"tenant-admin"}:
-        raise Forbidden("only an org-admin may act on an org-admin or auditor identity")
+    identities.require_may_manage(actor, workload.get("roles"))
 
 
 def _revoke_slices(conn: Connection, column: str, ident: str, cutoff: int, now: int) -> int:
@@ -496,6 +505,44 @@ def resume_workload(
     record(conn, actor.id, "workload.resume", workload_id,
            {"reason": reason, "tenant_id": view["tenant_id"]}, now)
     return get_workload(conn, actor, workload_id), entry
+
+
+def cut_workload(
+    conn: Connection, actor: Actor, workload_id: str, tenant_id: str, reason: str, now: int
+) -> Entry:
+    """End every live token of a workload without suspending it: its identity changed (roles,
+    kind or policy), so tokens minted under the old one must not outlive the change. New
+    exchanges work at once; the unspent part of the cut slices returns."""
+    returned = _revoke_slices(conn, "workload_id", workload_id, now, now)
+    entry = _suspension_entry(conn, actor, "workload", workload_id, tenant_id, "cut", now,
+                              reason, now)
+    record(conn, actor.id, "workload.tokens_cut", workload_id,
+           {"reason": reason, "tenant_id": tenant_id, "returned_micros": returned}, now)
+    return entry
+
+
+def revoke_for_overrun(
+    conn: Connection, *, jti: str, workload_id: str, tenant_id: str, excess: int,
+    detail: dict[str, Any], now: int,
+) -> Entry | None:
+    """Refuse a token from now on, everywhere, because the provider billed one of its calls
+    more than the broker held (an overrun): the bound was wrong for this caller's requests, so
+    none of them should go on. The charge itself is already in the ledger."""
+    s = _slice.c
+    row = conn.execute(
+        update(_slice).where(s.jti == jti, s.revoked_at.is_(None)).values(revoked_at=now)
+        .returning(s.expires_at)
+    ).first()
+    record(conn, OVERRUN_ACTOR, "usage.overrun", jti,
+           {**detail, "workload_id": workload_id, "tenant_id": tenant_id,
+            "excess_micros": excess}, now)
+    if row is None:
+        return None  # already revoked: the audit entry above still tells of this overrun
+    return _append(
+        conn, kind="token", action="revoke", target=jti, tenant_id=tenant_id, cutoff=None,
+        expires_at=int(row[0]), relevant_until=int(row[0]) + LEEWAY_S, created_at=now,
+        actor=OVERRUN_ACTOR, reason="the provider billed more than the broker held",
+    )
 
 
 def suspend_tenant(

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from pydantic import Field, StrictInt
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -24,6 +25,13 @@ from broker.services import Services
 from broker.sweeper import sweep_once
 
 _NO_STORE = {"cache-control": "no-store"}
+
+
+class RotateSecretBody(ReasonBody):
+    """How long the old secret keeps working: ``auth.secret_grace_s`` when absent; 0 ends it
+    at once (a leaked secret)."""
+
+    grace_s: StrictInt | None = Field(default=None, ge=0, le=30 * 86_400)
 
 
 async def _reason(request: Request, svc: Services) -> ReasonBody:
@@ -147,9 +155,10 @@ async def rotate_signing_key(request: Request, svc: Services, actor: Actor) -> R
 async def rotate_workload_secret(request: Request, svc: Services, actor: Actor) -> Response:
     """Give a workload a new client secret, shown once; the old one works during the grace."""
     wid = path_id(request)
-    body = await _reason(request, svc)
+    body: RotateSecretBody = validate(RotateSecretBody, await json_object(
+        request, svc.settings.server.admin_max_body_bytes, empty={}))
     now = int(time.time())
-    grace = svc.settings.auth.secret_grace_s
+    grace = svc.settings.auth.secret_grace_s if body.grace_s is None else body.grace_s
     view = await svc.db.run(
         lambda conn: rotation.rotate_workload_secret(
             conn, actor, wid, svc.pepper, grace, body.reason, now
@@ -188,6 +197,7 @@ routes: list[BaseRoute] = [
 
 for _path, _handler in _REASON_ROUTES:
     REQUEST_SCHEMAS[("POST", _path)] = ReasonBody
+REQUEST_SCHEMAS[("POST", "/v1/admin/workloads/{id}/rotate-secret")] = RotateSecretBody
 
 
 # --- wiring --------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def rotate_workload_secret(
     conn: Connection, actor: Actor, workload_id: str, pepper: bytes, grace_s: int,
     reason: str | None, now: int,
 ) -> dict[str, Any]:
-    """Give a workload a new secret, shown once; the old one keeps working for ``grace_s``.
+    """Give a workload a new secret, shown once; the old one keeps working for ``grace_s``
+    (0: it ends at once, for a secret known to have leaked).
 
     One UPDATE moves the current hash to the previous slot and stores the new one, so no
     reader ever sees a workload with neither secret. A second rotation inside the grace ends
@@ -114,8 +115,8 @@ def rotate_workload_secret(
         update(_workload)
         .where(w.id == workload_id)
         .values(
-            prev_secret_hash=w.secret_hash,
-            prev_secret_expires_at=now + grace_s,
+            prev_secret_hash=w.secret_hash if grace_s > 0 else None,
+            prev_secret_expires_at=now + grace_s if grace_s > 0 else None,
             secret_hash=hash_secret(pepper, secret),
         )
     )

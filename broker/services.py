@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.credentials import FailureTracker
+from broker.credentials import FailureTracker, SlidingWindow
 from broker.db import Database, make_engine, migrate, migration_state
 from broker.errors import ConfigError
 from broker.identities import bootstrap_admin
@@ -18,6 +18,9 @@ from broker.settings import Settings
 from broker.vault import Vault
 
 log = logging.getLogger("broker")
+
+
+ISSUANCE_WINDOW_S = 60
 
 
 class NotMigrated(Exception):
@@ -32,6 +35,8 @@ class Services:
     keyring: Keyring
     pepper: bytes = field(repr=False)
     failures: FailureTracker
+    # Tokens issued per client in the last minute (``auth.issuance_rpm``).
+    issuance: SlidingWindow
     auth_methods: dict[str, AuthMethod] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -73,6 +78,7 @@ class Services:
             keyring=keyring,
             pepper=pepper,
             failures=FailureTracker(settings.auth.failure_limit, settings.auth.failure_window_s),
+            issuance=SlidingWindow(settings.auth.issuance_rpm, ISSUANCE_WINDOW_S),
             auth_methods=methods,
         )
         if settings.bootstrap_admin_secret is not None:

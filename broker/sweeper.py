@@ -1,4 +1,5 @@
-"""Background sweeping: return the unspent part of expired slices, and settle orphaned holds.
+"""Background sweeping: return the unspent part of expired slices, settle orphaned holds, and
+delete slices released longer ago than ``sweeper.slice_retention_s``.
 
 Every step is idempotent (a conditional UPDATE that matches once), so two replicas sweeping at
 the same time, or a sweep interrupted by a crash, never return or charge money twice.
@@ -46,6 +47,8 @@ def sweep_once(svc: Services, now: int | None = None) -> tuple[int, int]:
         metrics = svc.extras.get("metrics")
         if metrics is not None and amount:
             metrics.released.inc(amount)
+    before = now - svc.settings.sweeper.slice_retention_s
+    svc.db.transaction(lambda conn: ledger.prune_released_slices(conn, before))
     return released, settled
 
 

@@ -1,8 +1,17 @@
 """The ``anthropic`` provider plugin, and the Anthropic Messages wire format.
 
 Usage is always in the answer: ``message_start`` carries the input tokens, and the last
-``message_delta`` the output tokens of the whole answer. Cache reads and writes are counted as
-input tokens at the model's input price.
+``message_delta`` the output tokens of the whole answer. Cache reads and writes are reported
+apart (``cache_read_input_tokens``, ``cache_creation_input_tokens`` with its five-minute and
+one-hour split) and are charged at their own prices.
+
+The hold's input bound (see :mod:`broker.bounds`): every field the plugin knows is counted as
+text; images by Anthropic's pixel rule, PDF documents by their pages, text documents by their
+bytes; a request that may write the prompt cache is held at the cache-write price (twice the
+input price for a one-hour cache); Anthropic's own client tools add their documented hidden
+prompt, held at a ceiling. Server-side tools, remote MCP servers, code-execution containers, an
+``anthropic-beta`` value outside ``providers.<name>.allowed_beta`` and any unknown field or
+content block are refused.
 """
 
 from __future__ import annotations
@@ -13,31 +22,60 @@ from typing import Any
 
 import httpx
 
-from broker.errors import ConfigError, InvalidRequest
+from broker.errors import ConfigError, InvalidRequest, Unbounded
 from broker.providers import (
+    ANTHROPIC_PIXELS,
+    BoundContext,
+    CacheTtl,
     EndReason,
     Operation,
     ProviderConfig,
+    RequestBound,
     SseEvent,
     UpstreamRequest,
     Usage,
+    base64_data,
     base_url,
-    content_tokens,
+    check_fields,
+    image_rule,
+    image_tokens,
     json_bytes,
-    output_tokens,
+    json_tokens,
+    pdf_tokens,
     positive_int,
     sse,
-    strings,
+    unsized_tokens,
+    without,
 )
 
 API_VERSION = "2023-06-01"
 PER_REQUEST_TOKENS = 3
 PER_MESSAGE_TOKENS = 4
-_PROMPT_FIELDS = ("system", "messages", "tools")
-_INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-# Client headers that describe the request's format, not the client: safe to pass on.
+# The tool-use system prompt Anthropic adds when tools are offered (documented: up to 530).
+TOOL_FRAMING_TOKENS = 1024
+# Anthropic-defined tools the client runs: their definitions are a hidden prompt of a documented
+# size (bash 245, text editor about 700, computer 735 plus 499 of system prompt), held at a
+# ceiling well above it.
+CLIENT_TOOL_TOKENS = {"bash_": 1_000, "text_editor_": 1_500, "computer_": 2_500}
+FIELDS = frozenset({
+    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
+    "temperature", "top_k", "top_p", "tools", "tool_choice", "thinking", "service_tier",
+})
+REFUSED = {
+    "mcp_servers": "remote MCP servers add tool definitions and results the broker cannot "
+                   "see or bound",
+    "container": "code-execution containers are billed by the hour, which the broker does "
+                 "not price",
+}
+SERVICE_TIERS = frozenset({"auto", "standard_only"})
+# Content blocks whose whole content is text the model reads (a past turn's tool calls and
+# results, thinking, search results).
+TEXT_BLOCKS = frozenset({
+    "text", "thinking", "redacted_thinking", "tool_use", "server_tool_use", "search_result",
+    "web_search_tool_result", "web_fetch_tool_result", "code_execution_tool_result",
+    "bash_code_execution_tool_result", "text_editor_code_execution_tool_result",
+})
 _PASSED_HEADERS = ("anthropic-version", "anthropic-beta")
-_NOT_OUTPUT = frozenset({"type", "id", "signature"})
 
 
 def _count(raw: Mapping[str, Any], name: str) -> int | None:
@@ -47,11 +85,33 @@ def _count(raw: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def _input_tokens(raw: Mapping[str, Any]) -> int | None:
+def _input_usage(raw: Mapping[str, Any]) -> Usage | None:
+    """The input side of a usage object: uncached, cache reads and cache writes (split into
+    five-minute and one-hour writes when the provider says so)."""
     base = _count(raw, "input_tokens")
     if base is None:
         return None
-    return base + sum(_count(raw, name) or 0 for name in _INPUT_FIELDS[1:])
+    read = _count(raw, "cache_read_input_tokens") or 0
+    written = _count(raw, "cache_creation_input_tokens") or 0
+    split = raw.get("cache_creation")
+    hour = 0
+    if isinstance(split, dict):
+        hour = min(written, _count(split, "ephemeral_1h_input_tokens") or 0)
+    return Usage(base + read + written, 0, cached_tokens=read,
+                 cache_write_tokens=written - hour, cache_write_1h_tokens=hour)
+
+
+def _with_output(usage: Usage, output: int) -> Usage:
+    return Usage(usage.prompt_tokens, output, usage.cached_tokens, usage.cache_write_tokens,
+                 usage.cache_write_1h_tokens)
+
+
+def _low_text_tokens(delta: Any) -> int:
+    """Output tokens of one delta counted LOW, for the wall (see the OpenAI plugin)."""
+    if not isinstance(delta, dict):
+        return 0
+    text = "".join(v for k, v in delta.items() if isinstance(v, str) and k != "type")
+    return 1 + len(text) // 16 if text else 0
 
 
 class AnthropicStreamMeter:
@@ -59,6 +119,7 @@ class AnthropicStreamMeter:
         self.usage: Usage | None = None
         self.final = False
         self.streamed_tokens = 0
+        self.output_bound = 0
         self.done = False
         self.failed = False
 
@@ -79,25 +140,26 @@ class AnthropicStreamMeter:
         if not isinstance(data, dict):
             return True
         if kind == "content_block_delta":
-            text = "".join(strings(data.get("delta"), _NOT_OUTPUT))
-            if text:
-                # Deltas carry a few tokens each, about four characters apiece.
-                self.streamed_tokens += -(-len(text) // 4)
+            delta = data.get("delta")
+            self.streamed_tokens += _low_text_tokens(delta)
+            self.output_bound += json_tokens(delta)
+        elif kind == "content_block_start":
+            self.output_bound += json_tokens(data.get("content_block"))
         elif kind == "message_start":
             message = data.get("message")
             raw = message.get("usage") if isinstance(message, dict) else None
             if isinstance(raw, dict):
-                prompt = _input_tokens(raw)
-                if prompt is not None:
-                    self.usage = Usage(prompt, _count(raw, "output_tokens") or 0)
+                start = _input_usage(raw)
+                if start is not None:
+                    self.usage = _with_output(start, _count(raw, "output_tokens") or 0)
         elif kind == "message_delta":
             raw = data.get("usage")
             if isinstance(raw, dict) and (out := _count(raw, "output_tokens")) is not None:
-                prompt = _input_tokens(raw)
-                if prompt is None:
-                    prompt = self.usage.prompt_tokens if self.usage else None
-                if prompt is not None:
-                    self.usage, self.final = Usage(prompt, out), True
+                # The final delta may repeat the input counts; else message_start's stand.
+                known = [u for u in (_input_usage(raw), self.usage) if u is not None]
+                if known:
+                    reported = max(known, key=lambda u: u.prompt_tokens)
+                    self.usage, self.final = _with_output(reported, out), True
         return True
 
     def epilogue(self, reason: EndReason) -> bytes:
@@ -106,10 +168,11 @@ class AnthropicStreamMeter:
                      "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
                      "usage": {"output_tokens": self.streamed_tokens}}
             return sse(delta, "message_delta") + sse({"type": "message_stop"}, "message_stop")
-        message = (
-            "the broker ended the stream: the token was revoked" if reason == "revoked"
-            else "the provider's stream ended before the answer was complete"
-        )
+        messages = {
+            "revoked": "the broker ended the stream: the token was revoked",
+            "expired": "the broker ended the stream: it reached its time limit",
+        }
+        message = messages.get(reason, "the provider's stream ended before the answer was complete")
         return sse({"type": "error", "error": {"type": "api_error", "message": message}}, "error")
 
 
@@ -125,18 +188,127 @@ class AnthropicWire:
     def transport(self) -> httpx.AsyncBaseTransport | None:
         return None
 
-    def estimate_input_tokens(self, op: Operation, body: dict[str, Any]) -> int:
+    # --- the hold's bound ----------------------------------------------------------------
+
+    def bound_request(
+        self, op: Operation, body: dict[str, Any], ctx: BoundContext,
+        client_headers: Mapping[str, str],
+    ) -> RequestBound:
+        check_fields(body, FIELDS, ctx, REFUSED)
+        self._check_beta(client_headers.get("anthropic-beta"), ctx)
+        tier = body.get("service_tier")
+        if tier is not None and tier not in SERVICE_TIERS:
+            raise Unbounded(f"service_tier: {str(tier)[:40]!r} is not a tier the broker prices",
+                            param="service_tier")
+        total = PER_REQUEST_TOKENS + json_tokens(without(body, ("messages",)))
+        total += self._tool_tokens(body.get("tools"))
         messages = body.get("messages")
-        count = len(messages) if isinstance(messages, list) else 0
-        prompt = sum(content_tokens(body.get(name)) for name in _PROMPT_FIELDS)
-        return PER_REQUEST_TOKENS + PER_MESSAGE_TOKENS * count + prompt
+        if isinstance(messages, list):
+            for i, message in enumerate(messages):
+                total += PER_MESSAGE_TOKENS + self._message_tokens(message, i, ctx)
+        else:
+            total += json_tokens(messages)
+        return RequestBound(total, _cache_ttl(body))
+
+    def _check_beta(self, header: str | None, ctx: BoundContext) -> None:
+        if header is None:
+            return
+        for value in header.split(","):
+            flag = value.strip()
+            if flag and flag not in ctx.allowed_beta:
+                raise Unbounded(
+                    f"anthropic-beta: {flag[:80]!r} is not allowed for this provider "
+                    "(providers.<name>.allowed_beta)", param="anthropic-beta")
+
+    def _tool_tokens(self, tools: Any) -> int:
+        if tools is None:
+            return 0
+        if not isinstance(tools, list):
+            raise InvalidRequest("tools must be a list", param="tools")
+        total = TOOL_FRAMING_TOKENS if tools else 0
+        for i, tool in enumerate(tools):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind is None or kind == "custom":
+                continue
+            ceiling = next((t for prefix, t in CLIENT_TOOL_TOKENS.items()
+                            if isinstance(kind, str) and kind.startswith(prefix)), None)
+            if ceiling is None:
+                raise Unbounded(
+                    f"tools[{i}].type: {str(kind)[:60]!r} is not a client-side tool; the broker "
+                    "does not price server-side tools", param=f"tools[{i}].type")
+            total += ceiling
+        return total
+
+    def _message_tokens(self, message: Any, i: int, ctx: BoundContext) -> int:
+        if not isinstance(message, dict):
+            return json_tokens(message)
+        content = message.get("content")
+        total = json_tokens(without(message, ("content",)))
+        if isinstance(content, list):
+            for j, block in enumerate(content):
+                total += self._block_tokens(block, f"messages[{i}].content[{j}]", ctx)
+        else:
+            total += json_tokens(content)
+        return total
+
+    def _block_tokens(self, block: Any, where: str, ctx: BoundContext) -> int:
+        if not isinstance(block, dict):
+            return json_tokens(block)
+        kind = block.get("type")
+        if kind in TEXT_BLOCKS:
+            return json_tokens(block)
+        if kind == "image":
+            source = block.get("source")
+            data = None
+            if isinstance(source, dict) and source.get("type") == "base64":
+                data = base64_data(source.get("data"), ctx, f"{where}.source.data")
+            elif not isinstance(source, dict) or source.get("type") not in ("url", "file"):
+                raise InvalidRequest(f"{where}.source: an image source is base64, url or file",
+                                     param=where)
+            tokens = image_tokens(image_rule(ctx, ANTHROPIC_PIXELS), data, where)
+            return tokens + json_tokens({**block, "source": without(source, ("data",))})
+        if kind == "document":
+            return self._document_tokens(block, where, ctx)
+        if kind == "tool_result":
+            content = block.get("content")
+            rest = json_tokens(without(block, ("content",)))
+            if isinstance(content, list):
+                return rest + sum(self._block_tokens(b, f"{where}.content[{k}]", ctx)
+                                  for k, b in enumerate(content))
+            return rest + json_tokens(content)
+        raise Unbounded(f"{where}.type: the content block type {str(kind)[:40]!r} cannot be "
+                        "priced", param=f"{where}.type")
+
+    def _document_tokens(self, block: dict[str, Any], where: str, ctx: BoundContext) -> int:
+        source = block.get("source")
+        if not isinstance(source, dict):
+            raise InvalidRequest(f"{where}.source must be an object", param=where)
+        kind = source.get("type")
+        if kind == "text":
+            return json_tokens(block)
+        rest = json_tokens({**block, "source": without(source, ("data", "content"))})
+        if kind == "base64":
+            data = base64_data(source.get("data"), ctx, f"{where}.source.data")
+            return rest + pdf_tokens(data, ctx, f"{where}.source.data")
+        if kind == "content":
+            content = source.get("content")
+            if isinstance(content, list):
+                return rest + sum(self._block_tokens(b, f"{where}.source.content[{k}]", ctx)
+                                  for k, b in enumerate(content))
+            return rest + json_tokens(content)
+        if kind in ("url", "file"):
+            return rest + unsized_tokens(ctx, f"{where}.source")
+        raise Unbounded(f"{where}.source.type: {str(kind)[:40]!r} cannot be priced",
+                        param=f"{where}.source.type")
+
+    # --- the output limit ----------------------------------------------------------------
 
     def output_limit(self, op: Operation, body: dict[str, Any]) -> tuple[int | None, int]:
         if body.get("max_tokens") is None:
             return None, 1
         limit = positive_int(body["max_tokens"])
         if limit is None:
-            raise InvalidRequest("max_tokens must be a positive integer")
+            raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
         return limit, 1
 
     def set_output_limit(self, op: Operation, body: dict[str, Any], limit: int) -> None:
@@ -144,6 +316,8 @@ class AnthropicWire:
 
     def ask_stream_usage(self, op: Operation, body: dict[str, Any]) -> bool:
         return True  # usage is always part of the stream; nothing to strip
+
+    # --- the wire ------------------------------------------------------------------------
 
     def build_request(
         self, op: Operation, body: dict[str, Any], *, key: str, client_headers: Mapping[str, str]
@@ -162,15 +336,25 @@ class AnthropicWire:
         raw = response.get("usage") if isinstance(response, dict) else None
         if not isinstance(raw, dict):
             return None
-        prompt, out = _input_tokens(raw), _count(raw, "output_tokens")
-        return None if prompt is None or out is None else Usage(prompt, out)
+        start, out = _input_usage(raw), _count(raw, "output_tokens")
+        return None if start is None or out is None else _with_output(start, out)
 
-    def estimate_output_tokens(self, op: Operation, response: Any) -> int:
+    def output_bound(self, op: Operation, response: Any) -> int:
         content = response.get("content") if isinstance(response, dict) else None
-        return sum(output_tokens(t) for t in strings(content, _NOT_OUTPUT))
+        return json_tokens(content) if content is not None else 0
 
     def stream_meter(self, op: Operation, *, client_wants_usage: bool) -> AnthropicStreamMeter:
         return AnthropicStreamMeter()
+
+
+def _cache_ttl(body: dict[str, Any]) -> CacheTtl | None:
+    """Whether the request may write the prompt cache, and for how long: read from the text of
+    the whole body, so a ``cache_control`` anywhere (even where the provider would ignore it)
+    makes the hold assume the dearer price."""
+    raw = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    if '"cache_control"' not in raw:
+        return None
+    return "1h" if '"1h"' in raw else "5m"
 
 
 class AnthropicProvider(AnthropicWire):

@@ -13,8 +13,10 @@ from typing import Any
 import httpx
 
 from broker.providers import (
+    BoundContext,
     Operation,
     ProviderConfig,
+    RequestBound,
     StreamMeter,
     UpstreamRequest,
     Usage,
@@ -44,8 +46,11 @@ class MockProvider:
     def transport(self) -> httpx.AsyncBaseTransport | None:
         return self._transport
 
-    def estimate_input_tokens(self, op: Operation, body: dict[str, Any]) -> int:
-        return self._wire(op).estimate_input_tokens(op, body)
+    def bound_request(
+        self, op: Operation, body: dict[str, Any], ctx: BoundContext,
+        client_headers: Mapping[str, str],
+    ) -> RequestBound:
+        return self._wire(op).bound_request(op, body, ctx, client_headers)
 
     def output_limit(self, op: Operation, body: dict[str, Any]) -> tuple[int | None, int]:
         return self._wire(op).output_limit(op, body)
@@ -66,8 +71,8 @@ class MockProvider:
     def read_usage(self, op: Operation, response: Any) -> Usage | None:
         return self._wire(op).read_usage(op, response)
 
-    def estimate_output_tokens(self, op: Operation, response: Any) -> int:
-        return self._wire(op).estimate_output_tokens(op, response)
+    def output_bound(self, op: Operation, response: Any) -> int:
+        return self._wire(op).output_bound(op, response)
 
     def stream_meter(self, op: Operation, *, client_wants_usage: bool) -> StreamMeter:
         return self._wire(op).stream_meter(op, client_wants_usage=client_wants_usage)

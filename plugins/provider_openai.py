@@ -3,6 +3,11 @@
 Chat completions and embeddings. Usage comes from the response's ``usage``; in a stream it comes
 from the final chunk, which the provider sends only when ``stream_options.include_usage`` is
 set, so the broker always sets it and drops that chunk when the client had not asked for it.
+
+The hold's input bound (see :mod:`broker.bounds`): every field the plugin knows is counted as
+text, image parts by OpenAI's tile rule, PDF files by their pages; audio, server-side web search,
+tools other than client functions and any unknown field or part are refused, and an OpenAI
+``prediction`` is held as output too (its rejected tokens are billed as completion tokens).
 """
 
 from __future__ import annotations
@@ -13,52 +18,109 @@ from typing import Any
 
 import httpx
 
-from broker.errors import ConfigError, InvalidRequest
+from broker.errors import ConfigError, InvalidRequest, Unbounded
 from broker.providers import (
+    OPENAI_COSTLIEST,
+    BoundContext,
     EndReason,
     Operation,
     ProviderConfig,
+    RequestBound,
     SseEvent,
     UpstreamRequest,
     Usage,
+    base64_data,
     base_url,
-    content_tokens,
+    check_fields,
+    data_url,
+    image_rule,
+    image_tokens,
     json_bytes,
-    output_tokens,
+    json_tokens,
+    pdf_tokens,
     positive_int,
-    strings,
     text_tokens,
+    unsized_tokens,
+    without,
 )
 
 # A chat request's framing: a few tokens per message and for priming the reply.
 PER_REQUEST_TOKENS = 3
 PER_MESSAGE_TOKENS = 4
+# The system text a provider adds, unseen, when tools are offered (a ceiling).
+TOOL_FRAMING_TOKENS = 1024
 MAX_CHOICES = 128
-# Request fields whose content the model reads as input.
-_PROMPT_FIELDS = ("messages", "tools", "functions", "response_format")
 _LIMIT_FIELDS = ("max_completion_tokens", "max_tokens")
-_NOT_OUTPUT = frozenset({"role"})
+# Fields of a chat completion request whose cost the hold bounds (as text, or as below).
+CHAT_FIELDS = frozenset({
+    "messages", "model", "frequency_penalty", "function_call", "functions", "logit_bias",
+    "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "n",
+    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+    "prompt_cache_retention", "reasoning_effort", "response_format", "safety_identifier", "seed",
+    "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice",
+    "tools", "top_logprobs", "top_p", "user", "verbosity",
+})
+CHAT_REFUSED = {
+    "audio": "audio output is billed at audio prices the broker does not know",
+    "web_search_options": "web search is a server-side tool billed per call, which the broker "
+                          "does not price",
+}
+EMBEDDING_FIELDS = frozenset({"input", "model", "dimensions", "encoding_format", "user"})
+# Tools the client runs itself: they cost only the tokens of their definitions.
+CLIENT_TOOLS = frozenset({"function", "custom"})
+# Tiers billed at the list price; any other needs ``models.<name>.service_tier_percent``.
+LIST_PRICE_TIERS = frozenset({"auto", "default"})
+
+
+def _count(raw: Mapping[str, Any], name: str) -> int | None:
+    value = raw.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
 
 
 def _usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
-    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens", 0)
-    if isinstance(prompt, bool) or not isinstance(prompt, int) or prompt < 0:
+    prompt, completion = _count(raw, "prompt_tokens"), _count(raw, "completion_tokens")
+    if prompt is None:
         return None
-    if isinstance(completion, bool) or not isinstance(completion, int) or completion < 0:
-        return None
-    return Usage(prompt, completion)
+    if completion is None:
+        if raw.get("completion_tokens") is not None:
+            return None
+        completion = 0  # embeddings report none
+    details = raw.get("prompt_tokens_details")
+    cached = _count(details, "cached_tokens") if isinstance(details, dict) else None
+    return Usage(prompt, completion, cached_tokens=min(cached or 0, prompt))
 
 
 def _embedding_tokens(value: Any) -> int:
+    """Strings count their bytes; token ids (lists of integers) one each."""
     if isinstance(value, str):
         return text_tokens(value)
     if isinstance(value, list):
-        if all(isinstance(v, int) for v in value):
-            return len(value)  # already token ids
-        return sum(_embedding_tokens(v) for v in value)
-    return 0
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return len(value)
+        return sum(_embedding_tokens(v) for v in value) + len(value)
+    return json_tokens(value)
+
+
+def _low_text_tokens(delta: Any) -> int:
+    """Streamed output tokens of one delta counted LOW (for the wall, which must never cut an
+    honest answer): a delta that carries text carries at least one token, and a token is
+    rarely longer than 16 characters."""
+    text = _delta_text(delta)
+    return 1 + len(text) // 16 if text else 0
+
+
+def _delta_text(delta: Any) -> str:
+    if isinstance(delta, str):
+        return delta
+    if isinstance(delta, dict):
+        return "".join(_delta_text(v) for k, v in delta.items() if k not in ("role", "type", "id"))
+    if isinstance(delta, list):
+        return "".join(_delta_text(v) for v in delta)
+    return ""
 
 
 class OpenAIStreamMeter:
@@ -67,6 +129,7 @@ class OpenAIStreamMeter:
         self.usage: Usage | None = None
         self.final = False
         self.streamed_tokens = 0
+        self.output_bound = 0
         self.done = False
         self.failed = False
 
@@ -90,23 +153,23 @@ class OpenAIStreamMeter:
         choices = chunk.get("choices")
         if isinstance(choices, list):
             for choice in choices:
-                if isinstance(choice, dict):
-                    text = "".join(strings(choice.get("delta"), _NOT_OUTPUT))
-                    if text:
-                        # A chunk carries one token; servers that batch send longer ones.
-                        self.streamed_tokens += 1 + len(text) // 16
+                if isinstance(choice, dict) and choice.get("delta"):
+                    delta = choice["delta"]
+                    self.streamed_tokens += _low_text_tokens(delta)
+                    self.output_bound += json_tokens(delta)
         return not (usage is not None and not choices and not self.client_wants_usage)
 
     def epilogue(self, reason: EndReason) -> bytes:
         if reason == "limit":
             return b"data: [DONE]\n\n"
-        message = (
-            "the broker ended the stream: the token was revoked" if reason == "revoked"
-            else "the provider's stream ended before the answer was complete"
-        )
-        error = {"message": message, "type": "api_error",
-                 "code": "token_revoked" if reason == "revoked" else "upstream_error",
-                 "param": None}
+        messages = {
+            "revoked": "the broker ended the stream: the token was revoked",
+            "expired": "the broker ended the stream: it reached its time limit",
+        }
+        message = messages.get(reason, "the provider's stream ended before the answer was complete")
+        code = {"revoked": "token_revoked", "expired": "stream_time_limit"}.get(reason,
+                                                                                "upstream_error")
+        error = {"message": message, "type": "api_error", "code": code, "param": None}
         return json_bytes_sse({"error": error})
 
 
@@ -129,13 +192,102 @@ class OpenAIWire:
     def transport(self) -> httpx.AsyncBaseTransport | None:
         return None
 
-    def estimate_input_tokens(self, op: Operation, body: dict[str, Any]) -> int:
+    # --- the hold's bound ----------------------------------------------------------------
+
+    def bound_request(
+        self, op: Operation, body: dict[str, Any], ctx: BoundContext,
+        client_headers: Mapping[str, str],
+    ) -> RequestBound:
         if op == "embeddings":
-            return max(1, _embedding_tokens(body.get("input")))
+            check_fields(body, EMBEDDING_FIELDS, ctx)
+            return RequestBound(max(1, _embedding_tokens(body.get("input"))))
+        check_fields(body, CHAT_FIELDS, ctx, CHAT_REFUSED)
+        percent = self._tier_percent(body.get("service_tier"), ctx)
+        if body.get("modalities") not in (None, ["text"]):
+            raise Unbounded("modalities: only text output is priced by the broker",
+                            param="modalities")
+        tools = body.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list):
+                raise InvalidRequest("tools must be a list", param="tools")
+            for i, tool in enumerate(tools):
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                if kind not in CLIENT_TOOLS:
+                    raise Unbounded(
+                        f"tools[{i}].type: {str(kind)[:60]!r} is not a client-side tool; the "
+                        "broker does not price server-side tools", param=f"tools[{i}].type")
+        total = PER_REQUEST_TOKENS + json_tokens(without(body, ("messages",)))
+        if tools or body.get("functions"):
+            total += TOOL_FRAMING_TOKENS
         messages = body.get("messages")
-        count = len(messages) if isinstance(messages, list) else 0
-        prompt = sum(content_tokens(body.get(name)) for name in _PROMPT_FIELDS)
-        return PER_REQUEST_TOKENS + PER_MESSAGE_TOKENS * count + prompt
+        if isinstance(messages, list):
+            for i, message in enumerate(messages):
+                total += PER_MESSAGE_TOKENS + self._message_tokens(message, i, ctx)
+        else:
+            total += json_tokens(messages)
+        prediction = body.get("prediction")
+        extra = json_tokens(prediction) if prediction is not None else 0
+        return RequestBound(total, None, extra, percent)
+
+    def _tier_percent(self, tier: Any, ctx: BoundContext) -> int:
+        if tier is None or tier in LIST_PRICE_TIERS:
+            return 100
+        percent = ctx.service_tier_percent.get(tier) if isinstance(tier, str) else None
+        if percent is None:
+            raise Unbounded(
+                f"service_tier: {str(tier)[:40]!r} is billed at a price the broker does not know "
+                "(models.<name>.service_tier_percent)", param="service_tier")
+        return percent
+
+    def _message_tokens(self, message: Any, i: int, ctx: BoundContext) -> int:
+        if not isinstance(message, dict):
+            return json_tokens(message)
+        content = message.get("content")
+        total = json_tokens(without(message, ("content",)))
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                total += self._part_tokens(part, f"messages[{i}].content[{j}]", ctx)
+        else:
+            total += json_tokens(content)
+        return total
+
+    def _part_tokens(self, part: Any, where: str, ctx: BoundContext) -> int:
+        if not isinstance(part, dict):
+            return json_tokens(part)
+        kind = part.get("type")
+        if kind in ("text", "refusal"):
+            return json_tokens(part)
+        if kind == "image_url":
+            image = part.get("image_url")
+            if not isinstance(image, dict):
+                raise InvalidRequest(f"{where}.image_url must be an object", param=where)
+            decoded = data_url(image.get("url"), ctx, f"{where}.image_url.url")
+            if decoded is not None and not decoded[0].startswith("image/"):
+                raise Unbounded(f"{where}.image_url.url: not an image", param=where)
+            detail = image.get("detail")
+            tokens = image_tokens(image_rule(ctx, OPENAI_COSTLIEST),
+                                  decoded[1] if decoded else None, where,
+                                  detail if isinstance(detail, str) else None)
+            return tokens + json_tokens({**part, "image_url": without(image, ("url",))})
+        if kind == "file":
+            file = part.get("file")
+            if not isinstance(file, dict):
+                raise InvalidRequest(f"{where}.file must be an object", param=where)
+            rest = json_tokens({**part, "file": without(file, ("file_data",))})
+            if file.get("file_data") is not None:
+                data = file["file_data"]
+                decoded = data_url(data, ctx, f"{where}.file.file_data")
+                raw = decoded[1] if decoded is not None else base64_data(
+                    data, ctx, f"{where}.file.file_data")
+                return rest + pdf_tokens(raw, ctx, f"{where}.file.file_data")
+            return rest + unsized_tokens(ctx, f"{where}.file.file_id")
+        if kind == "input_audio":
+            raise Unbounded(f"{where}: audio input is billed at audio prices the broker does "
+                            "not know", param=where)
+        raise Unbounded(f"{where}.type: the part type {str(kind)[:40]!r} cannot be priced",
+                        param=f"{where}.type")
+
+    # --- the output limit ----------------------------------------------------------------
 
     def output_limit(self, op: Operation, body: dict[str, Any]) -> tuple[int | None, int]:
         if op == "embeddings":
@@ -145,11 +297,11 @@ class OpenAIWire:
             if body.get(name) is not None:
                 value = positive_int(body[name])
                 if value is None:
-                    raise InvalidRequest(f"{name} must be a positive integer")
+                    raise InvalidRequest(f"{name} must be a positive integer", param=name)
                 limits.append(value)
         choices = 1 if body.get("n") is None else positive_int(body["n"])
         if choices is None or choices > MAX_CHOICES:
-            raise InvalidRequest(f"n must be an integer from 1 to {MAX_CHOICES}")
+            raise InvalidRequest(f"n must be an integer from 1 to {MAX_CHOICES}", param="n")
         # The provider honours max_completion_tokens over max_tokens; the larger bounds both.
         return (max(limits) if limits else None), choices
 
@@ -165,10 +317,12 @@ class OpenAIWire:
         if options is None:
             options = {}
         if not isinstance(options, dict):
-            raise InvalidRequest("stream_options must be an object")
+            raise InvalidRequest("stream_options must be an object", param="stream_options")
         asked = options.get("include_usage") is True
         body["stream_options"] = {**options, "include_usage": True}
         return asked
+
+    # --- the wire ------------------------------------------------------------------------
 
     def build_request(
         self, op: Operation, body: dict[str, Any], *, key: str, client_headers: Mapping[str, str]
@@ -182,18 +336,13 @@ class OpenAIWire:
     def read_usage(self, op: Operation, response: Any) -> Usage | None:
         return _usage(response.get("usage")) if isinstance(response, dict) else None
 
-    def estimate_output_tokens(self, op: Operation, response: Any) -> int:
+    def output_bound(self, op: Operation, response: Any) -> int:
         if op == "embeddings" or not isinstance(response, dict):
             return 0
         choices = response.get("choices")
         if not isinstance(choices, list):
             return 0
-        return sum(
-            output_tokens(text)
-            for choice in choices
-            if isinstance(choice, dict)
-            for text in strings(choice.get("message"), _NOT_OUTPUT)
-        )
+        return sum(json_tokens(c.get("message")) for c in choices if isinstance(c, dict))
 
     def stream_meter(self, op: Operation, *, client_wants_usage: bool) -> OpenAIStreamMeter:
         return OpenAIStreamMeter(client_wants_usage=client_wants_usage)

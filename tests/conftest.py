@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from broker.app import create_app
 from broker.db import make_engine, migrate
 from broker.devvault import DevVault, free_port
+from broker.server import uvicorn_config
 from broker.services import Services
 from broker.settings import Settings, load_settings
 
@@ -164,9 +165,21 @@ class Broker:
         self.services = services
         self.client = client
         self.url = url
+        self._admin: tuple[str, float] | None = None
 
     def admin_token(self) -> str:
         return self.token("admin", ADMIN_SECRET)
+
+    def cached_admin_token(self) -> str:
+        """One admin token reused while it has a while to live, as a real operator would: the
+        broker caps an identity's live tokens and the tokens a client may obtain per minute."""
+        if self._admin is None or self._admin[1] < time.monotonic():
+            self._admin = (self.admin_token(), time.monotonic() + 120)
+        return self._admin[0]
+
+    def forget_admin_token(self) -> None:
+        """For tests that change the admin identity (which ends its live tokens)."""
+        self._admin = None
 
     def token(self, client_id: str, secret: str, **params: Any) -> str:
         resp = self.client.post(
@@ -179,7 +192,7 @@ class Broker:
         return SECRETS.add(token)
 
     def admin(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.admin_token()}"}
+        return {"authorization": f"Bearer {self.cached_admin_token()}"}
 
     def create_tenant(self, name: str | None = None, **body: Any) -> dict[str, Any]:
         resp = self.client.post(
@@ -263,13 +276,15 @@ def sqlite_broker(make_broker: BrokerFactory, sqlite_url: str) -> Broker:
 
 
 class LiveServer:
-    """uvicorn on a real port in a background thread."""
+    """uvicorn on a real port in a background thread, configured as ``broker serve`` is (the
+    server edge's limits, no proxy headers)."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, settings: Settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=2, backlog=2048)
+        config = uvicorn_config(app, settings, host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
+                                backlog=2048)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -297,7 +312,7 @@ def make_live_broker(vault: DevVault) -> Iterator[Callable[..., Broker]]:
         services = Services.build(settings)
         closers.append(services.close)
         app = create_app(settings, services=services)
-        server = LiveServer(app).start()
+        server = LiveServer(app, settings).start()
         servers.append(server)
         client = httpx.Client(base_url=server.url, timeout=30)
         closers.append(client.close)

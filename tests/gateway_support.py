@@ -38,6 +38,8 @@ def gateway_sections(
     """``providers`` and ``models`` tables: each plugin against the fake provider."""
     prices = {"input_micros_per_mtok": pin, "output_micros_per_mtok": pout}
     return {
+        # Tests that storm one tenant opt out of the tenant's concurrency cap; its own test sets it.
+        "gateway": {"tenant_max_concurrent": 100_000},
         "providers": {
             "fake-openai": {"plugin": "openai", "base_url": openai_url or fake.url + "/v1",
                             "vault_path": vault_path, "timeout_s": timeout_s},
@@ -87,7 +89,8 @@ class Env:
         body = {"models": models or ["gpt-test", "claude-test", "embed-test", "compat-test",
                                      "mock-gpt", "mock-claude", "o1-*"],
                 "token_budget_micros": budget,
-                "rate": {"rpm": 1_000_000, "tpm": 10**12}, **policy}
+                "rate": {"rpm": 1_000_000, "tpm": 10**12},
+                "max_concurrent": 100_000, "max_live_tokens": 100_000, **policy}
         return self.broker.create_workload(tenant["id"], policy=body)
 
     def token(self, budget: int = 1_000_000, **policy: Any) -> str:
@@ -121,10 +124,16 @@ class Env:
             time.sleep(0.02)
 
 
-def make_env(factory: Callable[..., Broker], db: str, fake: FakeProviderServer,
+def make_env(factory: Callable[..., Broker], db: str, fake: FakeProviderServer, *,
+             adjust: Callable[[dict[str, dict[str, Any]]], None] | None = None,
              **options: Any) -> Env:
+    """``adjust`` may change the configuration sections (add a model, a provider key, ...)
+    before the broker is built."""
     vault_path = f"gw-{secrets.token_hex(6)}/providers/fake"
-    broker = factory(db, **gateway_sections(fake, vault_path, **options))
+    sections = gateway_sections(fake, vault_path, **options)
+    if adjust is not None:
+        adjust(sections)
+    broker = factory(db, **sections)
     env = Env(broker, fake, vault_path, "")
     env.write_key("sk-fake-" + secrets.token_urlsafe(16))
     fake.state.valid_keys = {env.key}

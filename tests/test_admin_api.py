@@ -408,7 +408,7 @@ def test_non_admin_tokens_are_refused_on_every_admin_route(org: Org) -> None:
         # No token, an empty one, garbage, another scheme: 401 with a challenge.
         for headers in ({}, {"authorization": "Bearer "}, {"authorization": "Bearer abc.def.ghi"},
                         {"authorization": f"Basic {ADMIN_SECRET}"},
-                        {"authorization": broker.admin_token()}):
+                        {"authorization": broker.cached_admin_token()}):
             resp = broker.client.request(method, url, headers=headers)
             problem(resp, 401)
             assert resp.headers["www-authenticate"].lower().startswith("bearer")

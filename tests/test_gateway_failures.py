@@ -1,6 +1,9 @@
-"""Every way a call can fail settles what was used and releases the rest of its hold: zero when
-the provider never took the request, at least the input once it did, never more than the hold,
-with one usage event whose status says what happened."""
+"""Every way a call can fail settles once and releases the rest of its hold, with one usage event
+whose status says what happened: zero when the provider never took the request; the provider's
+own count when it reported one; otherwise a bound that is never below the bill (the input bound
+or the reported input, and the output seen counted as one token per byte, capped by the hold;
+the whole hold when the request was sent and nothing is known); and everything the provider
+billed, even above the hold."""
 
 from __future__ import annotations
 
@@ -75,6 +78,17 @@ def _assert_paid_for(event: dict[str, Any], prompt: int, completion: int) -> Non
     assert event["cost_micros"] == price(prompt, completion)
 
 
+def _assert_bounded(env: Env, event: dict[str, Any], *, prompt_at_least: int,
+                    completion_at_least: int) -> None:
+    """An estimated charge: never below what the provider can have billed, never above the
+    limit the broker set, and priced exactly as its counts say."""
+    assert event["estimated"]
+    assert event["prompt_tokens"] >= prompt_at_least
+    limit = env.fake.state.requests[-1]["max_completion_tokens"]
+    assert completion_at_least <= event["completion_tokens"] <= limit
+    assert event["cost_micros"] == price(event["prompt_tokens"], event["completion_tokens"])
+
+
 # --- the provider never took the request: nothing is charged ----------------------------
 
 
@@ -147,9 +161,10 @@ def test_provider_rate_limit_is_a_rate_limit(env: Env) -> None:
 # --- the provider took the request: at least the input is paid ---------------------------
 
 
-def test_timeout_is_504_and_pays_the_estimated_input(make_live_broker: Callable[..., Broker],
-                                                     sqlite_url: str,
-                                                     fake: FakeProviderServer) -> None:
+def test_timeout_after_the_request_was_sent_pays_the_whole_hold(
+        make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer) -> None:
+    # The provider may well have answered in full after the broker stopped waiting: only the
+    # hold is sure to cover what it bills.
     env = make_env(make_live_broker, sqlite_url, fake, timeout_s=0.5)
     env.fake.state.faults.delay_s = 5
     token = env.token()
@@ -158,8 +173,9 @@ def test_timeout_is_504_and_pays_the_estimated_input(make_live_broker: Callable[
     assert info.value.status_code == 504 and info.value.code == "upstream_timeout"
     event = _only_event(env, token)
     assert event["status"] == "upstream_timeout" and event["estimated"]
+    limit = env.fake.state.requests[0]["max_completion_tokens"]
     assert event["prompt_tokens"] >= _prompt_tokens({"messages": PROMPT})
-    _assert_paid_for(event, event["prompt_tokens"], 0)
+    _assert_paid_for(event, event["prompt_tokens"], limit)
 
 
 def test_response_without_usage_is_estimated(env: Env) -> None:
@@ -197,9 +213,9 @@ def test_stream_cut_midway_pays_what_was_streamed(both: Env) -> None:
             received.append(chunk.choices[0].delta.content or "")
     assert "".join(received) == "w0 w1 w2 w3"
     event = _only_event(env, token)
-    assert event["status"] == "stream_cut" and event["estimated"]
-    assert event["prompt_tokens"] >= _prompt_tokens({"messages": PROMPT})
-    _assert_paid_for(event, event["prompt_tokens"], 4)
+    assert event["status"] == "stream_cut"
+    _assert_bounded(env, event, prompt_at_least=_prompt_tokens({"messages": PROMPT}),
+                    completion_at_least=4)
 
 
 def test_anthropic_stream_cut_pays_the_reported_input(env: Env) -> None:
@@ -211,10 +227,34 @@ def test_anthropic_stream_cut_pays_the_reported_input(env: Env) -> None:
         s.get_final_message()
     event = _only_event(env, token)
     assert event["status"] == "stream_cut" and event["estimated"]
-    _assert_paid_for(event, _prompt_tokens({"messages": PROMPT}), 2)
+    # The input the provider reported stands; the output is the bound of what was streamed.
+    assert event["prompt_tokens"] == _prompt_tokens({"messages": PROMPT})
+    assert 2 <= event["completion_tokens"] <= 10
+    assert event["cost_micros"] == price(event["prompt_tokens"], event["completion_tokens"])
 
 
-def test_client_hanging_up_mid_stream_pays_what_was_streamed(env: Env) -> None:
+def test_client_hanging_up_mid_stream_pays_the_count_read_after_it_left(env: Env) -> None:
+    # The broker goes on reading, without forwarding, until the provider's own usage arrives.
+    env.fake.state.faults.chunk_delay_s = 0.1
+    token = env.token()
+    words = 0
+    with httpx.stream("POST", f"{env.broker.url}/v1/chat/completions",
+                      headers={"authorization": f"Bearer {token}"},
+                      json={"model": "gpt-test", "messages": PROMPT, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            words += bool(_content(line))
+            if words == 3:
+                break
+    event = _only_event(env, token)
+    assert event["status"] == "client_disconnected" and not event["estimated"]
+    _assert_paid_for(event, _prompt_tokens({"messages": PROMPT}), 16)
+
+
+def test_client_hanging_up_past_the_drain_pays_a_bound_of_what_was_streamed(
+        make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer) -> None:
+    env = make_env(make_live_broker, sqlite_url, fake)
+    env.broker.services.extras["gateway"].settings = env.broker.settings.model_copy(
+        update={"gateway": env.broker.settings.gateway.model_copy(update={"drain_s": 0})})
     env.fake.state.faults.chunk_delay_s = 0.2
     token = env.token()
     words = 0
@@ -226,9 +266,9 @@ def test_client_hanging_up_mid_stream_pays_what_was_streamed(env: Env) -> None:
             if words == 3:
                 break
     event = _only_event(env, token)
-    assert event["status"] == "client_disconnected" and event["estimated"]
-    assert 3 <= event["completion_tokens"] < 16
-    _assert_paid_for(event, event["prompt_tokens"], event["completion_tokens"])
+    assert event["status"] == "client_disconnected"
+    _assert_bounded(env, event, prompt_at_least=_prompt_tokens({"messages": PROMPT}),
+                    completion_at_least=3)
 
 
 # --- the hold is a hard wall -------------------------------------------------------------
@@ -248,15 +288,22 @@ def test_stream_of_a_provider_ignoring_the_limit_ends_at_the_hold(per_token: Env
     assert env.slice_of(token)["spent_micros"] == 10
 
 
-def test_answer_of_a_provider_ignoring_the_limit_is_charged_the_hold(per_token: Env) -> None:
+def test_answer_billed_above_the_hold_is_charged_in_full_and_ends_the_token(
+        per_token: Env) -> None:
     env = per_token
     env.fake.state.faults.ignore_max_tokens = True
     token = env.token(budget=10)
     raw = _openai(env, token).chat.completions.with_raw_response.create(
         model="gpt-test", messages=PROMPT)
-    assert raw.headers["x-broker-cost-micros"] == "10"
+    # The ledger says what the provider billed, not what the broker had hoped for.
+    assert raw.headers["x-broker-cost-micros"] == "1000"
+    assert raw.headers["x-broker-budget-remaining-micros"] == str(10 - 1000)
     event = _only_event(env, token)
-    assert (event["completion_tokens"], event["cost_micros"]) == (1000, 10)
+    assert (event["status"], event["completion_tokens"], event["cost_micros"]) == (
+        "overrun", 1000, 1000)
+    with pytest.raises(openai.AuthenticationError):
+        _openai(env, token).chat.completions.create(model="gpt-test", messages=PROMPT)
+    assert len(env.fake.state.requests) == 1
 
 
 # --- revocation, a lost ledger, cancellation ---------------------------------------------
@@ -287,7 +334,8 @@ def test_revocation_ends_a_running_stream(env: Env) -> None:
     assert "w15" not in "".join(_content(line) for line in lines)
     event = _only_event(env, token)
     assert event["status"] == "revoked"
-    assert event["completion_tokens"] < 16
+    _assert_bounded(env, event, prompt_at_least=_prompt_tokens({"messages": PROMPT}),
+                    completion_at_least=1)
 
 
 def test_a_ledger_that_cannot_hold_refuses_before_any_provider_call(
@@ -316,7 +364,7 @@ def test_a_cancelled_request_still_settles(env: Env) -> None:
 
     async def scenario() -> None:
         call = await gateway.begin(verified, "chat", {"model": "gpt-test", "messages": PROMPT},
-                                   request_id="req_cancel", client_ip=None)
+                                   {}, request_id="req_cancel", client_ip=None)
         with anyio.move_on_after(0.5):
             result = await gateway.forward(call, {})
             assert not isinstance(result, MeteredStream)
@@ -325,7 +373,9 @@ def test_a_cancelled_request_still_settles(env: Env) -> None:
     anyio.run(scenario)
     event = _only_event(env, token)
     assert (event["request_id"], event["status"]) == ("req_cancel", "cancelled")
-    _assert_paid_for(event, event["prompt_tokens"], 0)
+    # Sent, then abandoned: the provider may bill it all, so the whole hold is charged.
+    limit = env.fake.state.requests[0]["max_completion_tokens"]
+    _assert_paid_for(event, event["prompt_tokens"], limit)
     assert jwt.decode(token, options={"verify_signature": False})["jti"] == event["jti"]
 
 

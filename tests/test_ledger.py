@@ -29,8 +29,16 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Database:
 
 
 def _wipe(conn: Connection) -> None:
-    for table in ("usage_event", "hold", "slice_counter", "token_slice", "budget_counter"):
+    for table in ("usage_event", "hold", "slice_counter", "token_slice", "budget_counter",
+                  "workload", "tenant"):
         conn.execute(text(f"DELETE FROM {table}"))
+    # The workload the slices belong to: it counts its live slices.
+    conn.execute(text("INSERT INTO tenant (id, name, name_key, budgets, created_at) "
+                      "VALUES ('tn_p', 'p', 'p', '[]', 0)"))
+    conn.execute(text(
+        "INSERT INTO workload (id, tenant_id, name, name_key, kind, roles, policy, client_id, "
+        "secret_hash, created_at, live_slices) "
+        "VALUES ('wl_p', 'tn_p', 'p', 'p', 'agent', '[]', '{}', 'wl_p', 'x', 0, 0)"))
 
 
 def _totals(conn: Connection) -> tuple[int, int]:
@@ -52,7 +60,8 @@ def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> N
     db.transaction(_wipe)
     budget = [BudgetRef("workload", "wl_p", "total", LIMIT)]
     slices: dict[str, int] = {}
-    holds: dict[str, str] = {}
+    holds: dict[str, tuple[str, int]] = {}
+    excess: dict[str, int] = {}  # by slice: what was charged above the holds (overruns)
 
     for i, (op, who, amount) in enumerate(sequence):
         jti = f"j{who}"
@@ -69,7 +78,7 @@ def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> N
             try:
                 db.transaction(lambda c, hid=hid, jti=jti, amount=amount: ledger.place_hold(
                     c, hold_id=hid, jti=jti, amount=amount, now=NOW))
-                holds[hid] = jti
+                holds[hid] = (jti, amount)
             except InsufficientQuota:
                 pass
         elif op == "settle" and holds:
@@ -79,18 +88,23 @@ def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> N
             out = db.transaction(lambda c, hid=hid, amount=amount, event=event: ledger.settle_hold(
                 c, hold_id=hid, cost=amount, event=event))
             assert out is not None
-            del holds[hid]
+            held_jti, held = holds.pop(hid)
+            assert out.excess == max(0, amount - held)
+            excess[held_jti] = excess.get(held_jti, 0) + out.excess
         elif op == "release" and jti in slices:
             db.transaction(lambda c, jti=jti: ledger.release_slice(c, jti, NOW + 61))
 
         def check(c: Connection) -> None:
             reserved, spent = _totals(c)
-            assert reserved >= 0 and spent >= 0 and reserved + spent <= LIMIT
+            # A cap is passed only by what providers billed above the holds, and by no more.
+            assert reserved >= 0 and spent >= 0
+            assert reserved + spent <= LIMIT + sum(excess.values())
             rows = c.execute(text(
-                "SELECT budget_micros, spent_micros, held_micros, released_at FROM token_slice")).all()
-            for b, s, h, _released in rows:
-                assert s >= 0 and h >= 0 and s + h <= b
-            live = sum(int(b) - int(s) for b, s, _h, rel in rows if rel is None)
+                "SELECT jti, budget_micros, spent_micros, held_micros, released_at "
+                "FROM token_slice")).all()
+            for jti, b, s, h, _released in rows:
+                assert s >= 0 and h >= 0 and s + h <= b + excess.get(jti, 0)
+            live = sum(max(0, int(b) - int(s)) for _j, b, s, _h, rel in rows if rel is None)
             assert reserved == live  # what live slices hold is exactly what budgets reserve
             events = c.execute(text("SELECT COALESCE(SUM(cost_micros), 0) FROM usage_event")).scalar_one()
             assert int(events) == spent  # every micro-dollar spent has its usage event
@@ -107,18 +121,24 @@ def test_a_settled_hold_is_never_charged_twice(db: Database) -> None:
     event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "ok"}
     first = db.transaction(lambda c: ledger.settle_hold(c, hold_id="hx", cost=100, event=event))
     second = db.transaction(lambda c: ledger.settle_hold(c, hold_id="hx", cost=300, event=event))
-    assert first == 400 and second is None
+    assert first is not None and (first.remaining, first.excess) == (400, 0) and second is None
     assert db.transaction(_totals) == (400, 100)
 
 
-def test_cost_above_the_hold_is_capped_at_the_hold(db: Database) -> None:
+def test_cost_above_the_hold_is_charged_in_full_and_passes_the_caps_visibly(db: Database) -> None:
     db.transaction(_wipe)
     db.transaction(lambda c: ledger.reserve_slice(
         c, jti="jy", workload_id="wl_p", tenant_id="tn_p", amount=500,
         budgets=[BudgetRef("workload", "wl_p", "total", LIMIT)], issued_at=NOW, expires_at=NOW + 60))
     db.transaction(lambda c: ledger.place_hold(c, hold_id="hy", jti="jy", amount=50, now=NOW))
-    event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "ok"}
-    assert db.transaction(lambda c: ledger.settle_hold(c, hold_id="hy", cost=10_000, event=event)) == 450
+    event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "overrun"}
+    out = db.transaction(lambda c: ledger.settle_hold(c, hold_id="hy", cost=10_000, event=event))
+    assert out is not None and (out.remaining, out.excess) == (-9_500, 9_950)
+    # The slice's whole reservation became spending, and the rest was spent beyond the cap.
+    assert db.transaction(_totals) == (0, 10_000)
+    # Releasing the slice later returns nothing: it has nothing left.
+    assert db.transaction(lambda c: ledger.release_slice(c, "jy", NOW + 61)) == 0
+    assert db.transaction(_totals) == (0, 10_000)
 
 
 def test_an_open_hold_delays_release_until_it_settles(db: Database) -> None:

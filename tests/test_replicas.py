@@ -217,6 +217,37 @@ def test_suspend_resume_and_tenant_suspend_hold_on_the_other_process(
     assert took < BOUND_S
 
 
+def test_a_policy_or_role_change_on_one_process_cuts_live_tokens_on_the_other(
+    two_processes: tuple[Process, Process],
+) -> None:
+    a, b = two_processes
+    admin, tenant = _setup(a)
+    agent = _workload(a, admin, tenant["id"])
+    old = b.token(agent["client_id"], agent["client_secret"])
+    resp = a.client.patch(f"/v1/admin/workloads/{agent['id']}", headers=admin, json={
+        "policy": {"models": ["gpt-4o-mini"], "token_budget_micros": 500}})
+    assert resp.status_code == 200, resp.text
+    took = wait_for(lambda: not b.active(old, admin))
+    print(f"\npolicy change seen by the other process after {took * 1000:.1f} ms")
+    assert took < BOUND_S
+    # The identity is not suspended: a token issued after the answer lives, with the new slice.
+    fresh = b.token(agent["client_id"], agent["client_secret"])
+    assert b.active(fresh, admin) and jwt.decode(
+        fresh, options={"verify_signature": False})["budget_micros"] == 500
+
+    # An org-admin demoted to tenant-admin: its earlier token stops being an org-admin's.
+    org = a.client.post("/v1/admin/workloads", headers=admin, json={
+        "tenant_id": "tn_root", "name": f"ops-{time.time_ns()}", "kind": "admin",
+        "roles": ["org-admin"]})
+    assert org.status_code == 201, org.text
+    SECRETS.add(org.json()["client_secret"])
+    before = b.token(org.json()["client_id"], org.json()["client_secret"])
+    assert a.client.patch(f"/v1/admin/workloads/{org.json()['id']}", headers=admin,
+                          json={"roles": ["tenant-admin"]}).status_code == 200
+    wait_for(lambda: b.client.post("/v1/admin/tenants", json={"name": f"x-{time.time_ns()}"},
+                                   headers={"authorization": f"Bearer {before}"}).status_code == 401)
+
+
 def test_a_signing_rotation_on_one_process_is_picked_up_by_the_other(
     two_processes: tuple[Process, Process],
 ) -> None:

@@ -38,7 +38,8 @@ def _counters(broker: Broker) -> list[tuple[str, int, int]]:
 
 def test_200_concurrent_requests_reserve_exactly_ten_slices(make_live_broker: Any,
                                                              db_url: str) -> None:
-    broker = make_live_broker(db_url)
+    # Budgets, not the per-client issuance rate, are what this test races against.
+    broker = make_live_broker(db_url, auth={"issuance_rpm": 10_000})
     tenant = broker.create_tenant(budgets=[{"period": "day", "limit_micros": 50 * SLICE}])
     agent = broker.create_workload(tenant["id"], policy={
         "models": ["gpt-4o-mini"], "token_budget_micros": SLICE, "token_ttl_s": 60,
