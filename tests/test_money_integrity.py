@@ -91,11 +91,11 @@ def _hostile(i: int) -> tuple[str, dict[str, Any]]:
             "model": "gpt-test", "messages": PROMPT, "max_tokens": 64,
             "tools": [{"type": "function", "function": {
                 "name": "f", "parameters": _nested_schema(22, long)}}]}
-    if kind == 1:  # an Anthropic text document
+    if kind == 1:  # an Anthropic text document, far above the old flat 1,600-token allowance
         return "/v1/messages", {
             "model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": [
                 {"type": "document", "source": {"type": "text", "media_type": "text/plain",
-                                                "data": cjk}},
+                                                "data": cjk * 6}},
                 {"type": "text", "text": "Summarise."}]}]}
     if kind == 2:  # an Anthropic input_schema nested the same way
         return "/v1/messages", {
