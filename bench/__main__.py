@@ -2,7 +2,9 @@
 
 ``tokens`` and ``gateway`` rewrite their sections of ``bench/RESULTS.md`` and take the options
 ``--duration``, ``--warmup``, ``--concurrency``, ``--profile``, ``--quiet-wait``, ``--no-write``,
-``--keep``. ``revocation`` (needs PostgreSQL, see ``bench/bench_revocation.py``) writes
+``--keep``; ``gateway`` also ``--compare PATH`` (another checkout measured beside this one).
+``holds`` (hold over charge on a request mix, in-process) and ``edge`` (the server edge's cost)
+write theirs too. ``revocation`` (needs PostgreSQL, see ``bench/bench_revocation.py``) writes
 ``bench/RESULTS-revocation.md`` and runs with its own defaults; only ``--no-write``, ``--keep``
 and ``--quiet-wait`` are passed on to it.
 """
@@ -13,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-BENCHMARKS = ("tokens", "gateway", "revocation")
+BENCHMARKS = ("tokens", "gateway", "holds", "edge", "revocation")
 _SHARED_WITH_REVOCATION = ("--no-write", "--keep", "--quiet-wait")
 
 
@@ -27,6 +29,14 @@ def _entry(name: str) -> Callable[[list[str] | None], int]:
         from bench import bench_gateway
 
         return bench_gateway.main
+    if name == "holds":
+        from bench import bench_holds
+
+        return bench_holds.main
+    if name == "edge":
+        from bench import bench_edge
+
+        return bench_edge.main
     from bench import bench_revocation
 
     return bench_revocation.main
@@ -48,6 +58,17 @@ def _revocation_args(rest: list[str]) -> list[str]:
     return out
 
 
+def _args_for(name: str, rest: list[str]) -> list[str]:
+    if name == "revocation":
+        return _revocation_args(rest)
+    if name == "edge":
+        # The edge benchmark writes only when asked; it takes the timing options.
+        timing = [a for a in rest if a.split("=", 1)[0] in ("--duration", "--warmup",
+                                                             "--concurrency")]
+        return timing + ([] if "--no-write" in rest else ["--write"])
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in chosen:
             continue
         print(f"=== bench {name} ===", flush=True)
-        code = _entry(name)(_revocation_args(rest) if name == "revocation" else rest)
+        code = _entry(name)(_args_for(name, rest))
         if code:
             return code
     return 0

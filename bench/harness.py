@@ -52,8 +52,10 @@ class ServerProcess:
         ready_path: str = "/",
         any_status: bool = False,
         log_dir: Path,
+        cwd: Path = ROOT,
     ):
         self.name = name
+        self.cwd = cwd
         self.argv = list(argv)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -71,7 +73,7 @@ class ServerProcess:
     def start(self, timeout_s: float = 60.0) -> ServerProcess:
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
@@ -128,6 +130,17 @@ class Identity:
     workload_id: str
 
 
+# A load generator is one client of one tenant: lift the per-client and per-tenant caps that
+# would otherwise (rightly) throttle it. Unknown to an older checkout, so only for this one.
+_UNLIMITED_TOML = """
+[auth]
+issuance_rpm = 1000000
+
+[gateway]
+tenant_max_concurrent = 1000000
+"""
+
+
 @dataclass
 class BrokerUnderTest:
     """A real ``broker serve`` process on SQLite (WAL) in a temp dir, against an OpenBao dev server."""
@@ -138,6 +151,9 @@ class BrokerUnderTest:
     admin_secret: str = field(default_factory=lambda: "bench-" + secrets.token_urlsafe(32), repr=False)
     server: ServerProcess | None = None
     port: int = field(default_factory=free_port)
+    # Another checkout of the broker to run instead of this one (e.g. the code before a change,
+    # measured side by side in the same run): put first on the server's PYTHONPATH.
+    source: Path | None = None
 
     @property
     def url(self) -> str:
@@ -145,7 +161,7 @@ class BrokerUnderTest:
 
     @property
     def db_path(self) -> Path:
-        return self.workdir / "broker.db"
+        return self.workdir / ("broker.db" if self.source is None else f"broker-{self.port}.db")
 
     def config_text(self) -> str:
         return f"""
@@ -172,17 +188,23 @@ port = {self.port}
 [org]
 budgets = [{{ period = "total", limit_micros = {HUGE} }}]
 {self.extra_toml}
+{"" if self.source is not None else _UNLIMITED_TOML}
 """
 
     def start(self) -> BrokerUnderTest:
-        config = self.workdir / "broker.toml"
+        config = self.workdir / f"broker-{self.port}.toml"
         config.write_text(self.config_text())
         env = _clean_env()
+        if self.source is not None:
+            # ``python -m`` puts its working directory first on sys.path: run from the checkout.
+            env["PYTHONPATH"] = str(self.source)
         env["BROKER_VAULT_TOKEN"] = self.vault.root_token
         env["BROKER_BOOTSTRAP_ADMIN_SECRET"] = self.admin_secret
         argv = [PYTHON, "-m", "broker.cli", "serve", "--config", str(config), "--migrate"]
         self.server = ServerProcess(
-            "broker", argv, self.port, env=env, ready_path="/healthz", log_dir=self.workdir
+            "broker" if self.source is None else f"broker-{self.port}", argv, self.port, env=env,
+            ready_path="/healthz", log_dir=self.workdir,
+            cwd=ROOT if self.source is None else self.source,
         ).start()
         return self
 
@@ -223,20 +245,29 @@ budgets = [{{ period = "total", limit_micros = {HUGE} }}]
         return tenant_id
 
     def create_workload(self, tenant_id: str, kind: str, policy: dict[str, Any]) -> Identity:
+        if self.source is not None:
+            # An older checkout refuses policy fields it does not know (strict bodies).
+            policy = {k: v for k, v in policy.items() if k not in NEWER_POLICY_FIELDS}
         body = {"tenant_id": tenant_id, "name": f"bench-{kind}-{secrets.token_hex(3)}",
                 "kind": kind, "policy": policy}
         out = self._admin_post("/v1/admin/workloads", body)
         return Identity(out["client_id"], out["client_secret"], out["id"])
 
 
+NEWER_POLICY_FIELDS = ("max_live_tokens", "max_concurrent")
+
+
 def bench_policy(models: Sequence[str], token_budget_micros: int) -> dict[str, Any]:
-    """A policy no benchmark run can exhaust or rate-limit: budgets far above what it spends."""
+    """A policy no benchmark run can exhaust or rate-limit: budgets far above what it spends,
+    and caps on live tokens and concurrent calls far above what the load generator opens."""
     return {
         "models": list(models),
         "token_ttl_s": 900,
         "token_budget_micros": token_budget_micros,
         "budgets": [{"period": "total", "limit_micros": HUGE}],
         "rate": {"rpm": 1_000_000, "tpm": 10**12},
+        "max_live_tokens": 1_000_000,
+        "max_concurrent": 1_000_000,
     }
 
 

@@ -83,6 +83,17 @@ def text_tokens(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
+def delta_tokens(text: str) -> tuple[int, int]:
+    """The output tokens of one streamed delta's generated text, counted (low, high).
+
+    Low, for the hold's wall, which must never cut an honest answer: a delta that carries text
+    carries at least one token, and a token is rarely longer than 16 characters. High, for a
+    charge without the provider's count: a token is at least one byte."""
+    if not text:
+        return 0, 0
+    return 1 + len(text) // 16, text_tokens(text)
+
+
 def without(value: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """``value`` without the keys ``names`` (a shallow copy)."""
     drop = set(names)

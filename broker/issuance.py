@@ -161,7 +161,10 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
             models = list(dict.fromkeys(req.scope))
         else:
             models = list(policy.models)
-        ttl = min(req.ttl_s or policy.token_ttl_s or settings.tokens.default_ttl_s, settings.tokens.max_ttl_s)
+        # ``ttl_s`` only narrows: never past the policy's lifetime (RFC 8693 lets the server
+        # issue a shorter one than asked; ``expires_in`` says which).
+        longest = min(policy.token_ttl_s or settings.tokens.default_ttl_s, settings.tokens.max_ttl_s)
+        ttl = min(req.ttl_s or longest, longest)
         wait = services.issuance.take((row.client_id, ""))
         if wait:
             raise SlowDown(

@@ -87,13 +87,15 @@ _RELEASE = Sql("""
     UPDATE token_slice SET released_at = :now
     WHERE jti = :jti AND released_at IS NULL AND held_micros = 0
     RETURNING budget_micros, spent_micros, workload_id""")
+_ENSURE_LIVE = Sql("""
+    INSERT INTO live_slices (workload_id, count) VALUES (:workload_id, 0)
+    ON CONFLICT DO NOTHING""")
 _LIVE_UP = Sql("""
-    UPDATE workload SET live_slices = live_slices + 1
-    WHERE id = :workload_id AND live_slices < :cap
-    RETURNING live_slices""")
+    UPDATE live_slices SET count = count + 1
+    WHERE workload_id = :workload_id AND count < :cap
+    RETURNING count""")
 _LIVE_DOWN = Sql("""
-    UPDATE workload SET live_slices = live_slices - 1
-    WHERE id = :workload_id AND live_slices > 0""")
+    UPDATE live_slices SET count = count - 1 WHERE workload_id = :workload_id AND count > 0""")
 _PRUNE_LINKS = Sql("""
     DELETE FROM slice_counter WHERE jti IN (
         SELECT jti FROM token_slice WHERE released_at IS NOT NULL AND released_at < :before
@@ -165,15 +167,22 @@ def reserve_slice(
 
     ``max_live`` caps the workload's slices not yet released (a conditional update, so
     concurrent issuances cannot pass it): one workload cannot pin the budgets above it with a
-    flood of tokens. Beyond it, :class:`SlowDown`."""
+    flood of tokens. Beyond it, :class:`SlowDown`.
+
+    Lock order, everywhere: budget counters (in a fixed order) before the live-slice row."""
+    _INSERT_SLICE.run(conn, jti=jti, workload_id=workload_id, tenant_id=tenant_id,
+                      amount=amount, issued_at=issued_at, expires_at=expires_at)
+    if amount:
+        _reserve_in_budgets(conn, jti, amount, budgets, issued_at)
+    _ENSURE_LIVE.run(conn, workload_id=workload_id)
     cap = max_live if max_live is not None else 2**62
     if _LIVE_UP.run(conn, workload_id=workload_id, cap=cap).first() is None:
         raise SlowDown(f"this workload already has {cap} live tokens (policy.max_live_tokens)",
                        headers={"retry-after": str(retry_after_s)})
-    _INSERT_SLICE.run(conn, jti=jti, workload_id=workload_id, tenant_id=tenant_id,
-                      amount=amount, issued_at=issued_at, expires_at=expires_at)
-    if amount == 0:
-        return
+
+
+def _reserve_in_budgets(conn: Connection, jti: str, amount: int, budgets: list[BudgetRef],
+                        issued_at: int) -> None:
     # A fixed lock order keeps concurrent PostgreSQL transactions from deadlocking.
     for ref in sorted(budgets, key=lambda r: (_SCOPE_ORDER[r.scope], r.scope_id, r.period)):
         if amount > ref.limit_micros:
@@ -200,12 +209,12 @@ def release_slice(conn: Connection, jti: str, now: int) -> int:
     row = _RELEASE.run(conn, now=now, jti=jti).first()
     if row is None:
         return 0
-    _LIVE_DOWN.run(conn, workload_id=row[2])
     # After an overrun the slice spent more than its budget: nothing returns.
     unspent = max(0, int(row[0]) - int(row[1]))
     if unspent > 0:
         for counter_id in _counter_ids(conn, jti):
             _UNRESERVE.run(conn, amount=unspent, id=counter_id)
+    _LIVE_DOWN.run(conn, workload_id=row[2])
     return unspent
 
 

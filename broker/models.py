@@ -49,10 +49,6 @@ class Workload(SQLModel, table=True):
     prev_secret_expires_at: int | None = Field(default=None, sa_type=BigInteger)
     created_at: int = Field(sa_type=BigInteger)
     suspended_at: int | None = Field(default=None, sa_type=BigInteger)
-    # Token slices not yet released: bounded by ``policy.max_live_tokens`` with a conditional
-    # update at issuance, decremented when a slice is released (see broker.ledger).
-    live_slices: int = Field(
-        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
 class BudgetCounter(SQLModel, table=True):
@@ -93,6 +89,21 @@ class TokenSlice(SQLModel, table=True):
     # Set once the unspent part went back to the budgets; never released twice.
     released_at: int | None = Field(default=None, sa_type=BigInteger)
     revoked_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class LiveSlices(SQLModel, table=True):
+    """How many token slices of a workload are not yet released: bounded by
+    ``policy.max_live_tokens`` with a conditional update at issuance, decremented when a slice is
+    released (see :mod:`broker.ledger`).
+
+    A row of its own, not a column of ``workload``: every transaction takes it after the budget
+    counters, while suspensions and edits lock the workload row first; on the workload row the
+    two orders would meet and deadlock."""
+
+    __tablename__ = "live_slices"
+
+    workload_id: str = Field(primary_key=True, max_length=40)
+    count: int = Field(default=0, sa_type=BigInteger)
 
 
 class SliceCounter(SQLModel, table=True):

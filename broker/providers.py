@@ -29,6 +29,7 @@ from broker.bounds import (
     base64_data,
     check_fields,
     data_url,
+    delta_tokens,
     image_rule,
     image_tokens,
     json_tokens,
@@ -48,7 +49,7 @@ __all__ = [
     "ANTHROPIC_PIXELS", "NOTHING", "OPENAI_COSTLIEST", "BoundContext", "CacheTtl", "EndReason", "ImageRule",
     "Operation", "Provider", "ProviderConfig", "ProviderPlugin", "RequestBound", "SseEvent",
     "SseParser", "StreamMeter", "UpstreamRequest", "Usage", "base64_data", "base_url",
-    "check_fields", "data_url", "image_rule", "image_tokens", "json_bytes", "json_tokens",
+    "check_fields", "data_url", "delta_tokens", "image_rule", "image_tokens", "json_bytes", "json_tokens",
     "pdf_tokens", "positive_int", "sse", "text_tokens", "unsized_tokens", "without",
 ]
 

@@ -269,7 +269,8 @@ def _apply_table_env(data: dict[str, Any], env: Mapping[str, str], source: str) 
 
 def _coerce(section_model: type[BaseModel], key: str, raw: str) -> Any:
     """Environment values are strings; turn them into the field's type before validation.
-    Lists and tables (``org.budgets``) are written as JSON."""
+    Lists and tables (``org.budgets``) are written as JSON; a list of strings may also be
+    written comma-separated."""
     field = section_model.model_fields.get(key)
     if field is None:
         return raw  # validation reports the unknown key by name
@@ -278,6 +279,9 @@ def _coerce(section_model: type[BaseModel], key: str, raw: str) -> Any:
         try:
             return json.loads(raw)
         except json.JSONDecodeError:
+            if annotation.startswith(("tuple[str", "list[str")):
+                # A plain list of words: "10.0.0.0/8, 192.168.0.0/16".
+                return [part.strip() for part in raw.split(",") if part.strip()]
             return raw
     if "int" in annotation and "str" not in annotation:
         try:

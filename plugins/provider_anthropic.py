@@ -37,6 +37,7 @@ from broker.providers import (
     base64_data,
     base_url,
     check_fields,
+    delta_tokens,
     image_rule,
     image_tokens,
     json_bytes,
@@ -106,12 +107,11 @@ def _with_output(usage: Usage, output: int) -> Usage:
                  usage.cache_write_1h_tokens)
 
 
-def _low_text_tokens(delta: Any) -> int:
-    """Output tokens of one delta counted LOW, for the wall (see the OpenAI plugin)."""
+def _delta_text(delta: Any) -> str:
+    """The generated text of a content delta (text, thinking, a tool call's JSON, ...)."""
     if not isinstance(delta, dict):
-        return 0
-    text = "".join(v for k, v in delta.items() if isinstance(v, str) and k != "type")
-    return 1 + len(text) // 16 if text else 0
+        return ""
+    return "".join(v for k, v in delta.items() if isinstance(v, str) and k != "type")
 
 
 class AnthropicStreamMeter:
@@ -140,9 +140,9 @@ class AnthropicStreamMeter:
         if not isinstance(data, dict):
             return True
         if kind == "content_block_delta":
-            delta = data.get("delta")
-            self.streamed_tokens += _low_text_tokens(delta)
-            self.output_bound += json_tokens(delta)
+            low, high = delta_tokens(_delta_text(data.get("delta")))
+            self.streamed_tokens += low
+            self.output_bound += high
         elif kind == "content_block_start":
             self.output_bound += json_tokens(data.get("content_block"))
         elif kind == "message_start":

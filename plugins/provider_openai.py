@@ -33,6 +33,7 @@ from broker.providers import (
     base_url,
     check_fields,
     data_url,
+    delta_tokens,
     image_rule,
     image_tokens,
     json_bytes,
@@ -105,14 +106,6 @@ def _embedding_tokens(value: Any) -> int:
     return json_tokens(value)
 
 
-def _low_text_tokens(delta: Any) -> int:
-    """Streamed output tokens of one delta counted LOW (for the wall, which must never cut an
-    honest answer): a delta that carries text carries at least one token, and a token is
-    rarely longer than 16 characters."""
-    text = _delta_text(delta)
-    return 1 + len(text) // 16 if text else 0
-
-
 def _delta_text(delta: Any) -> str:
     if isinstance(delta, str):
         return delta
@@ -154,9 +147,9 @@ class OpenAIStreamMeter:
         if isinstance(choices, list):
             for choice in choices:
                 if isinstance(choice, dict) and choice.get("delta"):
-                    delta = choice["delta"]
-                    self.streamed_tokens += _low_text_tokens(delta)
-                    self.output_bound += json_tokens(delta)
+                    low, high = delta_tokens(_delta_text(choice["delta"]))
+                    self.streamed_tokens += low
+                    self.output_bound += high
         return not (usage is not None and not choices and not self.client_wants_usage)
 
     def epilogue(self, reason: EndReason) -> bytes:

@@ -30,15 +30,8 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Database:
 
 def _wipe(conn: Connection) -> None:
     for table in ("usage_event", "hold", "slice_counter", "token_slice", "budget_counter",
-                  "workload", "tenant"):
+                  "live_slices"):
         conn.execute(text(f"DELETE FROM {table}"))
-    # The workload the slices belong to: it counts its live slices.
-    conn.execute(text("INSERT INTO tenant (id, name, name_key, budgets, created_at) "
-                      "VALUES ('tn_p', 'p', 'p', '[]', 0)"))
-    conn.execute(text(
-        "INSERT INTO workload (id, tenant_id, name, name_key, kind, roles, policy, client_id, "
-        "secret_hash, created_at, live_slices) "
-        "VALUES ('wl_p', 'tn_p', 'p', 'p', 'agent', '[]', '{}', 'wl_p', 'x', 0, 0)"))
 
 
 def _totals(conn: Connection) -> tuple[int, int]:
@@ -106,6 +99,8 @@ def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> N
                 assert s >= 0 and h >= 0 and s + h <= b + excess.get(jti, 0)
             live = sum(max(0, int(b) - int(s)) for _j, b, s, _h, rel in rows if rel is None)
             assert reserved == live  # what live slices hold is exactly what budgets reserve
+            counted = c.execute(text("SELECT count FROM live_slices")).scalar()
+            assert (counted or 0) == sum(1 for *_x, rel in rows if rel is None)
             events = c.execute(text("SELECT COALESCE(SUM(cost_micros), 0) FROM usage_event")).scalar_one()
             assert int(events) == spent  # every micro-dollar spent has its usage event
 

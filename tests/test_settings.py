@@ -128,6 +128,21 @@ BAD = [
     pytest.param('[providers.openai]\nbase_ur = "http://x"\n', {}, "providers.openai.base_ur",
                  id="typo-in-provider"),
     pytest.param("[tokens\nmax_ttl_s = 1\n", {}, "broker.toml", id="toml-syntax-error"),
+    pytest.param('[server]\ntrusted_proxies = ["10.0.0.0/8", "proxy.local"]\n', {},
+                 "server.trusted_proxies", id="trusted-proxy-not-a-cidr"),
+    pytest.param("", {"BROKER_SERVER_TRUSTED_PROXIES": "10.0.0.0/8, nope"},
+                 "server.trusted_proxies", id="env-trusted-proxy-not-a-cidr"),
+    pytest.param("[gateway]\nmax_stream_s = 590\n", {}, "gateway.max_stream_s",
+                 id="stream-longer-than-the-orphan-threshold"),
+    pytest.param('[providers.openai]\ntimeout_s = 900\n', {}, "providers.openai.timeout_s",
+                 id="provider-timeout-longer-than-the-orphan-threshold"),
+    pytest.param('[providers.openai]\n[models.gpt-x]\nprovider = "openai"\n'
+                 "input_micros_per_mtok = 1\noutput_micros_per_mtok = 1\n"
+                 "service_tier_percent = { priority = 0 }\n", {},
+                 "models.gpt-x.service_tier_percent", id="tier-percent-zero"),
+    pytest.param('[providers.openai]\n[models.gpt-x]\nprovider = "openai"\n'
+                 'input_micros_per_mtok = 1\noutput_micros_per_mtok = 1\nimage_rule = "tiles"\n',
+                 {}, "models.gpt-x.image_rule", id="unknown-image-rule"),
 ]
 
 
@@ -294,6 +309,17 @@ def test_env_overrides_reach_lists_and_named_tables(tmp_path: Path) -> None:
     assert settings.providers["openai-compatible"].base_url == "http://new"
     assert settings.models["gpt-4o-mini"].output_micros_per_mtok == 7
     assert settings.models["gpt-4o"].output_micros_per_mtok == 2
+
+
+def test_trusted_proxies_and_the_metrics_token_come_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("")
+    for raw in ("10.0.0.0/8, 192.168.1.0/24", '["10.0.0.0/8", "192.168.1.0/24"]'):
+        settings = load_settings(path, env={"BROKER_SERVER_TRUSTED_PROXIES": raw,
+                                            "BROKER_METRICS_TOKEN": "scrape-me"})
+        assert settings.server.trusted_proxies == ("10.0.0.0/8", "192.168.1.0/24")
+        assert settings.metrics.token is not None
+        assert "scrape-me" not in repr(settings)  # a secret value is masked
 
 
 @pytest.mark.parametrize(("env", "names"), [

@@ -68,6 +68,17 @@ def test_http_basic_and_json_bodies_are_accepted(broker: Broker) -> None:
     assert resp.json()["scope"] == "gpt-4o-mini"
 
 
+def test_ttl_s_can_shorten_a_token_but_never_lengthen_it_past_the_policy(broker: Broker) -> None:
+    agent = _agent(broker)  # the agent's policy lifetime: 300 s
+    form = {"grant_type": "client_credentials", "client_id": agent["client_id"],
+            "client_secret": agent["client_secret"]}
+    assert broker.client.post("/v1/token", data={**form, "ttl_s": "60"}).json()["expires_in"] == 60
+    longer = broker.client.post("/v1/token", data={**form, "ttl_s": "900"}).json()
+    assert longer["expires_in"] == 300
+    claims = jwt.decode(longer["access_token"], options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 300
+
+
 @pytest.mark.parametrize("scope", ["o1", "gpt-*", "*"])
 def test_scope_cannot_widen_policy(broker: Broker, scope: str) -> None:
     agent = _agent(broker)

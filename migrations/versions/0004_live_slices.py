@@ -6,6 +6,7 @@ Create Date: 2026-12-04 23:00:00
 """
 from alembic import op
 import sqlalchemy as sa
+import sqlmodel
 
 
 revision = '0004'
@@ -15,16 +16,18 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('workload', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('live_slices', sa.BigInteger(), server_default='0',
-                                      nullable=False))
+    op.create_table('live_slices',
+    sa.Column('workload_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+    sa.Column('count', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('workload_id')
+    )
     # The slices alive when the migration runs count against the new cap from the start.
     op.execute(
-        "UPDATE workload SET live_slices = (SELECT count(*) FROM token_slice "
-        "WHERE token_slice.workload_id = workload.id AND token_slice.released_at IS NULL)"
+        "INSERT INTO live_slices (workload_id, count) "
+        "SELECT workload_id, count(*) FROM token_slice WHERE released_at IS NULL "
+        "GROUP BY workload_id"
     )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('workload', schema=None) as batch_op:
-        batch_op.drop_column('live_slices')
+    op.drop_table('live_slices')
