@@ -23,7 +23,7 @@ gateway prices it with :mod:`broker.pricing` and holds it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,27 @@ def without(value: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """``value`` without the keys ``names`` (a shallow copy)."""
     drop = set(names)
     return {k: v for k, v in value.items() if k not in drop}
+
+
+def messages_tokens(messages: Any, per_message: int, part: Callable[[Any, str], int]) -> int:
+    """The bound of a chat's messages: each message's framing (``per_message``), its fields
+    as text, and each part of a content list by ``part(value, where)``, which knows the media
+    of its wire format (``where`` names the part for a refusal)."""
+    if not isinstance(messages, list):
+        return json_tokens(messages)
+    total = 0
+    for i, message in enumerate(messages):
+        total += per_message
+        if not isinstance(message, dict):
+            total += json_tokens(message)
+            continue
+        content = message.get("content")
+        total += json_tokens(without(message, ("content",)))
+        if isinstance(content, list):
+            total += sum(part(p, f"messages[{i}].content[{j}]") for j, p in enumerate(content))
+        else:
+            total += json_tokens(content)
+    return total
 
 
 def check_fields(body: Mapping[str, Any], known: frozenset[str], ctx: BoundContext,

@@ -42,6 +42,7 @@ from broker.providers import (
     image_tokens,
     json_bytes,
     json_tokens,
+    messages_tokens,
     pdf_tokens,
     positive_int,
     sse,
@@ -202,12 +203,8 @@ class AnthropicWire:
                             param="service_tier")
         total = PER_REQUEST_TOKENS + json_tokens(without(body, ("messages",)))
         total += self._tool_tokens(body.get("tools"))
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            for i, message in enumerate(messages):
-                total += PER_MESSAGE_TOKENS + self._message_tokens(message, i, ctx)
-        else:
-            total += json_tokens(messages)
+        total += messages_tokens(body.get("messages"), PER_MESSAGE_TOKENS,
+                                 lambda block, where: self._block_tokens(block, where, ctx))
         return RequestBound(total, _cache_ttl(body))
 
     def _check_beta(self, header: str | None, ctx: BoundContext) -> None:
@@ -237,18 +234,6 @@ class AnthropicWire:
                     f"tools[{i}].type: {str(kind)[:60]!r} is not a client-side tool; the broker "
                     "does not price server-side tools", param=f"tools[{i}].type")
             total += ceiling
-        return total
-
-    def _message_tokens(self, message: Any, i: int, ctx: BoundContext) -> int:
-        if not isinstance(message, dict):
-            return json_tokens(message)
-        content = message.get("content")
-        total = json_tokens(without(message, ("content",)))
-        if isinstance(content, list):
-            for j, block in enumerate(content):
-                total += self._block_tokens(block, f"messages[{i}].content[{j}]", ctx)
-        else:
-            total += json_tokens(content)
         return total
 
     def _block_tokens(self, block: Any, where: str, ctx: BoundContext) -> int:

@@ -38,6 +38,7 @@ from broker.providers import (
     image_tokens,
     json_bytes,
     json_tokens,
+    messages_tokens,
     pdf_tokens,
     positive_int,
     text_tokens,
@@ -212,12 +213,8 @@ class OpenAIWire:
         total = PER_REQUEST_TOKENS + json_tokens(without(body, ("messages",)))
         if tools or body.get("functions"):
             total += TOOL_FRAMING_TOKENS
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            for i, message in enumerate(messages):
-                total += PER_MESSAGE_TOKENS + self._message_tokens(message, i, ctx)
-        else:
-            total += json_tokens(messages)
+        total += messages_tokens(body.get("messages"), PER_MESSAGE_TOKENS,
+                                 lambda part, where: self._part_tokens(part, where, ctx))
         prediction = body.get("prediction")
         extra = json_tokens(prediction) if prediction is not None else 0
         return RequestBound(total, None, extra, percent)
@@ -231,18 +228,6 @@ class OpenAIWire:
                 f"service_tier: {str(tier)[:40]!r} is billed at a price the broker does not know "
                 "(models.<name>.service_tier_percent)", param="service_tier")
         return percent
-
-    def _message_tokens(self, message: Any, i: int, ctx: BoundContext) -> int:
-        if not isinstance(message, dict):
-            return json_tokens(message)
-        content = message.get("content")
-        total = json_tokens(without(message, ("content",)))
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                total += self._part_tokens(part, f"messages[{i}].content[{j}]", ctx)
-        else:
-            total += json_tokens(content)
-        return total
 
     def _part_tokens(self, part: Any, where: str, ctx: BoundContext) -> int:
         if not isinstance(part, dict):

@@ -233,18 +233,23 @@ def test_anthropic_stream_cut_pays_the_reported_input(env: Env) -> None:
     assert event["cost_micros"] == price(event["prompt_tokens"], event["completion_tokens"])
 
 
-def test_client_hanging_up_mid_stream_pays_the_count_read_after_it_left(env: Env) -> None:
-    # The broker goes on reading, without forwarding, until the provider's own usage arrives.
-    env.fake.state.faults.chunk_delay_s = 0.1
-    token = env.token()
-    words = 0
+def _hang_up_after_words(env: Env, token: str, words: int) -> None:
+    """Read a chat stream until ``words`` words arrived, then close the connection."""
+    seen = 0
     with httpx.stream("POST", f"{env.broker.url}/v1/chat/completions",
                       headers={"authorization": f"Bearer {token}"},
                       json={"model": "gpt-test", "messages": PROMPT, "stream": True}) as resp:
         for line in resp.iter_lines():
-            words += bool(_content(line))
-            if words == 3:
-                break
+            seen += bool(_content(line))
+            if seen == words:
+                return
+
+
+def test_client_hanging_up_mid_stream_pays_the_count_read_after_it_left(env: Env) -> None:
+    # The broker goes on reading, without forwarding, until the provider's own usage arrives.
+    env.fake.state.faults.chunk_delay_s = 0.1
+    token = env.token()
+    _hang_up_after_words(env, token, 3)
     event = _only_event(env, token)
     assert event["status"] == "client_disconnected" and not event["estimated"]
     _assert_paid_for(event, _prompt_tokens({"messages": PROMPT}), 16)
@@ -257,14 +262,7 @@ def test_client_hanging_up_past_the_drain_pays_a_bound_of_what_was_streamed(
         update={"gateway": env.broker.settings.gateway.model_copy(update={"drain_s": 0})})
     env.fake.state.faults.chunk_delay_s = 0.2
     token = env.token()
-    words = 0
-    with httpx.stream("POST", f"{env.broker.url}/v1/chat/completions",
-                      headers={"authorization": f"Bearer {token}"},
-                      json={"model": "gpt-test", "messages": PROMPT, "stream": True}) as resp:
-        for line in resp.iter_lines():
-            words += bool(_content(line))
-            if words == 3:
-                break
+    _hang_up_after_words(env, token, 3)
     event = _only_event(env, token)
     assert event["status"] == "client_disconnected"
     _assert_bounded(env, event, prompt_at_least=_prompt_tokens({"messages": PROMPT}),
