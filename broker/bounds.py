@@ -30,6 +30,7 @@ from typing import Any
 from broker import media
 from broker.errors import Unbounded
 from broker.media import ImageRule, MediaError
+from broker.pdf import pdf_pages
 from broker.pricing import CacheTtl
 
 # Extra tokens per structural character (``{ [ , :``) of the JSON: framing a provider may add
@@ -172,7 +173,7 @@ def data_url(url: Any, ctx: BoundContext, where: str) -> tuple[str, bytes] | Non
 def pdf_tokens(data: bytes, ctx: BoundContext, where: str) -> int:
     """A PDF's pages times the configured ceiling per page (its text and its page image)."""
     try:
-        return media.pdf_pages(data) * ctx.pdf_page_tokens
+        return pdf_pages(data) * ctx.pdf_page_tokens
     except MediaError as exc:
         raise Unbounded(f"{where}: {exc}", param=where) from None
 

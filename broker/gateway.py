@@ -33,7 +33,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ from broker.revocation import Entry
 from broker.services import Services
 from broker.settings import ModelSettings
 from broker.tokens import LEEWAY_S, VerifiedToken
-from broker.upstream_http import DEFAULT_HEADERS, environment_has_proxy, lean_transport
+from broker.upstream_http import ProviderPools
 
 log = logging.getLogger("broker.gateway")
 
@@ -77,9 +77,7 @@ DEFAULT_OUTPUT_LIMIT = 4096
 POLICY_CACHE_S = 5.0
 POLICY_CACHE_MAX = 10_000
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-CONNECT_TIMEOUT_S = 10.0
 HOLD_ATTEMPTS = 3
-KEEPALIVE_PER_PROVIDER = 200
 
 
 @dataclass(frozen=True)
@@ -137,27 +135,6 @@ class Call:
 
 
 @dataclass(frozen=True)
-class _Upstream:
-    """One provider's way out: the sender, the timeouts, the parsed URLs it was given."""
-
-    send: Callable[[httpx.Request], Awaitable[httpx.Response]]
-    extensions: dict[str, Any]
-    urls: dict[str, httpx.URL]
-
-    def request(self, url: str, headers: Mapping[str, str], content: bytes) -> httpx.Request:
-        parsed = self.urls.get(url)
-        if parsed is None:
-            if len(self.urls) >= 64:
-                self.urls.clear()
-            parsed = self.urls[url] = httpx.URL(url)
-        present = {k.lower() for k in headers}
-        merged = [(k, v) for k, v in DEFAULT_HEADERS if k not in present]
-        merged.extend(headers.items())
-        return httpx.Request("POST", parsed, headers=merged, content=content,
-                             extensions=self.extensions)
-
-
-@dataclass(frozen=True)
 class Reply:
     """A complete (non-stream) answer for the client."""
 
@@ -194,8 +171,7 @@ class Gateway:
         limiter = svc.extras.get("limiter")
         self.limiter: Limiter = limiter if limiter is not None else InMemoryLimiter()
         self._policies: dict[str, tuple[float, Policy]] = {}
-        self._upstreams: dict[str, _Upstream] = {}
-        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self.pools = ProviderPools()
         self._contexts = {name: self._bound_context(spec)
                           for name, spec in svc.settings.models.items()}
         gate = svc.extras.get("token_gate")
@@ -223,45 +199,8 @@ class Gateway:
         if entry.kind == "workload":
             self._policies.pop(entry.target, None)
 
-    # --- HTTP clients ------------------------------------------------------------------
-
-    def _upstream(self, provider: Provider) -> _Upstream:
-        """How requests reach ``provider``: a connection pool of its own, built once, so that
-        calls held open on one provider cannot starve the others."""
-        name = provider.config.name
-        up = self._upstreams.get(name)
-        if up is not None:
-            return up
-        most = self.settings.providers[name].max_connections
-        limits = httpx.Limits(max_connections=most,
-                              max_keepalive_connections=min(most, KEEPALIVE_PER_PROVIDER))
-        transport = provider.transport()
-        send: Callable[[httpx.Request], Awaitable[httpx.Response]]
-        if transport is None and not environment_has_proxy():
-            # The network path: the lean transport, called directly (see broker.upstream_http).
-            lean = lean_transport(limits)
-            self._closers.append(lean.aclose)
-            send = lean.handle_async_request
-        else:
-            # In-process providers, or a proxy from the environment: httpx's client as is.
-            # Redirects are never followed: the provider key must reach only the configured URL.
-            client = httpx.AsyncClient(transport=transport, follow_redirects=False, limits=limits)
-            self._closers.append(client.aclose)
-
-            async def send(request: httpx.Request) -> httpx.Response:
-                return await client.send(request, stream=True)
-
-        timeout_s = provider.config.timeout_s
-        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s),
-                                pool=min(CONNECT_TIMEOUT_S, timeout_s)).as_dict()
-        up = self._upstreams[name] = _Upstream(send, {"timeout": timeout}, {})
-        return up
-
     async def aclose(self) -> None:
-        closers, self._closers = self._closers, []
-        self._upstreams.clear()
-        for close in closers:
-            await close()
+        await self.pools.aclose()
 
     # --- admission ---------------------------------------------------------------------
 
@@ -378,7 +317,9 @@ class Gateway:
             key = await self.keys.get(provider.config.name)
             upstream = provider.build_request(call.op, call.body, key=key,
                                               client_headers=client_headers)
-            up = self._upstream(provider)
+            config = provider.config
+            up = self.pools.get(config.name, provider.transport(), timeout_s=config.timeout_s,
+                                max_connections=self.settings.providers[config.name].max_connections)
             request = up.request(upstream.url, upstream.headers, upstream.content)
             outcome = taken
             try:

@@ -19,7 +19,8 @@ from broker.admin_routes import admin
 from broker.http import json_object, json_response, path_id, query_int, query_str, validate
 from broker.identities import Actor
 from broker.openapi import REQUEST_SCHEMAS
-from broker.revocation import Denylist, Entry, Propagator, ReasonBody
+from broker.propagation import Propagator
+from broker.revocation import Denylist, Entry, ReasonBody
 from broker.scheduler import Job, Scheduler
 from broker.services import Services
 from broker.sweeper import sweep_once

@@ -30,7 +30,8 @@ import select
 import socket
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import httpcore
@@ -340,3 +341,71 @@ DEFAULT_HEADERS: tuple[tuple[str, str], ...] = (
     ("connection", "keep-alive"),
     ("user-agent", f"python-httpx/{httpx.__version__}"),
 )
+
+
+CONNECT_TIMEOUT_S = 10.0
+KEEPALIVE_PER_PROVIDER = 200
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One provider's way out: the sender, the timeouts, the parsed URLs it was given."""
+
+    send: Callable[[httpx.Request], Awaitable[httpx.Response]]
+    extensions: dict[str, Any]
+    urls: dict[str, httpx.URL]
+
+    def request(self, url: str, headers: Mapping[str, str], content: bytes) -> httpx.Request:
+        parsed = self.urls.get(url)
+        if parsed is None:
+            if len(self.urls) >= 64:
+                self.urls.clear()
+            parsed = self.urls[url] = httpx.URL(url)
+        present = {k.lower() for k in headers}
+        merged = [(k, v) for k, v in DEFAULT_HEADERS if k not in present]
+        merged.extend(headers.items())
+        return httpx.Request("POST", parsed, headers=merged, content=content,
+                             extensions=self.extensions)
+
+
+class ProviderPools:
+    """A connection pool per provider, built on first use and shared by its calls, so that
+    calls held open on one provider (long streams) cannot starve the others."""
+
+    def __init__(self) -> None:
+        self._upstreams: dict[str, Upstream] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def get(self, name: str, transport: httpx.AsyncBaseTransport | None, *, timeout_s: float,
+            max_connections: int) -> Upstream:
+        up = self._upstreams.get(name)
+        if up is not None:
+            return up
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=min(max_connections,
+                                                            KEEPALIVE_PER_PROVIDER))
+        send: Callable[[httpx.Request], Awaitable[httpx.Response]]
+        if transport is None and not environment_has_proxy():
+            # The network path: the lean transport, called directly.
+            lean = lean_transport(limits)
+            self._closers.append(lean.aclose)
+            send = lean.handle_async_request
+        else:
+            # In-process providers, or a proxy from the environment: httpx's client as is.
+            # Redirects are never followed: the provider key must reach only the configured URL.
+            client = httpx.AsyncClient(transport=transport, follow_redirects=False, limits=limits)
+            self._closers.append(client.aclose)
+
+            async def send(request: httpx.Request) -> httpx.Response:
+                return await client.send(request, stream=True)
+
+        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s),
+                                pool=min(CONNECT_TIMEOUT_S, timeout_s)).as_dict()
+        up = self._upstreams[name] = Upstream(send, {"timeout": timeout}, {})
+        return up
+
+    async def aclose(self) -> None:
+        closers, self._closers = self._closers, []
+        self._upstreams.clear()
+        for close in closers:
+            await close()

@@ -32,8 +32,8 @@ from broker.media import (
     image_size,
     image_tokens,
     parse_data_url,
-    pdf_pages,
 )
+from broker.pdf import pdf_pages
 
 GPT_4O = ImageRule("openai-tiles", base_tokens=85, tile_tokens=170)
 MB = 1024 * 1024

@@ -14,7 +14,8 @@ from sqlalchemy import delete, insert
 
 from broker import revocation
 from broker.db import Database, make_engine
-from broker.revocation import CATCHUP_OVERLAP_S, Denylist, Entry, Propagator
+from broker.propagation import Propagator
+from broker.revocation import CATCHUP_OVERLAP_S, Denylist, Entry
 from broker.tokens import VerifiedToken
 
 _log = revocation.Revocation.__table__  # type: ignore[attr-defined]
