@@ -30,7 +30,7 @@ from broker.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule, image_to
 from broker.pricing import Price, Usage
 from broker.providers import ProviderConfig
 from broker.settings import ModelSettings
-from plugins.mock_upstream import tokenizer_tokens
+from plugins.mock_billing import tokenizer_tokens
 from plugins.provider_anthropic import AnthropicWire
 from plugins.provider_openai import OpenAIWire
 

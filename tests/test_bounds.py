@@ -25,7 +25,7 @@ from broker.bounds import BoundContext, json_tokens
 from broker.errors import Unbounded
 from broker.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST
 from broker.providers import ProviderConfig
-from plugins.mock_upstream import tokenizer_tokens
+from plugins.mock_billing import tokenizer_tokens
 from plugins.provider_anthropic import AnthropicWire
 from plugins.provider_openai import OpenAIWire
 

@@ -19,14 +19,8 @@ import httpx2
 import openai
 import pytest
 
-from plugins.mock_upstream import (
-    CJK_WORDS,
-    Bill,
-    MockState,
-    _prompt_tokens,
-    text_tokens,
-    tokenizer_tokens,
-)
+from plugins.mock_billing import CJK_WORDS, Bill, _prompt_tokens, text_tokens, tokenizer_tokens
+from plugins.mock_upstream import MockState
 from tests.fake_provider import FakeProviderServer
 
 SIXTEEN_WORDS = " ".join(f"w{i}" for i in range(16))

@@ -15,7 +15,7 @@ import pytest
 from broker.errors import ConfigError
 from broker.providers import ProviderConfig, SseParser, build_providers, load_provider_plugins
 from broker.settings import ProviderSettings
-from plugins.mock_upstream import _prompt_tokens
+from plugins.mock_billing import _prompt_tokens
 from plugins.provider_openai import OpenAIWire
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer

@@ -22,7 +22,7 @@ from broker import tokens
 from broker.errors import LedgerUnavailable
 from broker.gateway import Gateway
 from broker.gateway_stream import MeteredStream
-from plugins.mock_upstream import _prompt_tokens
+from plugins.mock_billing import _prompt_tokens
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer, free_port
 from tests.gateway_support import Env, make_env, price
