@@ -4,10 +4,11 @@ One call, in order (see ``docs/request-flow.md``):
 
 1. the route verified the token; the model must be configured (404), allowed by the token and
    the workload's policy (403), and not need an approval (403);
-2. the provider key is read (cached) before any money moves, so a Vault outage costs nothing;
-3. the limiter admits the call at its worst case (429 ``rate_limit_exceeded``);
-4. the provider plugin BOUNDS the request (:mod:`broker.bounds`): a proven upper bound on the
+2. the provider plugin BOUNDS the request (:mod:`broker.bounds`): a proven upper bound on the
    input it can be billed, or a 400 naming a field whose cost cannot be bounded;
+3. the provider key is read (cached) before any money moves, so a Vault outage costs nothing;
+4. the limiter admits the call at its worst case (429 ``rate_limit_exceeded``: rates, burst,
+   the workload's and the tenant's concurrent calls);
 5. one transaction reads what remains of the slice, lowers the output-token limit to what it can
    pay for, and HOLDS the worst-case cost with a conditional update (429 ``insufficient_quota``
    when not even one output token fits; 503 when the ledger does not answer, before any
