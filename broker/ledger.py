@@ -82,7 +82,14 @@ _ENSURE_COUNTER = Sql("""
     VALUES (:scope, :scope_id, :period, :window_start, 0, 0)
     ON CONFLICT DO NOTHING""")
 _LINK = Sql("INSERT INTO slice_counter (jti, counter_id) VALUES (:jti, :counter_id)")
-_COUNTER_IDS = Sql("SELECT counter_id FROM slice_counter WHERE jti = :jti ORDER BY counter_id")
+# The same order as reservation takes them (organisation, tenant, workload; then id, period):
+# counter ids follow creation, and a tenant budget added after a workload's would otherwise be
+# locked in the opposite order by settlements and issuances, a PostgreSQL deadlock.
+_COUNTER_IDS = Sql("""
+    SELECT l.counter_id FROM slice_counter l JOIN budget_counter c ON c.id = l.counter_id
+    WHERE l.jti = :jti
+    ORDER BY CASE c.scope WHEN 'org' THEN 0 WHEN 'tenant' THEN 1 ELSE 2 END, c.scope_id,
+             c.period""")
 _RELEASE = Sql("""
     UPDATE token_slice SET released_at = :now
     WHERE jti = :jti AND released_at IS NULL AND held_micros = 0
@@ -199,7 +206,7 @@ def _reserve_in_budgets(conn: Connection, jti: str, amount: int, budgets: list[B
 
 
 def _counter_ids(conn: Connection, jti: str) -> list[int]:
-    # Ascending ids: every transaction that touches several counters locks them in one order.
+    # Every transaction that touches several counters locks them in one order.
     return [int(r[0]) for r in _COUNTER_IDS.run(conn, jti=jti)]
 
 

@@ -147,3 +147,25 @@ def test_an_open_hold_delays_release_until_it_settles(db: Database) -> None:
     db.transaction(lambda c: ledger.settle_hold(c, hold_id="hz", cost=120, event=event))
     assert db.transaction(lambda c: ledger.release_slice(c, "jz", NOW + 61)) == 380
     assert db.transaction(_totals) == (0, 120)
+
+
+def test_settlements_lock_budgets_in_the_order_issuance_reserves_them(db: Database) -> None:
+    # A workload budget whose counter exists before its tenant's (a tenant budget added later)
+    # has the lower id; locking by id would take the two in the opposite order from issuance,
+    # which PostgreSQL answers with a deadlock.
+    db.transaction(_wipe)
+    workload = [BudgetRef("workload", "wl_p", "total", LIMIT)]
+    db.transaction(lambda c: ledger.reserve_slice(
+        c, jti="j_old", workload_id="wl_p", tenant_id="tn_p", amount=1, budgets=workload,
+        issued_at=NOW, expires_at=NOW + 60))
+    both = [*workload, BudgetRef("tenant", "tn_p", "total", LIMIT)]
+    db.transaction(lambda c: ledger.reserve_slice(
+        c, jti="j_new", workload_id="wl_p", tenant_id="tn_p", amount=1, budgets=both,
+        issued_at=NOW, expires_at=NOW + 60))
+
+    def scopes(c: Connection) -> list[str]:
+        ids = ledger._counter_ids(c, "j_new")
+        by_id = dict(c.execute(text("SELECT id, scope FROM budget_counter")).all())
+        return [by_id[i] for i in ids]
+
+    assert db.transaction(scopes) == ["tenant", "workload"]
