@@ -155,7 +155,13 @@ def _image_rule(spec: ModelSettings) -> ImageRule | None:
             OPENAI_COSTLIEST.tile_tokens if spec.image_tile_tokens is None else spec.image_tile_tokens,
         )
     if spec.image_rule == "anthropic-pixels":
-        return ANTHROPIC_PIXELS
+        return ImageRule(
+            "anthropic-pixels",
+            long_edge=ANTHROPIC_PIXELS.long_edge if spec.image_long_edge is None
+            else spec.image_long_edge,
+            token_cap=ANTHROPIC_PIXELS.token_cap if spec.image_max_tokens is None
+            else spec.image_max_tokens,
+        )
     return ImageRule("none")
 
 

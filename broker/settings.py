@@ -188,6 +188,10 @@ class ModelSettings(_Section):
     image_rule: ImageRuleName | None = None
     image_base_tokens: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
     image_tile_tokens: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
+    # anthropic-pixels: a model that reads larger images than Anthropic's documented 1568 px
+    # long edge (and ~1,600 tokens) needs both raised, or its images can bill past the hold.
+    image_long_edge: StrictInt | None = Field(default=None, ge=1, le=100_000)
+    image_max_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     # OpenAI ``service_tier`` values beyond auto/default that may pass, each with its price as
     # a percentage of the prices above (e.g. {"priority" = 200, "flex" = 50}).
     service_tier_percent: dict[str, StrictInt] = Field(default_factory=dict)

@@ -333,3 +333,21 @@ def test_configuration_can_admit_and_price_what_is_otherwise_refused() -> None:
     held = ANTHROPIC.bound_request("messages", anthropic_body, ctx,
                                    {"anthropic-beta": "extended-cache-ttl-2025-04-11"})
     assert held.cache == "1h"
+
+
+def test_a_model_that_reads_larger_images_is_held_by_its_configured_rule() -> None:
+    from broker.gateway import _image_rule
+    from broker.settings import ModelSettings
+
+    spec = ModelSettings(provider="p", input_micros_per_mtok=1, output_micros_per_mtok=1,
+                         image_rule="anthropic-pixels", image_long_edge=2576,
+                         image_max_tokens=4_800)
+    rule = _image_rule(spec)
+    assert rule is not None
+    data = base64.b64encode(_png(2400, 1400)).decode()
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}]}]}
+    held = ANTHROPIC.bound_request("messages", body, BoundContext(image_rule=rule), {})
+    assert held.input_tokens >= 2400 * 1400 // 750  # 4,480: what such a model bills
+    default = ANTHROPIC.bound_request("messages", body, CTX, {})
+    assert default.input_tokens < 2_000  # the documented rule would cap it near 1,750
