@@ -98,6 +98,17 @@ def test_anthropic_message_is_paid_with_the_vault_key(live_sqlite: Env) -> None:
     assert env.fake.state.requests[0]["max_tokens"] == 5
 
 
+def test_a_body_that_is_not_json_is_an_anthropic_invalid_request(live_sqlite: Env) -> None:
+    env = live_sqlite
+    assert env.broker.url
+    resp = httpx.post(env.broker.url + "/v1/messages", content=b"model=claude-test",
+                      headers={"x-api-key": env.token(), "anthropic-version": "2023-06-01",
+                               "content-type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 415
+    assert resp.json() == {"type": "error", "error": {"type": "invalid_request_error",
+                                                      "message": "send application/json"}}
+
+
 def test_client_credentials_never_reach_the_provider(live_sqlite: Env) -> None:
     env = live_sqlite
     token = env.token()
