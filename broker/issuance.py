@@ -7,6 +7,7 @@ exists only if its slice was reserved from every budget above it.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
             issued_at=now,
             expires_at=now + ttl,
             max_live=policy.max_live_tokens,
-            retry_after_s=max(1, int(settings.sweeper.interval_s + 0.999)),
+            retry_after_s=max(1, math.ceil(settings.sweeper.interval_s)),
         )
         claims: dict[str, Any] = {
             "iss": settings.issuer.url,
