@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -59,6 +60,41 @@ def reference(value: Any, media_tokens: int = 0, skip: frozenset[str] = frozense
 
 # --- strategies ----------------------------------------------------------------------------
 
+
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(out, "PNG")
+    return out.getvalue()
+
+
+def _pdf(pages: int) -> bytes:
+    writer = PdfWriter()
+    for _ in range(pages):
+        writer.add_blank_page(612, 792)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def _data_url(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+
+# A few real media, drawn into hostile bodies: (base64 payload, what the rules say they cost).
+_IMAGE_SIZES = [(16, 16), (800, 600), (1024, 1024), (3000, 200)]
+_IMAGES = [(base64.b64encode(_png(w, h)).decode(), (w, h)) for w, h in _IMAGE_SIZES]
+_PDFS = [(base64.b64encode(_pdf(n)).decode(), n) for n in (1, 3)]
+
+
+@dataclass
+class Hostile:
+    """A generated body, the media payload strings in it, and what its media cost by rule."""
+
+    body: dict[str, Any] = field(default_factory=dict)
+    payloads: set[str] = field(default_factory=set)
+    media_tokens: int = 0
+
 _text = st.text(st.characters(exclude_categories=("Cs",)), max_size=80)
 _cjk = st.text(st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), max_size=80)
 _key = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12)
@@ -83,10 +119,31 @@ _schema = st.builds(lambda d, text: {"type": "object", "description": text,
 
 
 @st.composite
-def openai_bodies(draw: st.DrawFn) -> dict[str, Any]:
+def openai_bodies(draw: st.DrawFn) -> Hostile:
+    out = Hostile()
+
+    @st.composite
+    def image(draw: st.DrawFn) -> dict[str, Any]:
+        payload, size = draw(st.sampled_from(_IMAGES))
+        detail = draw(st.sampled_from(["low", "high", "auto", None]))
+        url = f"data:image/png;base64,{payload}"
+        out.payloads.add(url)
+        out.media_tokens += media.image_tokens(OPENAI_COSTLIEST, size, detail=detail)
+        return {"type": "image_url", "image_url": {"url": url, **(
+            {"detail": detail} if detail else {})}}
+
+    @st.composite
+    def pdf(draw: st.DrawFn) -> dict[str, Any]:
+        payload, pages = draw(st.sampled_from(_PDFS))
+        url = f"data:application/pdf;base64,{payload}"
+        out.payloads.add(url)
+        out.media_tokens += pages * CTX.pdf_page_tokens
+        return {"type": "file", "file": {"filename": draw(_text), "file_data": url}}
+
     parts = st.one_of(
         st.builds(lambda t: {"type": "text", "text": t}, st.one_of(_text, _cjk)),
         st.builds(lambda t: {"type": "refusal", "refusal": t}, _text),
+        image(), pdf(),
     )
     content = st.one_of(_text, _cjk, st.lists(parts, max_size=4))
     message = st.builds(lambda role, c, extra: {"role": role, "content": c, **extra},
@@ -108,14 +165,35 @@ def openai_bodies(draw: st.DrawFn) -> dict[str, Any]:
         body["metadata"] = draw(st.dictionaries(_key, _text, max_size=3))
     if draw(st.booleans()):
         body["logit_bias"] = draw(st.dictionaries(_key, st.integers(-100, 100), max_size=3))
-    return body
+    out.body = body
+    return out
 
 
 @st.composite
-def anthropic_bodies(draw: st.DrawFn) -> dict[str, Any]:
+def anthropic_bodies(draw: st.DrawFn) -> Hostile:
+    out = Hostile()
+
+    @st.composite
+    def image(draw: st.DrawFn) -> dict[str, Any]:
+        payload, size = draw(st.sampled_from(_IMAGES))
+        out.payloads.add(payload)
+        out.media_tokens += media.image_tokens(ANTHROPIC_PIXELS, size)
+        return {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                            "data": payload}}
+
+    @st.composite
+    def pdf(draw: st.DrawFn) -> dict[str, Any]:
+        payload, pages = draw(st.sampled_from(_PDFS))
+        out.payloads.add(payload)
+        out.media_tokens += pages * CTX.pdf_page_tokens
+        return {"type": "document", "title": draw(_text), "source": {
+            "type": "base64", "media_type": "application/pdf", "data": payload}}
+
     text_block = st.builds(lambda t: {"type": "text", "text": t}, st.one_of(_text, _cjk))
+    media_block = st.one_of(image(), pdf())
     blocks = st.one_of(
         text_block,
+        media_block,
         st.builds(lambda t: {"type": "text", "text": t, "cache_control": {"type": "ephemeral"}},
                   _text),
         st.builds(lambda d: {"type": "document", "source": {
@@ -125,7 +203,8 @@ def anthropic_bodies(draw: st.DrawFn) -> dict[str, Any]:
         st.builds(lambda i, d: {"type": "tool_use", "id": i, "name": "f", "input": d},
                   _text, deep()),
         st.builds(lambda i, c: {"type": "tool_result", "tool_use_id": i, "content": c},
-                  _text, st.one_of(_text, st.lists(text_block, max_size=3))),
+                  _text, st.one_of(_text, st.lists(st.one_of(text_block, media_block),
+                                                   max_size=3))),
         st.builds(lambda t: {"type": "thinking", "thinking": t, "signature": "s"}, _text),
     )
     content = st.one_of(_text, _cjk, st.lists(blocks, max_size=4))
@@ -144,7 +223,8 @@ def anthropic_bodies(draw: st.DrawFn) -> dict[str, Any]:
         body["metadata"] = {"user_id": draw(_text)}
     if draw(st.booleans()):
         body["stop_sequences"] = draw(st.lists(_text, max_size=3))
-    return body
+    out.body = body
+    return out
 
 
 _settings = settings(max_examples=300, deadline=None,
@@ -152,22 +232,26 @@ _settings = settings(max_examples=300, deadline=None,
 
 
 @_settings
-@given(body=openai_bodies())
-def test_openai_bound_never_falls_below_one_token_per_byte(body: dict[str, Any]) -> None:
+@given(hostile=openai_bodies())
+def test_openai_bound_never_falls_below_one_token_per_byte(hostile: Hostile) -> None:
+    body = hostile.body
     bound = OPENAI.bound_request("chat", body, CTX, {})
-    assert bound.input_tokens >= reference(body)
-    assert bound.input_tokens >= tokenizer_tokens(body)
+    assert bound.input_tokens >= reference(body, hostile.media_tokens, frozenset(hostile.payloads))
+    if not hostile.payloads:
+        assert bound.input_tokens >= tokenizer_tokens(body)
     if "prediction" in body:
         # Rejected prediction tokens are billed as output: the hold adds them there too.
         assert bound.extra_output_tokens >= reference(body["prediction"])
 
 
 @_settings
-@given(body=anthropic_bodies())
-def test_anthropic_bound_never_falls_below_one_token_per_byte(body: dict[str, Any]) -> None:
+@given(hostile=anthropic_bodies())
+def test_anthropic_bound_never_falls_below_one_token_per_byte(hostile: Hostile) -> None:
+    body = hostile.body
     bound = ANTHROPIC.bound_request("messages", body, CTX, {})
-    assert bound.input_tokens >= reference(body)
-    assert bound.input_tokens >= tokenizer_tokens(body)
+    assert bound.input_tokens >= reference(body, hostile.media_tokens, frozenset(hostile.payloads))
+    if not hostile.payloads:
+        assert bound.input_tokens >= tokenizer_tokens(body)
     if '"cache_control"' in repr(body).replace("'", '"'):
         assert bound.cache is not None  # a cache write is held at the cache-write price
 
@@ -199,25 +283,6 @@ def test_an_anthropic_text_document_costs_its_bytes_not_a_flat_allowance() -> No
 
 
 # --- media ---------------------------------------------------------------------------------
-
-
-def _png(width: int, height: int) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), "white").save(out, "PNG")
-    return out.getvalue()
-
-
-def _pdf(pages: int) -> bytes:
-    writer = PdfWriter()
-    for _ in range(pages):
-        writer.add_blank_page(612, 792)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
-
-
-def _data_url(data: bytes, media_type: str) -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
 @pytest.mark.parametrize(("width", "height"), [(64, 64), (1024, 1024), (2048, 4096), (300, 9000)])
