@@ -22,8 +22,9 @@ gateway prices it with :mod:`broker.pricing` and holds it.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,15 @@ def check_fields(body: Mapping[str, Any], known: frozenset[str], ctx: BoundConte
                 "not forward it", param=name[:100])
 
 
+@contextlib.contextmanager
+def _refused_at(where: str) -> Iterator[None]:
+    """A media part the media readers cannot bound is a refusal naming the part."""
+    try:
+        yield
+    except MediaError as exc:
+        raise Unbounded(f"{where}: {exc}", param=where) from None
+
+
 def image_rule(ctx: BoundContext, costliest: ImageRule) -> ImageRule:
     return ctx.image_rule if ctx.image_rule is not None else costliest
 
@@ -142,20 +152,16 @@ def image_rule(ctx: BoundContext, costliest: ImageRule) -> ImageRule:
 def image_tokens(rule: ImageRule, data: bytes | None, where: str, detail: str | None = None) -> int:
     """The tokens of an image part: from its dimensions when ``data`` is given, else the
     rule's maximum (an image by URL or file id, which the broker never fetches)."""
-    try:
+    with _refused_at(where):
         size = media.image_size(data) if data is not None else None
         return media.image_tokens(rule, size, detail=detail)
-    except MediaError as exc:
-        raise Unbounded(f"{where}: {exc}", param=where) from None
 
 
 def base64_data(data: Any, ctx: BoundContext, where: str) -> bytes:
     if not isinstance(data, str):
         raise Unbounded(f"{where}: must be base64 text", param=where)
-    try:
+    with _refused_at(where):
         return media.decode_base64(data, max_bytes=ctx.max_media_bytes)
-    except MediaError as exc:
-        raise Unbounded(f"{where}: {exc}", param=where) from None
 
 
 def data_url(url: Any, ctx: BoundContext, where: str) -> tuple[str, bytes] | None:
@@ -164,18 +170,14 @@ def data_url(url: Any, ctx: BoundContext, where: str) -> tuple[str, bytes] | Non
         raise Unbounded(f"{where}: must be a URL", param=where)
     if url[:5].lower() != "data:":
         return None
-    try:
+    with _refused_at(where):
         return media.parse_data_url(url, max_bytes=ctx.max_media_bytes)
-    except MediaError as exc:
-        raise Unbounded(f"{where}: {exc}", param=where) from None
 
 
 def pdf_tokens(data: bytes, ctx: BoundContext, where: str) -> int:
     """A PDF's pages times the configured ceiling per page (its text and its page image)."""
-    try:
+    with _refused_at(where):
         return pdf_pages(data) * ctx.pdf_page_tokens
-    except MediaError as exc:
-        raise Unbounded(f"{where}: {exc}", param=where) from None
 
 
 def unsized_tokens(ctx: BoundContext, where: str) -> int:
