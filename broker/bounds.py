@@ -30,9 +30,10 @@ from typing import Any
 
 from broker import media
 from broker.errors import Unbounded
-from broker.media import ImageRule, MediaError
+from broker.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule, MediaError
 from broker.pdf import pdf_pages
 from broker.pricing import CacheTtl
+from broker.settings import ModelSettings, ProviderSettings
 
 # Extra tokens per structural character (``{ [ , :``) of the JSON: framing a provider may add
 # when it renders structured content (schemas, tool calls) in its own syntax.
@@ -51,6 +52,44 @@ class BoundContext:
     unsized_part_tokens: int | None = None
     pdf_page_tokens: int = 6_000
     max_media_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def of(cls, model: ModelSettings, provider: ProviderSettings, *,
+           max_media_bytes: int) -> BoundContext:
+        """The context of one configured model on its provider."""
+        return cls(
+            image_rule=configured_image_rule(model),
+            service_tier_percent=dict(model.service_tier_percent),
+            allowed_fields=frozenset(provider.allowed_fields),
+            allowed_beta=frozenset(provider.allowed_beta),
+            unsized_part_tokens=provider.unsized_part_tokens,
+            pdf_page_tokens=provider.pdf_page_tokens,
+            max_media_bytes=max_media_bytes,
+        )
+
+
+def configured_image_rule(model: ModelSettings) -> ImageRule | None:
+    """The model's ``image_rule`` with its figures (unset figures: the rule's own maxima);
+    None when unset, which leaves the plugin's costliest rule."""
+    if model.image_rule is None:
+        return None
+    if model.image_rule == "openai-tiles":
+        return ImageRule(
+            "openai-tiles",
+            OPENAI_COSTLIEST.base_tokens if model.image_base_tokens is None
+            else model.image_base_tokens,
+            OPENAI_COSTLIEST.tile_tokens if model.image_tile_tokens is None
+            else model.image_tile_tokens,
+        )
+    if model.image_rule == "anthropic-pixels":
+        return ImageRule(
+            "anthropic-pixels",
+            long_edge=ANTHROPIC_PIXELS.long_edge if model.image_long_edge is None
+            else model.image_long_edge,
+            token_cap=ANTHROPIC_PIXELS.token_cap if model.image_max_tokens is None
+            else model.image_max_tokens,
+        )
+    return ImageRule("none")
 
 
 @dataclass(frozen=True)

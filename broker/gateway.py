@@ -57,7 +57,6 @@ from broker.errors import (
 )
 from broker.gateway_stream import MeteredStream, body_chunks
 from broker.limits import InMemoryLimiter, Limiter
-from broker.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule
 from broker.models import Workload
 from broker.policy import Policy, effective, model_allowed
 from broker.pricing import NOTHING, Price, Usage
@@ -144,27 +143,6 @@ class Reply:
     headers: dict[str, str]
 
 
-def _image_rule(spec: ModelSettings) -> ImageRule | None:
-    """The model's configured image rule; None leaves the plugin's costliest."""
-    if spec.image_rule is None:
-        return None
-    if spec.image_rule == "openai-tiles":
-        return ImageRule(
-            "openai-tiles",
-            OPENAI_COSTLIEST.base_tokens if spec.image_base_tokens is None else spec.image_base_tokens,
-            OPENAI_COSTLIEST.tile_tokens if spec.image_tile_tokens is None else spec.image_tile_tokens,
-        )
-    if spec.image_rule == "anthropic-pixels":
-        return ImageRule(
-            "anthropic-pixels",
-            long_edge=ANTHROPIC_PIXELS.long_edge if spec.image_long_edge is None
-            else spec.image_long_edge,
-            token_cap=ANTHROPIC_PIXELS.token_cap if spec.image_max_tokens is None
-            else spec.image_max_tokens,
-        )
-    return ImageRule("none")
-
-
 class Gateway:
     def __init__(self, svc: Services, providers: Mapping[str, Provider]) -> None:
         self.svc = svc
@@ -179,8 +157,10 @@ class Gateway:
         self.limiter: Limiter = limiter if limiter is not None else InMemoryLimiter()
         self._policies: dict[str, tuple[float, Policy]] = {}
         self.pools = ProviderPools()
-        self._contexts = {name: self._bound_context(spec)
-                          for name, spec in svc.settings.models.items()}
+        self._contexts = {
+            name: BoundContext.of(spec, svc.settings.providers[spec.provider],
+                                  max_media_bytes=svc.settings.server.max_body_bytes)
+            for name, spec in svc.settings.models.items()}
         gate = svc.extras.get("token_gate")
         if isinstance(gate, revocation.Denylist):
             gate.listeners.append(self._forget_policy)
@@ -189,18 +169,6 @@ class Gateway:
     def build(cls, svc: Services) -> Gateway:
         """Build every configured provider; a missing plugin is a ConfigError naming the key."""
         return cls(svc, build_providers(svc.settings.providers))
-
-    def _bound_context(self, spec: ModelSettings) -> BoundContext:
-        provider = self.settings.providers[spec.provider]
-        return BoundContext(
-            image_rule=_image_rule(spec),
-            service_tier_percent=dict(spec.service_tier_percent),
-            allowed_fields=frozenset(provider.allowed_fields),
-            allowed_beta=frozenset(provider.allowed_beta),
-            unsized_part_tokens=provider.unsized_part_tokens,
-            pdf_page_tokens=provider.pdf_page_tokens,
-            max_media_bytes=self.settings.server.max_body_bytes,
-        )
 
     def _forget_policy(self, entry: Entry) -> None:
         if entry.kind == "workload":

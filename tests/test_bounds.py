@@ -401,13 +401,13 @@ def test_configuration_can_admit_and_price_what_is_otherwise_refused() -> None:
 
 
 def test_a_model_that_reads_larger_images_is_held_by_its_configured_rule() -> None:
-    from broker.gateway import _image_rule
+    from broker.bounds import configured_image_rule
     from broker.settings import ModelSettings
 
     spec = ModelSettings(provider="p", input_micros_per_mtok=1, output_micros_per_mtok=1,
                          image_rule="anthropic-pixels", image_long_edge=2576,
                          image_max_tokens=4_800)
-    rule = _image_rule(spec)
+    rule = configured_image_rule(spec)
     assert rule is not None
     data = base64.b64encode(_png(2400, 1400)).decode()
     body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
