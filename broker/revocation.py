@@ -31,10 +31,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Connection, delete, func, insert, select, text, update
 
-from broker import identities, ledger
+from broker import ledger
 from broker.audit import record
 from broker.errors import Conflict, InvalidRequest, NotFound
-from broker.identities import Actor, get_tenant, get_workload
+from broker.identities import Actor, get_tenant, get_workload, require_may_manage
 from broker.models import Revocation, Tenant, TokenSlice, Workload
 from broker.tokens import LEEWAY_S, VerifiedToken
 
@@ -376,10 +376,6 @@ def list_entries(
 # --- the operations (each inside the caller's transaction) ---------------------------------
 
 
-def require_may_manage(actor: Actor, workload: dict[str, Any]) -> None:
-    identities.require_may_manage(actor, workload.get("roles"))
-
-
 def _revoke_slices(conn: Connection, column: str, ident: str, cutoff: int, now: int) -> int:
     """Mark every live slice of an identity issued at or before ``cutoff`` revoked and return
     its unspent money now; a slice with a hold still open is released by the sweeper once the
@@ -407,7 +403,7 @@ def revoke_token(
     if row is None or not actor.sees_tenant(row.tenant_id):
         raise NotFound("no such token")
     owner = conn.execute(select(_workload.c.roles).where(_workload.c.id == row.workload_id)).first()
-    require_may_manage(actor, {"roles": owner[0] if owner is not None else []})
+    require_may_manage(actor, owner[0] if owner is not None else [])
     marked = conn.execute(
         update(_slice).where(s.jti == jti, s.revoked_at.is_(None)).values(revoked_at=now)
         .returning(s.jti)
@@ -450,7 +446,7 @@ def suspend_workload(
     """Suspend a workload: its live tokens die, its new exchanges are refused (as a wrong
     secret is), and the unspent part of its slices returns."""
     view = get_workload(conn, actor, workload_id)
-    require_may_manage(actor, view)
+    require_may_manage(actor, view["roles"])
     if workload_id == actor.id:
         raise Conflict("an admin cannot suspend its own identity")
     w = _workload.c
@@ -488,7 +484,7 @@ def resume_workload(
 ) -> tuple[dict[str, Any], Entry | None]:
     """Let a workload get tokens again; tokens issued before its suspension stay dead."""
     view = get_workload(conn, actor, workload_id)
-    require_may_manage(actor, view)
+    require_may_manage(actor, view["roles"])
     w = _workload.c
     cutoff = conn.execute(select(w.suspended_at).where(w.id == workload_id)).scalar()
     if cutoff is None:

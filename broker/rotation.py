@@ -23,10 +23,10 @@ from sqlalchemy import Connection, update
 from broker.audit import record
 from broker.credentials import hash_secret, new_client_secret
 from broker.errors import Conflict, NotFound, UpstreamError
-from broker.identities import Actor, get_workload
+from broker.identities import Actor, get_workload, require_may_manage
 from broker.keys import Keyring, SigningKey
 from broker.models import Workload
-from broker.revocation import notify, require_may_manage
+from broker.revocation import notify
 from broker.services import Services
 from broker.settings import Settings
 from broker.vault import CasConflict, Vault
@@ -108,7 +108,7 @@ def rotate_workload_secret(
     the first old secret at once (only one previous secret is kept).
     """
     view = get_workload(conn, actor, workload_id)
-    require_may_manage(actor, view)
+    require_may_manage(actor, view["roles"])
     secret = new_client_secret()
     w = _workload.c
     conn.execute(
