@@ -103,11 +103,7 @@ class ClientAddressMiddleware:
         self.app = app
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
 
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
+    def _is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(ip in net for net in self.trusted)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -115,22 +111,25 @@ class ClientAddressMiddleware:
             await self.app(scope, receive, send)
             return
         peer = scope.get("client")
-        if peer and self._is_trusted(str(peer[0])):
+        try:
+            ip = ipaddress.ip_address(str(peer[0])) if peer else None
+        except ValueError:
+            ip = None  # not an IP peer (a unix socket): nothing to trust
+        if ip is not None and self._is_trusted(ip):
             values = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
             hops = [h.strip() for h in ",".join(values).split(",") if h.strip()]
-            client = str(peer[0])
             for hop in reversed(hops):
                 try:
-                    client = str(ipaddress.ip_address(hop))
+                    ip = ipaddress.ip_address(hop)
                 except ValueError:
                     response = error_response(
                         InvalidRequest("X-Forwarded-For must list IP addresses"),
                         scope.get("path", ""))
                     await response(scope, receive, send)
                     return
-                if not self._is_trusted(client):
+                if not self._is_trusted(ip):
                     break
-            scope["client"] = (client, 0)
+            scope["client"] = (str(ip), 0)
         await self.app(scope, receive, send)
 
 
