@@ -85,13 +85,15 @@ class Price:
     def worst_input(self, tokens: int, cache: CacheTtl | None) -> Usage:
         """``tokens`` of input split across the classes the request allows so that they cost
         the most. Cost is linear in each class, so the worst split puts every token in the
-        dearest class: a cache read or write can only happen as the request allows."""
+        dearest class: a cache read or write can only happen as the request allows. Classes are
+        compared by exact cost, not rounded: two classes that round to the same micro-dollar
+        alone can differ once the output's cost is added."""
         options = [Usage(tokens, 0), Usage(tokens, 0, cached_tokens=tokens)]
         if cache is not None:
             options.append(Usage(tokens, 0, cache_write_tokens=tokens))
         if cache == "1h":
             options.append(Usage(tokens, 0, cache_write_1h_tokens=tokens))
-        return max(options, key=self.cost)
+        return max(options, key=self.cost_units)
 
     def worst_case(self, input_tokens: int, output_tokens: int, cache: CacheTtl | None) -> Usage:
         worst = self.worst_input(input_tokens, cache)

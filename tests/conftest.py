@@ -17,6 +17,7 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from hypothesis import settings as hypothesis_settings
 from starlette.testclient import TestClient
 
 from broker.app import create_app
@@ -25,6 +26,13 @@ from broker.devvault import DevVault, free_port
 from broker.server import uvicorn_config
 from broker.services import Services
 from broker.settings import Settings, load_settings
+
+# Property tests search at random when asked (``HYPOTHESIS_PROFILE=explore``, with many more
+# examples); the default run replays a fixed sequence, so a CI verdict does not depend on luck.
+# A counterexample found while exploring becomes a named test.
+hypothesis_settings.register_profile("default", derandomize=True)
+hypothesis_settings.register_profile("explore", max_examples=5_000, derandomize=False)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 PG_ADMIN_URL = os.environ.get("BROKER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 ADMIN_SECRET = "bootstrap-" + secrets.token_urlsafe(32)

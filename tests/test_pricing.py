@@ -73,6 +73,14 @@ def test_the_worst_input_is_the_dearest_class_the_request_allows() -> None:
     assert price.cost(price.worst_input(1_000_000, "1h")) == 2_000_000
 
 
+def test_the_worst_class_is_chosen_by_exact_cost_not_by_rounded_cost() -> None:
+    # 23,855 input tokens at 15 micro per Mtok round to 1 micro in every class, but a one-hour
+    # write costs twice the input exactly; with the output added, that difference shows.
+    price = Price.of(_model(15, 523_152_088))
+    hour = Usage(23_855, 115, cache_write_1h_tokens=20_010)
+    assert price.cost(hour) <= price.cost(price.worst_case(23_855, 115, "1h"))
+
+
 def test_free_output_sets_no_limit_but_the_input_must_fit() -> None:
     price = Price.of(_model(1_000_000, 0))
     assert price.max_output_tokens(Usage(10, 0), 10) is None
