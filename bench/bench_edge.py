@@ -8,7 +8,7 @@ every request re-arms and cancels the head timer):
 
 * ``uvicorn as bench.servers``: ``uvicorn.run`` as ``broker serve`` called it before the edge;
 * ``uvicorn, no edge``: the broker's config (``proxy_headers`` off) with uvicorn's own protocol;
-* ``uvicorn + edge``: ``broker.server.serve``, default ``server.*`` limits.
+* ``uvicorn + edge``: ``broker.api.server.serve``, default ``server.*`` limits.
 
 The second and third differ only in the HTTP protocol class: their ratio is the edge's cost. The
 figures go to stdout; ``--write`` also puts them in ``bench/RESULTS.md`` (section ``bench_edge``).
@@ -37,13 +37,13 @@ def serve(kind: str, port: int) -> None:
     import uvicorn
 
     from bench.servers import bare_app
-    from broker.server import serve as serve_edge
+    from broker.api.server import serve as serve_edge
     from broker.settings import Settings
 
     if kind == "edge":
         serve_edge(bare_app(), Settings(), host="127.0.0.1", port=port, log_level="info")
         return
-    # What broker.server.uvicorn_config passes, but uvicorn's own protocol (httptools, as "auto").
+    # What broker.api.server.uvicorn_config passes, but uvicorn's own protocol (httptools, as "auto").
     uvicorn.run(bare_app(), host="127.0.0.1", port=port, log_level="info", access_log=False,
                 server_header=False, proxy_headers=False)
 
@@ -75,8 +75,8 @@ Run {harness.now_utc()}: {harness.machine_description()}.
 
 Method: the bare Starlette app (one JSON route) in three processes, one uvicorn worker each:
 `uvicorn.run` as `bench.servers` (and `broker serve` before the edge) calls it; the same with
-`proxy_headers=False`, as `broker.server.uvicorn_config` sets it, but uvicorn's own HTTP protocol;
-`broker.server.serve` with the default `server.*` limits (head timeout 10 s, 4096 connections).
+`proxy_headers=False`, as `broker.api.server.uvicorn_config` sets it, but uvicorn's own HTTP protocol;
+`broker.api.server.serve` with the default `server.*` limits (head timeout 10 s, 4096 connections).
 `wrk` (1 thread, closed loop, keep-alive, one connection per unit of concurrency) runs each for
 {args.warmup:g} s of discarded warm-up, then {args.duration:g} s measured; at each concurrency
 the three run back to back. {harness.CPU_COLUMNS_NOTE}

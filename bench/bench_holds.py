@@ -5,7 +5,7 @@ ordinary requests, with the bound of this checkout beside the estimate it replac
 
 In-process and deterministic (no servers). Each request of the mix is bounded by the provider
 plugin exactly as the gateway does (:meth:`Provider.bound_request`, the output limit asked for or
-the gateway's default of 4,096, :class:`broker.pricing.Price`). The "billed" side is a model, not
+the gateway's default of 4,096, :class:`broker.money.pricing.Price`). The "billed" side is a model, not
 a provider's invoice: input tokens are counted by the fake provider's tokenizer (one token per 4
 ASCII characters, one per other character, every string of the body: about what real tokenizers
 give on English prose, and more than they give on code and JSON), plus the documented image rule;
@@ -25,10 +25,10 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from broker.bounds import BoundContext
-from broker.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule, image_tokens
-from broker.pricing import Price, Usage
-from broker.providers import ProviderConfig
+from broker.money.bounds import BoundContext
+from broker.money.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule, image_tokens
+from broker.money.pricing import Price, Usage
+from broker.plugin import ProviderConfig
 from broker.settings import ModelSettings
 from plugins.mock_billing import tokenizer_tokens
 from plugins.provider_anthropic import AnthropicWire

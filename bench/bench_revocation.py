@@ -51,12 +51,12 @@ from sqlalchemy import delete, func, insert, select
 
 from bench import harness
 from bench.harness import BrokerUnderTest, Measurement, ServerProcess, Target
-from broker import revocation
-from broker.db import Database, make_engine
 from broker.devvault import DevVault, free_port
-from broker.models import Revocation
-from broker.revocation import CATCHUP_OVERLAP_S, CHANNEL
-from broker.tokens import LEEWAY_S, VerifiedToken, new_jti
+from broker.revocation import revocation
+from broker.revocation.revocation import CATCHUP_OVERLAP_S, CHANNEL
+from broker.storage.db import Database, make_engine
+from broker.storage.models import Revocation
+from broker.tokens.tokens import LEEWAY_S, VerifiedToken, new_jti
 
 RESULTS_FILE = Path(__file__).resolve().parent / "RESULTS-revocation.md"
 PG_ADMIN_URL = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -607,8 +607,9 @@ def costs_text(deny: DenylistRun) -> str:
         rows.append((f"the prune after it ({kind}), every 3 s",
                      f"{c.prune_ms:,.1f} ms ({c.prune_ms / 30:.1f} % of a core)"))
     table = harness.table(rows, ["work (CPU time, one thread, in the benchmark process)", "cost"])
-    return f"""Where the time goes: the broker's own revocation code (`broker.revocation`: `catch_up`,
-`Denylist.prune`, `Denylist.is_live`) run in the benchmark process against the broker's database
+    return f"""Where the time goes: the broker's own revocation code
+(`broker.revocation.revocation`: `catch_up`, `Denylist.prune`, `Denylist.is_live`) run in the
+benchmark process against the broker's database
 file while the entries were live, just after the first segment of each kind. In the broker the
 catch-up and the prune run in the propagation thread, whose time competes for the GIL with the
 worker serving requests.

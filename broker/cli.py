@@ -26,8 +26,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.app import create_app
-    from broker.server import serve
+    from broker.api.app import create_app
+    from broker.api.server import serve
     from broker.services import Services
 
     settings = _settings(args)
@@ -44,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import InterfaceError, OperationalError
 
-    from broker.db import make_engine, migrate, migration_state
+    from broker.storage.db import make_engine, migrate, migration_state
 
     settings = _settings(args)
     engine = make_engine(settings.database.url)
@@ -68,7 +68,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from broker.rotation import rotate_signing_key_from_cli
+    from broker.revocation.rotation import rotate_signing_key_from_cli
 
     key = rotate_signing_key_from_cli(_settings(args))
     print(f"signing key rotated: current kid {key.kid}")

@@ -33,10 +33,10 @@ DEV_MODELS: dict[str, dict[str, Any]] = {
 
 
 def _seed(services: Any) -> dict[str, str]:
-    from broker import identities as ids
-    from broker.identities import Actor, TenantCreate, WorkloadCreate
-    from broker.ledger import now_s
-    from broker.policy import Policy
+    from broker.identity import identities as ids
+    from broker.identity.identities import Actor, TenantCreate, WorkloadCreate
+    from broker.identity.policy import Policy
+    from broker.money.ledger import now_s
 
     root = Actor(id="broker-dev", tenant_id=ids.ROOT_TENANT_ID, roles=frozenset({"org-admin"}))
 
@@ -105,8 +105,8 @@ def _banner(base: str, seeded: dict[str, str], admin_secret: str, vault_addr: st
 
 
 def run_dev(config: Path | None, port: int) -> int:
-    from broker.app import create_app
-    from broker.server import serve
+    from broker.api.app import create_app
+    from broker.api.server import serve
     from broker.services import Services
 
     vault: DevVault | None = None

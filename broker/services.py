@@ -6,16 +6,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.credentials import FailureTracker, SlidingWindow
-from broker.db import Database, make_engine, migrate, migration_state
 from broker.errors import ConfigError
-from broker.identities import bootstrap_admin
-from broker.keys import Keyring, load_pepper
-from broker.ledger import now_s
-from broker.plugins import AUTH_METHODS_GROUP, AuthMethod, load_plugins
-from broker.providers import build_providers
+from broker.identity.credentials import FailureTracker, SlidingWindow
+from broker.identity.identities import bootstrap_admin
+from broker.money.ledger import now_s
+from broker.plugin import AuthMethod
+from broker.registry import build_providers, load_auth_methods
 from broker.settings import Settings
-from broker.vault import Vault
+from broker.storage.db import Database, make_engine, migrate, migration_state
+from broker.storage.vault import Vault
+from broker.tokens.keys import Keyring, load_pepper
 
 log = logging.getLogger("broker")
 
@@ -44,8 +44,7 @@ class Services:
     def build(cls, settings: Settings, *, auto_migrate: bool = False) -> Services:
         """Connect to Vault and the database and load keys; refuse to start on an un-migrated
         database (unless ``auto_migrate``) or when Vault does not answer."""
-        plugins = load_plugins(AUTH_METHODS_GROUP, AuthMethod)  # type: ignore[type-abstract]
-        methods = {m.grant_type: m for m in plugins.values()}
+        methods = load_auth_methods()
         # Check every configured provider against its plugin now, so a bad table stops the start
         # with one line before any port is bound (the gateway builds its own at start-up).
         build_providers(settings.providers)

@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from broker.errors import InvalidClient, InvalidRequest
-from broker.plugins import AuthContext, ClientCredentials
+from broker.plugin import (
+    AuthContext,
+    ClientCredentials,
+    InvalidClient,
+    InvalidRequest,
+)
 
 
 class ClientSecretAuth:

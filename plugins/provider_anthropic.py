@@ -5,7 +5,7 @@ Usage is always in the answer: ``message_start`` carries the input tokens, and t
 apart (``cache_read_input_tokens``, ``cache_creation_input_tokens`` with its five-minute and
 one-hour split) and are charged at their own prices.
 
-The hold's input bound (see :mod:`broker.bounds`): every field the plugin knows is counted as
+The hold's input bound (see :mod:`broker.money.bounds`): every field the plugin knows is counted as
 text; images by Anthropic's pixel rule, PDF documents by their pages, text documents by their
 bytes; a request that may write the prompt cache is held at the cache-write price (twice the
 input price for a one-hour cache); Anthropic's own client tools add their documented hidden
@@ -22,16 +22,18 @@ from typing import Any
 
 import httpx
 
-from broker.errors import ConfigError, InvalidRequest, Unbounded
-from broker.providers import (
+from broker.plugin import (
     ANTHROPIC_PIXELS,
     BoundContext,
     CacheTtl,
+    ConfigError,
     EndReason,
+    InvalidRequest,
     Operation,
     ProviderConfig,
     RequestBound,
     SseEvent,
+    Unbounded,
     UpstreamRequest,
     Usage,
     base64_data,

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from broker.providers import (
+from broker.plugin import (
     BoundContext,
     Operation,
     ProviderConfig,

@@ -4,7 +4,7 @@ Chat completions and embeddings. Usage comes from the response's ``usage``; in a
 from the final chunk, which the provider sends only when ``stream_options.include_usage`` is
 set, so the broker always sets it and drops that chunk when the client had not asked for it.
 
-The hold's input bound (see :mod:`broker.bounds`): every field the plugin knows is counted as
+The hold's input bound (see :mod:`broker.money.bounds`): every field the plugin knows is counted as
 text, image parts by OpenAI's tile rule, PDF files by their pages; audio, server-side web search,
 tools other than client functions and any unknown field or part are refused, and an OpenAI
 ``prediction`` is held as output too (its rejected tokens are billed as completion tokens).
@@ -18,15 +18,17 @@ from typing import Any
 
 import httpx
 
-from broker.errors import ConfigError, InvalidRequest, Unbounded
-from broker.providers import (
+from broker.plugin import (
     OPENAI_COSTLIEST,
     BoundContext,
+    ConfigError,
     EndReason,
+    InvalidRequest,
     Operation,
     ProviderConfig,
     RequestBound,
     SseEvent,
+    Unbounded,
     UpstreamRequest,
     Usage,
     base64_data,

@@ -7,7 +7,7 @@ limit it sets is ``max_tokens``, the one field every such server knows.
 
 from __future__ import annotations
 
-from broker.providers import ProviderConfig, base_url
+from broker.plugin import ProviderConfig, base_url
 from plugins.provider_openai import OpenAIWire
 
 

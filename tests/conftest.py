@@ -20,12 +20,12 @@ import uvicorn
 from hypothesis import settings as hypothesis_settings
 from starlette.testclient import TestClient
 
-from broker.app import create_app
-from broker.db import make_engine, migrate
+from broker.api.app import create_app
+from broker.api.server import uvicorn_config
 from broker.devvault import DevVault, free_port
-from broker.server import uvicorn_config
 from broker.services import Services
 from broker.settings import Settings, load_settings
+from broker.storage.db import make_engine, migrate
 
 # Property tests search at random when asked (``HYPOTHESIS_PROFILE=explore``, with many more
 # examples); the default run replays a fixed sequence, so a CI verdict does not depend on luck.

@@ -12,8 +12,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from broker.gateway import Gateway
-from broker.vault import Vault
+from broker.gateway.calls import Gateway
+from broker.storage.vault import Vault
 from tests.conftest import SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.sweeper import sweep_once
+from broker.money.sweeper import sweep_once
 from tests.conftest import ADMIN_SECRET, SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env

@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from broker.app import create_app
-from broker.db import make_engine, migrate
+from broker.api.app import create_app
 from broker.devvault import DevVault
 from broker.services import Services
+from broker.storage.db import make_engine, migrate
 from tests.conftest import (
     PG_ADMIN_URL,
     RESPONSES,

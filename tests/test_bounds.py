@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from pypdf import PdfWriter
 
-from broker import media
-from broker.bounds import BoundContext, json_tokens
 from broker.errors import Unbounded
-from broker.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST
-from broker.providers import ProviderConfig
+from broker.money import media
+from broker.money.bounds import BoundContext, json_tokens
+from broker.money.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST
+from broker.plugin import ProviderConfig
 from plugins.mock_billing import tokenizer_tokens
 from plugins.provider_anthropic import AnthropicWire
 from plugins.provider_openai import OpenAIWire
@@ -401,7 +401,7 @@ def test_configuration_can_admit_and_price_what_is_otherwise_refused() -> None:
 
 
 def test_a_model_that_reads_larger_images_is_held_by_its_configured_rule() -> None:
-    from broker.bounds import configured_image_rule
+    from broker.money.bounds import configured_image_rule
     from broker.settings import ModelSettings
 
     spec = ModelSettings(provider="p", input_micros_per_mtok=1, output_micros_per_mtok=1,

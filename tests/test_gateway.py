@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from broker.errors import ConfigError
-from broker.providers import ProviderConfig, SseParser, build_providers, load_provider_plugins
+from broker.plugin import ProviderConfig, SseParser
+from broker.registry import build_providers, load_provider_plugins
 from broker.settings import ProviderSettings
 from plugins.mock_billing import _prompt_tokens
 from plugins.provider_openai import OpenAIWire
@@ -411,7 +412,7 @@ def test_every_shipped_plugin_is_discovered() -> None:
 def test_a_duplicate_or_broken_plugin_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
     from importlib.metadata import EntryPoint
 
-    import broker.plugins
+    import broker.registry
 
     def group(*eps: EntryPoint) -> Callable[..., tuple[EntryPoint, ...]]:
         return lambda **_: eps
@@ -419,10 +420,10 @@ def test_a_duplicate_or_broken_plugin_stops_the_start(monkeypatch: pytest.Monkey
     good = EntryPoint("openai", "plugins.provider_openai:plugin", "broker.providers")
     twin = EntryPoint("openai", "plugins.provider_mock:plugin", "broker.providers")
     broken = EntryPoint("bad", "plugins.no_such_module:plugin", "broker.providers")
-    monkeypatch.setattr(broker.plugins, "entry_points", group(good, twin))
+    monkeypatch.setattr(broker.registry, "entry_points", group(good, twin))
     with pytest.raises(ConfigError, match="openai"):
         load_provider_plugins()
-    monkeypatch.setattr(broker.plugins, "entry_points", group(good, broken))
+    monkeypatch.setattr(broker.registry, "entry_points", group(good, broken))
     with pytest.raises(ConfigError, match=r"bad.*failed to load"):
         load_provider_plugins()
 

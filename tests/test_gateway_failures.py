@@ -18,10 +18,10 @@ import jwt
 import openai
 import pytest
 
-from broker import tokens
 from broker.errors import LedgerUnavailable
-from broker.gateway import Gateway
-from broker.gateway_stream import MeteredStream
+from broker.gateway.calls import Gateway
+from broker.gateway.stream import MeteredStream
+from broker.tokens import tokens
 from plugins.mock_billing import _prompt_tokens
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer, free_port

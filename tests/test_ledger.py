@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, text
 
-from broker import ledger
-from broker.db import Database, make_engine, migrate
 from broker.errors import BudgetExhausted, InsufficientQuota
-from broker.ledger import BudgetRef
+from broker.money import ledger
+from broker.money.ledger import BudgetRef
+from broker.storage.db import Database, make_engine, migrate
 
 LIMIT = 1_000
 NOW = 1_800_000_000

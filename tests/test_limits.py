@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import RateLimited
-from broker.limits import InMemoryLimiter, Limiter, Usage
-from broker.policy import Burst, Policy, Rate
+from broker.identity.policy import Burst, Policy, Rate
+from broker.money.limits import InMemoryLimiter, Limiter, Usage
 
 
 def _policy(rpm: int | None = None, tpm: int | None = None,

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from broker.media import (
+from broker.money.media import (
     ANTHROPIC_MAX_IMAGE_TOKENS,
     ANTHROPIC_PIXELS,
     MAX_SIZED_PIXELS,
@@ -33,7 +33,7 @@ from broker.media import (
     image_tokens,
     parse_data_url,
 )
-from broker.pdf import pdf_pages
+from broker.money.pdf import pdf_pages
 
 GPT_4O = ImageRule("openai-tiles", base_tokens=85, tile_tokens=170)
 MB = 1024 * 1024

@@ -16,8 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, MetaData
 from sqlmodel import SQLModel
 
-import broker.models  # noqa: F401  (the same import migrations/env.py makes)
-from broker.db import make_engine, migrate, migration_state
+import broker.storage.models  # noqa: F401  (the same import migrations/env.py makes)
+from broker.storage.db import make_engine, migrate, migration_state
 
 
 def schema_diff(engine: Engine, metadata: MetaData) -> list[Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker import gateway as gateway_module
+from broker.gateway import calls as gateway_module
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import PIN, POUT, Env, make_env, price

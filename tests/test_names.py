@@ -1,7 +1,8 @@
 """Names of tenants and workloads (API.md: "Names ... are stored NFKC-normalised; a name equal
 after normalisation to another in the same scope is 409; anything else is 422").
 
-First the rules of :func:`broker.names.normalize_name` and :func:`broker.names.name_key` as a
+First the rules of :func:`broker.identity.names.normalize_name` and :func:`broker.identity.names.name_key`
+as a
 table of named cases, then the same rules through the admin API on SQLite and PostgreSQL.
 Look-alike characters are written as escapes so that the table shows what it tests.
 """
@@ -18,8 +19,8 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from broker.db import _alembic_config, make_engine
-from broker.names import name_key, normalize_name
+from broker.identity.names import name_key, normalize_name
+from broker.storage.db import _alembic_config, make_engine
 from tests.conftest import PG_ADMIN_URL, Broker, _pg_admin
 
 PROBLEM = "application/problem+json"

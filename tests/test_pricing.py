@@ -8,7 +8,7 @@ from fractions import Fraction
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.pricing import Price, Usage
+from broker.money.pricing import Price, Usage
 from broker.settings import ModelSettings
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from broker.devvault import DevVault, free_port
 from broker.errors import Unavailable, VaultUnavailable
-from broker.provider_keys import ProviderKeys
+from broker.gateway.provider_keys import ProviderKeys
 from broker.settings import VaultSettings
-from broker.vault import Vault
+from broker.storage.vault import Vault
 
 
 class Clock:

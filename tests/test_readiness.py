@@ -10,9 +10,9 @@ from __future__ import annotations
 import jwt
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.db import Database, make_engine
 from broker.settings import VaultSettings
-from broker.vault import Vault
+from broker.storage.db import Database, make_engine
+from broker.storage.vault import Vault
 from tests.conftest import SECRETS, Broker, BrokerFactory, _pg_admin
 
 DEAD_PG = "postgresql://postgres@127.0.0.1:1/gone"

@@ -23,7 +23,7 @@ import jwt
 import pytest
 from starlette.testclient import TestClient
 
-from broker.app import create_app
+from broker.api.app import create_app
 from broker.devvault import DevVault, free_port
 from broker.services import Services
 from broker.settings import Settings
@@ -318,7 +318,7 @@ def test_every_replica_listens_and_applies_notifications(
 
 
 def _verified(broker: Broker, token: str) -> Any:
-    from broker import tokens
+    from broker.tokens import tokens
 
     return tokens.verify(token, broker.services.keyring, issuer=broker.settings.issuer.url,
                          audience=broker.settings.issuer.audience)

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from broker.sweeper import sweep_once
+from broker.money.sweeper import sweep_once
 from tests.conftest import Broker
 
 SLICE = 100_000

@@ -14,10 +14,11 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from broker import ledger, revocation
-from broker.revocation import Denylist, Entry
-from broker.sweeper import sweep_once
-from broker.tokens import VerifiedToken
+from broker.money import ledger
+from broker.money.sweeper import sweep_once
+from broker.revocation import revocation
+from broker.revocation.revocation import Denylist, Entry
+from broker.tokens.tokens import VerifiedToken
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env

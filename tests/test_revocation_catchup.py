@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, insert
 
-from broker import revocation
-from broker.db import Database, make_engine
-from broker.propagation import Propagator
-from broker.revocation import CATCHUP_OVERLAP_S, Denylist, Entry
-from broker.tokens import VerifiedToken
+from broker.revocation import revocation
+from broker.revocation.revocation import CATCHUP_OVERLAP_S, Denylist, Entry
+from broker.storage.db import Database, make_engine
+from broker.storage.propagation import Propagator
+from broker.tokens.tokens import VerifiedToken
 
 _log = revocation.Revocation.__table__  # type: ignore[attr-defined]
 

@@ -16,10 +16,10 @@ import jwt
 import pytest
 from sqlalchemy import text
 
-from broker import rotation
 from broker.cli import main as cli_main
 from broker.devvault import DevVault
-from broker.vault import Vault
+from broker.revocation import rotation
+from broker.storage.vault import Vault
 from tests.conftest import SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
@@ -224,7 +224,7 @@ def test_a_second_rotation_inside_the_grace_ends_the_first_old_secret(
 
 
 class FakeKeyAdmin:
-    """A provider plugin's key-admin side (:class:`broker.rotation.KeyAdmin`) for the fake
+    """A provider plugin's key-admin side (:class:`broker.revocation.rotation.KeyAdmin`) for the fake
     provider's ``/admin/keys`` API."""
 
     def __init__(self, origin: str, works: bool = True):

@@ -7,8 +7,8 @@ import contextlib
 import time
 from typing import Any
 
-from broker.db import Database, make_engine
-from broker.scheduler import Job, Scheduler, claim, job_states
+from broker.storage.db import Database, make_engine
+from broker.storage.scheduler import Job, Scheduler, claim, job_states
 from tests.conftest import Broker
 from tests.test_replicas import replicas, start_replica, wait_for  # noqa: F401  (fixture)
 

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from broker.server import uvicorn_config
+from broker.api.server import uvicorn_config
 from broker.settings import ServerSettings, Settings
 
 HOST = "127.0.0.1"
@@ -397,7 +397,7 @@ SERVE_SCRIPT = textwrap.dedent("""
     import signal, sys
     from starlette.applications import Starlette
     from broker.cli import _unwind_on_sigterm
-    from broker.server import serve
+    from broker.api.server import serve
     from broker.settings import Settings
 
     signal.signal(signal.SIGTERM, _unwind_on_sigterm)
@@ -439,7 +439,7 @@ def test_a_cap_the_open_file_limit_cannot_hold_is_warned_about(monkeypatch, capl
     # Past the open-file limit accept() fails before the cap is reached: the cap would never act.
     import resource
 
-    from broker import server
+    from broker.api import server
 
     monkeypatch.setattr(resource, "getrlimit", lambda _which: (1024, 1024))
     with caplog.at_level(logging.WARNING, logger="broker.server"):

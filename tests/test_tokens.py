@@ -155,7 +155,7 @@ def test_metadata_document(broker: Broker) -> None:
 
 def test_verified_cache_rechecks_expiry_and_the_signing_key(broker: Broker) -> None:
     from broker.errors import InvalidToken
-    from broker.tokens import LEEWAY_S, VerifiedCache
+    from broker.tokens.tokens import LEEWAY_S, VerifiedCache
 
     agent = _agent(broker)
     token = broker.token(agent["client_id"], agent["client_secret"])

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
-from broker.models import UsageEvent
+from broker.storage.models import UsageEvent
 from tests.conftest import Broker
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z

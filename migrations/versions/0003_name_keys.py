@@ -1,4 +1,4 @@
-"""name keys: tenant and workload names are unique by broker.names.name_key
+"""name keys: tenant and workload names are unique by broker.identity.names.name_key
 
 Revision ID: 0003
 Revises: 0002
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-from broker.names import MAX_KEY_LENGTH, name_key, normalize_name
+from broker.identity.names import MAX_KEY_LENGTH, name_key, normalize_name
 
 revision = '0003'
 down_revision = '0002'

@@ -1,0 +1,196 @@
+"""Admin API routes (``/v1/admin/...``): thin wrappers that parse, call the domain, render."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from sqlalchemy import Connection
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from broker.api.auth import authenticate_admin
+from broker.api.http import (
+    ID_PATTERN,
+    json_object,
+    json_response,
+    path_id,
+    query_int,
+    query_str,
+    validate,
+)
+from broker.api.oauth import bearer_token, services_of
+from broker.errors import InvalidRequest
+from broker.identity import identities as ids
+from broker.identity.identities import Actor
+from broker.revocation import revocation
+from broker.revocation.revocation import Entry
+from broker.services import Services
+from broker.storage.audit import record
+
+Handler = Callable[[Request, Services, Actor], Awaitable[Response]]
+
+
+def admin(handler: Handler, *, write: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate the admin bearer before the handler; read-only roles may not write."""
+
+    async def endpoint(request: Request) -> Response:
+        svc = services_of(request)
+        actor = authenticate_admin(svc, bearer_token(request))
+        if write:
+            actor.require_write()
+        return await handler(request, svc, actor)
+
+    endpoint.__name__ = handler.__name__
+    endpoint.__doc__ = handler.__doc__
+    return endpoint
+
+
+async def _body(request: Request, svc: Services) -> dict[str, Any]:
+    return await json_object(request, svc.settings.server.admin_max_body_bytes)
+
+
+def _list_params(request: Request) -> tuple[str | None, int]:
+    cursor = query_str(request, "cursor", 64)
+    # A cursor is the last id of a page; anything else is refused rather than read as "past the
+    # end", which would end a client's paging silently.
+    if cursor is not None and not ID_PATTERN.match(cursor):
+        raise InvalidRequest("cursor is not valid")
+    return cursor, query_int(request, "limit", 100, 1, 1000)
+
+
+# --- tenants -------------------------------------------------------------------------------
+
+
+async def create_tenant(request: Request, svc: Services, actor: Actor) -> Response:
+    body = validate(ids.TenantCreate, await _body(request, svc))
+    now = int(time.time())
+
+    def txn(conn: Connection) -> dict[str, Any]:
+        view = ids.create_tenant(conn, actor, body, now)
+        record(conn, actor.id, "tenant.create", view["id"], {"name": view["name"]}, now)
+        return view
+
+    return json_response(await svc.db.run(txn), status=201)
+
+
+async def list_tenants(request: Request, svc: Services, actor: Actor) -> Response:
+    cursor, limit = _list_params(request)
+    data, nxt = await svc.db.read(lambda conn: ids.list_tenants(conn, actor, cursor, limit))
+    return json_response({"data": data, "next_cursor": nxt})
+
+
+async def get_tenant(request: Request, svc: Services, actor: Actor) -> Response:
+    tid = path_id(request)
+    return json_response(await svc.db.read(lambda conn: ids.get_tenant(conn, actor, tid)))
+
+
+async def patch_tenant(request: Request, svc: Services, actor: Actor) -> Response:
+    tid = path_id(request)
+    body = validate(ids.TenantPatch, await _body(request, svc))
+    now = int(time.time())
+
+    def txn(conn: Connection) -> dict[str, Any]:
+        view = ids.patch_tenant(conn, actor, tid, body)
+        record(conn, actor.id, "tenant.update", tid, body.model_dump(exclude_none=True), now)
+        return view
+
+    return json_response(await svc.db.run(txn))
+
+
+async def delete_tenant(request: Request, svc: Services, actor: Actor) -> Response:
+    tid = path_id(request)
+    now = int(time.time())
+
+    def txn(conn: Connection) -> None:
+        ids.delete_tenant(conn, actor, tid)
+        record(conn, actor.id, "tenant.delete", tid, {}, now)
+
+    await svc.db.run(txn)
+    return Response(status_code=204)
+
+
+# --- workloads -----------------------------------------------------------------------------
+
+
+async def create_workload(request: Request, svc: Services, actor: Actor) -> Response:
+    body = validate(ids.WorkloadCreate, await _body(request, svc))
+    now = int(time.time())
+
+    def txn(conn: Connection) -> dict[str, Any]:
+        view = ids.create_workload(conn, actor, body, svc.pepper, now)
+        record(conn, actor.id, "workload.create", view["id"], {"kind": body.kind}, now)
+        return view
+
+    return json_response(await svc.db.run(txn), status=201, headers={"cache-control": "no-store"})
+
+
+async def list_workloads(request: Request, svc: Services, actor: Actor) -> Response:
+    cursor, limit = _list_params(request)
+    tenant_id = query_str(request, "tenant_id", 64)
+    data, nxt = await svc.db.read(
+        lambda conn: ids.list_workloads(conn, actor, tenant_id, cursor, limit)
+    )
+    return json_response({"data": data, "next_cursor": nxt})
+
+
+async def get_workload(request: Request, svc: Services, actor: Actor) -> Response:
+    wid = path_id(request)
+    return json_response(await svc.db.read(lambda conn: ids.get_workload(conn, actor, wid)))
+
+
+async def patch_workload(request: Request, svc: Services, actor: Actor) -> Response:
+    wid = path_id(request)
+    body = validate(ids.WorkloadPatch, await _body(request, svc))
+    now = int(time.time())
+
+    def txn(conn: Connection) -> tuple[dict[str, Any], Entry | None]:
+        view, changed = ids.patch_workload(conn, actor, wid, body)
+        record(conn, actor.id, "workload.update", wid, body.model_dump(exclude_none=True), now)
+        entry = None
+        if changed:
+            # Tokens carry the identity they were minted for: a new one must not ride on them.
+            entry = revocation.cut_workload(conn, actor, wid, view["tenant_id"],
+                                            "roles or policy changed", now)
+        return view, entry
+
+    view, entry = await svc.db.run(txn)
+    revocation.apply_here(svc.extras.get("token_gate"), entry)
+    if entry is not None:
+        # Tokens carry whole seconds and the cut-off kills those of its own second: answer
+        # only once a token issued after this answer is sure to live.
+        await anyio.sleep(max(0.0, now + 1 - time.time()))
+    return json_response(view)
+
+
+async def delete_workload(request: Request, svc: Services, actor: Actor) -> Response:
+    wid = path_id(request)
+    now = int(time.time())
+
+    def txn(conn: Connection) -> Entry | None:
+        # Deleting is suspending for good: the identity's live tokens die with it, on every
+        # replica, and their unspent slices return.
+        _view, entry = revocation.suspend_workload(conn, actor, wid, "workload deleted", now)
+        ids.delete_workload(conn, actor, wid)
+        record(conn, actor.id, "workload.delete", wid, {}, now)
+        return entry
+
+    revocation.apply_here(svc.extras.get("token_gate"), await svc.db.run(txn))
+    return Response(status_code=204)
+
+
+routes = [
+    Route("/v1/admin/tenants", admin(create_tenant, write=True), methods=["POST"]),
+    Route("/v1/admin/tenants", admin(list_tenants), methods=["GET"]),
+    Route("/v1/admin/tenants/{id}", admin(get_tenant), methods=["GET"]),
+    Route("/v1/admin/tenants/{id}", admin(patch_tenant, write=True), methods=["PATCH"]),
+    Route("/v1/admin/tenants/{id}", admin(delete_tenant, write=True), methods=["DELETE"]),
+    Route("/v1/admin/workloads", admin(create_workload, write=True), methods=["POST"]),
+    Route("/v1/admin/workloads", admin(list_workloads), methods=["GET"]),
+    Route("/v1/admin/workloads/{id}", admin(get_workload), methods=["GET"]),
+    Route("/v1/admin/workloads/{id}", admin(patch_workload, write=True), methods=["PATCH"]),
+    Route("/v1/admin/workloads/{id}", admin(delete_workload, write=True), methods=["DELETE"]),
+]

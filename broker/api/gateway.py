@@ -1,0 +1,137 @@
+"""Gateway routes (OpenAI- and Anthropic-compatible): parse, call :mod:`broker.gateway.calls`, render.
+
+Errors are rendered by :mod:`broker.api.http` in the route's dialect: OpenAI's shape on
+``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/models``, Anthropic's on ``/v1/messages``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from broker.api import openapi
+from broker.api.auth import verify_bearer
+from broker.api.http import json_object, json_response, request_id
+from broker.api.oauth import bearer_token, client_address, services_of
+from broker.gateway.calls import Gateway, Reply
+from broker.gateway.stream import MeteredStream
+from broker.plugin import Operation
+from broker.services import Services
+from broker.tokens.tokens import VerifiedToken
+
+_OPENAPI_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/v1/chat/completions"): {
+        "type": "object", "required": ["model", "messages"],
+        "properties": {"model": {"type": "string"}, "messages": {"type": "array"},
+                       "stream": {"type": "boolean"}, "max_tokens": {"type": "integer"},
+                       "max_completion_tokens": {"type": "integer"}},
+    },
+    ("POST", "/v1/embeddings"): {
+        "type": "object", "required": ["model", "input"],
+        "properties": {"model": {"type": "string"}, "input": {}},
+    },
+    ("POST", "/v1/messages"): {
+        "type": "object", "required": ["model", "messages", "max_tokens"],
+        "properties": {"model": {"type": "string"}, "messages": {"type": "array"},
+                       "max_tokens": {"type": "integer"}, "stream": {"type": "boolean"}},
+    },
+}
+
+
+class _StreamResponse(Response):
+    """Sends a :class:`MeteredStream`; the stream itself watches for the client leaving."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, stream: MeteredStream) -> None:
+        self.stream = stream
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache",
+                           "x-broker-budget-remaining-micros": str(stream.remaining)})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def start() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+        async def body(chunk: bytes) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        await self.stream.run(start, body, disconnected)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _token(request: Request) -> VerifiedToken:
+    # The OpenAI SDK sends ``Authorization: Bearer``, the Anthropic SDK ``x-api-key``.
+    bearer = bearer_token(request) or request.headers.get("x-api-key")
+    return verify_bearer(services_of(request), bearer)
+
+
+class GatewayRoutes:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def chat_completions(self, request: Request) -> Response:
+        """Create a chat completion (OpenAI wire format), metered against the token's slice."""
+        return await self._call(request, "chat")
+
+    async def embeddings(self, request: Request) -> Response:
+        """Create embeddings (OpenAI wire format), metered against the token's slice."""
+        return await self._call(request, "embeddings")
+
+    async def messages(self, request: Request) -> Response:
+        """Create a message (Anthropic wire format), metered against the token's slice."""
+        return await self._call(request, "messages")
+
+    async def models(self, request: Request) -> Response:
+        """The models this token may use (OpenAI list; Anthropic's when it sends its version)."""
+        token = _token(request)
+        models = self.gateway.visible_models(token)
+        if request.headers.get("anthropic-version"):
+            data = [{"type": "model", "id": name, "display_name": name,
+                     "created_at": "1970-01-01T00:00:00Z"} for name, _ in models]
+            return json_response({"data": data, "has_more": False,
+                                  "first_id": data[0]["id"] if data else None,
+                                  "last_id": data[-1]["id"] if data else None})
+        return json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": spec.provider}
+            for name, spec in models
+        ]})
+
+    async def _call(self, request: Request, op: Operation) -> Response:
+        svc = self.gateway.svc
+        token = _token(request)
+        body = await json_object(request, svc.settings.server.max_body_bytes)
+        call = await self.gateway.begin(token, op, body, request.headers,
+                                        request_id=request_id(request),
+                                        client_ip=client_address(request))
+        result = await self.gateway.forward(call, request.headers)
+        if isinstance(result, Reply):
+            return Response(result.content, status_code=result.status, headers=result.headers)
+        return _StreamResponse(result)
+
+
+def gateway_extension(svc: Services) -> list[BaseRoute]:
+    """Build the gateway (a provider without its plugin stops the start) and its routes; the
+    shared HTTP clients close at shutdown through ``svc.extras["closers"]``."""
+    gateway = Gateway.build(svc)
+    svc.extras["gateway"] = gateway
+    svc.extras["provider_keys"] = gateway.keys
+    svc.extras.setdefault("closers", []).append(gateway.aclose)
+    for key, schema in _OPENAPI_BODIES.items():
+        openapi.REQUEST_SCHEMAS.setdefault(key, schema)
+    routes = GatewayRoutes(gateway)
+    return [
+        Route("/v1/models", routes.models, methods=["GET"]),
+        Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
+        Route("/v1/messages", routes.messages, methods=["POST"]),
+    ]

@@ -1,0 +1,162 @@
+"""OAuth routes: token issuance, introspection, JWKS and authorization-server metadata."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import Any
+from urllib.parse import unquote
+
+from sqlalchemy import Connection
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from broker.api.auth import authenticate_admin, verify_bearer
+from broker.api.http import form_or_json, json_response
+from broker.errors import InvalidClient, InvalidRequest, InvalidToken
+from broker.identity.identities import Client
+from broker.money import ledger
+from broker.services import Services
+from broker.tokens import issuance
+from broker.tokens.tokens import VerifiedToken
+
+_NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
+
+
+def services_of(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def basic_credentials(request: Request) -> tuple[str, str] | None:
+    """HTTP Basic client credentials (RFC 6749 §2.3.1: both parts are form-url-encoded)."""
+    header = request.headers.get("authorization")
+    if header is None or header[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidClient() from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise InvalidClient()
+    client_id, secret = unquote(client_id), unquote(secret)
+    # The same bounds as credentials in the body: no client has such an id or secret, and a NUL
+    # must not reach the database (PostgreSQL refuses it with an error, not a miss).
+    if not (0 < len(client_id) <= 128 and len(secret) <= 512) or not (
+        client_id.isprintable() and secret.isprintable()
+    ):
+        raise InvalidClient()
+    return client_id, secret
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is not None and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+async def token_endpoint(request: Request) -> Response:
+    svc = services_of(request)
+    params = await form_or_json(request, svc.settings.server.admin_max_body_bytes)
+    issuer = svc.settings.issuer
+    req = issuance.parse_request(
+        params, basic_credentials(request), client_address(request), svc.settings.tokens.max_ttl_s,
+        svc.auth_methods, frozenset({issuer.audience, issuer.url.rstrip("/")}),
+    )
+    body = await issuance.issue(svc, req)
+    return json_response(body, headers=_NO_STORE)
+
+
+async def introspect_endpoint(request: Request) -> Response:
+    svc = services_of(request)
+    params = await form_or_json(request, svc.settings.server.admin_max_body_bytes)
+    token = params.get("token")
+    if not isinstance(token, str) or not token:
+        raise InvalidRequest("token is required")
+    # Verifying is memory-only work; its result is told to nobody until the caller has proved
+    # who it is, and it lets the caller check and the slice read share one transaction.
+    try:
+        verified: VerifiedToken | None = verify_bearer(svc, token)
+    except InvalidToken:
+        verified = None
+    caller_tenant, org_wide, remaining = await _introspection_caller(svc, request, verified)
+    if verified is None or remaining is None or (not org_wide and verified.tenant != caller_tenant):
+        return json_response({"active": False}, headers=_NO_STORE)
+    body: dict[str, Any] = {"active": True, **verified.claims, "token_type": "Bearer"}
+    body["budget_remaining_micros"] = remaining
+    return json_response(body, headers=_NO_STORE)
+
+
+async def _introspection_caller(
+    svc: Services, request: Request, verified: VerifiedToken | None
+) -> tuple[str, bool, int | None]:
+    """(caller's tenant, may see every tenant, what remains of the token's slice) for a client
+    in HTTP Basic or an admin bearer; raises ``invalid_client`` for anyone else."""
+    jti = verified.jti if verified is not None else None
+
+    def remaining(conn: Connection) -> int | None:
+        return None if jti is None else ledger.slice_remaining(conn, jti)
+
+    basic = basic_credentials(request)
+    if basic is not None:
+        client_id, secret = basic
+        source = client_address(request)
+        svc.failures.ensure_allowed(client_id, source)
+        now = int(time.time())
+
+        def check(conn: Connection) -> tuple[Client | None, int | None]:
+            client = issuance.authenticate_client(svc, conn, client_id, secret, now)
+            return client, (remaining(conn) if client is not None else None)
+
+        client, left = await svc.db.read(check)
+        if client is None:
+            svc.failures.record_failure(client_id, source)
+            raise InvalidClient()
+        org_wide = client.kind == "admin" and bool({"org-admin", "auditor"} & set(client.roles))
+        return client.tenant_id, org_wide, left
+    bearer = bearer_token(request)
+    if bearer is not None:
+        actor = authenticate_admin(svc, bearer)
+        return actor.tenant_id, actor.org_wide, await svc.db.read(remaining)
+    raise InvalidClient(headers={"www-authenticate": 'Basic realm="broker"'})
+
+
+async def jwks_endpoint(request: Request) -> Response:
+    return json_response(
+        services_of(request).keyring.jwks(), headers={"cache-control": "public, max-age=60"}
+    )
+
+
+async def metadata_endpoint(request: Request) -> Response:
+    settings = services_of(request).settings
+    base = settings.issuer.url.rstrip("/")
+    return json_response(
+        {
+            "issuer": settings.issuer.url,
+            "token_endpoint": f"{base}/v1/token",
+            "introspection_endpoint": f"{base}/v1/introspect",
+            "jwks_uri": f"{base}/.well-known/jwks.json",
+            "grant_types_supported": sorted(services_of(request).auth_methods),
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "bearer"],
+            "response_types_supported": [],
+            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+            "access_token_signing_alg_values_supported": ["EdDSA"],
+        }
+    )
+
+
+routes = [
+    Route("/v1/token", token_endpoint, methods=["POST"]),
+    Route("/v1/introspect", introspect_endpoint, methods=["POST"]),
+    Route("/.well-known/jwks.json", jwks_endpoint, methods=["GET"]),
+    Route("/.well-known/oauth-authorization-server", metadata_endpoint, methods=["GET"]),
+]

@@ -1,0 +1,111 @@
+"""Spend policy: the schema admins write, the defaults per identity kind, and model matching.
+
+Policies are strict: an unknown field, a float for money or a negative amount is refused,
+because a typo in a policy must never silently weaken it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from broker.identity.names import normalize_name
+from broker.settings import MAX_MICROS, BudgetLimit
+
+Kind = Literal["agent", "service", "interactive", "admin"]
+Role = Literal["org-admin", "tenant-admin", "auditor"]
+KINDS: tuple[str, ...] = ("agent", "service", "interactive", "admin")
+
+Micros = Annotated[StrictInt, Field(ge=0, le=MAX_MICROS)]
+
+_MODEL_PATTERN = re.compile(r"^[A-Za-z0-9._:/@*?\-\[\]]{1,256}$")
+
+
+def _check_model_pattern(value: str) -> str:
+    if not _MODEL_PATTERN.match(value):
+        raise ValueError("must be a model name or glob of 1 to 256 safe characters")
+    return value
+
+
+Name = Annotated[StrictStr, AfterValidator(normalize_name)]
+ModelPattern = Annotated[StrictStr, AfterValidator(_check_model_pattern)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Rate(_Strict):
+    rpm: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+    tpm: StrictInt | None = Field(default=None, ge=1, le=10**12)
+
+
+class Burst(_Strict):
+    window_s: StrictInt = Field(ge=1, le=86_400)
+    limit_micros: Micros
+
+
+class Policy(_Strict):
+    models: list[ModelPattern] = Field(default_factory=list, max_length=256)
+    approval_models: list[ModelPattern] = Field(default_factory=list, max_length=256)
+    token_ttl_s: StrictInt | None = Field(default=None, ge=1, le=900)
+    token_budget_micros: Micros | None = None
+    budgets: list[BudgetLimit] = Field(default_factory=list, max_length=8)
+    rate: Rate | None = None
+    burst: Burst | None = None
+    # Tokens of the workload alive at once, and its gateway calls running at once.
+    max_live_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+    max_concurrent: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+
+
+# Autonomous agents get the strictest defaults: short tokens, small slices, tight rates.
+KIND_DEFAULTS: dict[str, Policy] = {
+    "agent": Policy(token_ttl_s=300, token_budget_micros=500_000, rate=Rate(rpm=60, tpm=100_000),
+                    max_live_tokens=20, max_concurrent=8),
+    "service": Policy(token_ttl_s=600, token_budget_micros=1_000_000,
+                      rate=Rate(rpm=600, tpm=1_000_000), max_live_tokens=100, max_concurrent=64),
+    "interactive": Policy(token_ttl_s=900, token_budget_micros=1_000_000,
+                          rate=Rate(rpm=120, tpm=400_000), max_live_tokens=20, max_concurrent=16),
+    "admin": Policy(token_ttl_s=300, token_budget_micros=0, max_live_tokens=20, max_concurrent=4),
+}
+
+
+def effective(policy: Policy, kind: str) -> Policy:
+    """The policy with every unset field filled from the kind's defaults."""
+    base = KIND_DEFAULTS[kind]
+    return policy.model_copy(
+        update={
+            "token_ttl_s": policy.token_ttl_s if policy.token_ttl_s is not None else base.token_ttl_s,
+            "token_budget_micros": policy.token_budget_micros
+            if policy.token_budget_micros is not None
+            else base.token_budget_micros,
+            "rate": policy.rate if policy.rate is not None else base.rate,
+            "burst": policy.burst if policy.burst is not None else base.burst,
+            "max_live_tokens": policy.max_live_tokens if policy.max_live_tokens is not None
+            else base.max_live_tokens,
+            "max_concurrent": policy.max_concurrent if policy.max_concurrent is not None
+            else base.max_concurrent,
+        }
+    )
+
+
+def model_allowed(model: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    """Case-sensitive glob match; an empty pattern list allows nothing (fail closed)."""
+    return any(fnmatch.fnmatchcase(model, p) for p in patterns)
+
+
+def scope_within(requested: str, allowed: list[str]) -> bool:
+    """A requested scope entry (a name or a glob) is allowed when policy patterns cover it.
+
+    A glob is only granted when the very same glob is in the policy, or when it has no
+    wildcards and matches: narrowing never widens.
+    """
+    if any(ch in requested for ch in "*?["):
+        return requested in allowed or any(
+            p.endswith("*") and requested.startswith(p[:-1]) and not any(c in p[:-1] for c in "*?[")
+            for p in allowed
+        )
+    return model_allowed(requested, allowed)

@@ -1,0 +1,313 @@
+"""The plugin contract: the one module of ``broker`` that plugins import.
+
+Two kinds of plugin exist, both found through entry points so that a third party adds one by
+installing a package (:mod:`broker.registry` loads them):
+
+- a provider (group ``broker.providers``) is a :class:`ProviderPlugin` whose ``create`` receives
+  a :class:`ProviderConfig` and returns a :class:`Provider`, which knows its wire format: how to
+  bound a request's cost, read and clamp its output-token limit, build the upstream request, and
+  read usage from a response or a stream. The gateway owns everything else (money, keys, limits,
+  the HTTP client), so a plugin never sees a broker token or a budget;
+- an auth method (group ``broker.auth_methods``) is an :class:`AuthMethod` that turns the
+  parameters of one OAuth grant into a broker identity.
+
+The errors a plugin raises and the bounding helpers it builds a hold with are re-exported here,
+so that a plugin needs nothing else from ``broker``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import httpx
+
+from broker.errors import ConfigError, InvalidClient, InvalidRequest, Unbounded
+from broker.money.bounds import (
+    BoundContext,
+    RequestBound,
+    base64_data,
+    check_fields,
+    data_url,
+    delta_tokens,
+    image_rule,
+    image_tokens,
+    json_tokens,
+    messages_tokens,
+    pdf_tokens,
+    text_tokens,
+    unsized_tokens,
+    without,
+)
+from broker.money.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule
+from broker.money.pricing import NOTHING, CacheTtl, Usage
+
+__all__ = [
+    "ANTHROPIC_PIXELS",
+    "NOTHING",
+    "OPENAI_COSTLIEST",
+    "AuthContext",
+    "AuthMethod",
+    "BoundContext",
+    "CacheTtl",
+    "ClientCredentials",
+    "ConfigError",
+    "EndReason",
+    "ImageRule",
+    "InvalidClient",
+    "InvalidRequest",
+    "Operation",
+    "Provider",
+    "ProviderConfig",
+    "ProviderPlugin",
+    "RequestBound",
+    "SseEvent",
+    "SseParser",
+    "StreamMeter",
+    "Unbounded",
+    "UpstreamRequest",
+    "Usage",
+    "base64_data",
+    "base_url",
+    "check_fields",
+    "data_url",
+    "delta_tokens",
+    "image_rule",
+    "image_tokens",
+    "json_bytes",
+    "json_tokens",
+    "messages_tokens",
+    "pdf_tokens",
+    "positive_int",
+    "sse",
+    "text_tokens",
+    "unsized_tokens",
+    "without",
+]
+
+PROVIDERS_GROUP = "broker.providers"
+AUTH_METHODS_GROUP = "broker.auth_methods"
+
+# chat: OpenAI /v1/chat/completions; embeddings: OpenAI /v1/embeddings; messages: Anthropic.
+Operation = Literal["chat", "embeddings", "messages"]
+# Why the broker ends a stream before the provider did.
+EndReason = Literal["limit", "revoked", "upstream", "expired"]
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One ``[providers.<name>]`` table, as a plugin sees it."""
+
+    name: str
+    plugin: str
+    base_url: str | None
+    timeout_s: float
+    has_key: bool  # a Vault path is configured; the key itself never reaches the factory
+
+    def key(self, field: str) -> str:
+        """The configuration key a :class:`ConfigError` about ``field`` should name."""
+        return f"providers.{self.name}.{field}"
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    url: str
+    headers: dict[str, str]
+    content: bytes
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One server-sent event: its name, its data lines joined, and its bytes as received."""
+
+    event: str | None
+    data: str
+    raw: bytes
+
+
+class StreamMeter(Protocol):
+    """Reads one upstream stream event by event, for money, not for content."""
+
+    usage: Usage | None  # the latest counts the provider reported
+    final: bool  # ``usage`` is the provider's final count for the whole answer
+    streamed_tokens: int  # output tokens streamed so far, counted low: for the hold's wall
+    output_bound: int  # output tokens streamed so far, counted high (UTF-8 bytes): for charging
+    done: bool  # the provider's end-of-stream marker arrived
+    failed: bool  # the provider reported an error inside the stream
+
+    def read(self, event: SseEvent) -> bool:
+        """Meter one event; False when it must not reach the client (usage it did not ask for)."""
+        ...
+
+    def epilogue(self, reason: EndReason) -> bytes:
+        """The bytes that close the client's stream when the broker ends it early: a clean
+        end for ``limit``, an error event otherwise."""
+        ...
+
+
+class Provider(Protocol):
+    """One configured provider. Every method is pure and fast: it runs on the hot path."""
+
+    config: ProviderConfig
+    operations: frozenset[Operation]
+
+    def transport(self) -> httpx.AsyncBaseTransport | None:
+        """A transport of its own (in-process providers), or None for the shared network client."""
+        ...
+
+    def bound_request(
+        self, op: Operation, body: dict[str, Any], ctx: BoundContext,
+        client_headers: Mapping[str, str],
+    ) -> RequestBound:
+        """The most the provider can bill for the request's input (see :mod:`broker.money.bounds`):
+        a proven upper bound, whatever the body holds. Raises :class:`broker.errors.Unbounded`
+        naming the field for anything whose cost it cannot bound."""
+        ...
+
+    def output_limit(self, op: Operation, body: dict[str, Any]) -> tuple[int | None, int]:
+        """(the output-token limit the client asked for or None, how many answers it asked
+        for); raises :class:`broker.errors.InvalidRequest` when they are malformed."""
+        ...
+
+    def set_output_limit(self, op: Operation, body: dict[str, Any], limit: int) -> None:
+        """Lower (or set) the output-token limit of ``body`` to ``limit`` per answer."""
+        ...
+
+    def ask_stream_usage(self, op: Operation, body: dict[str, Any]) -> bool:
+        """Make the provider report usage in the stream; True when the client asked itself."""
+        ...
+
+    def build_request(
+        self, op: Operation, body: dict[str, Any], *, key: str, client_headers: Mapping[str, str]
+    ) -> UpstreamRequest:
+        """The upstream request: the URL from configuration, the provider key, an allowlist of
+        the client's headers (never its credentials)."""
+        ...
+
+    def read_usage(self, op: Operation, response: Any) -> Usage | None:
+        """The usage a non-stream response reports, or None when it reports none."""
+        ...
+
+    def output_bound(self, op: Operation, response: Any) -> int:
+        """An upper bound on the output tokens of a non-stream response that reports no usage
+        (the UTF-8 bytes of what it generated)."""
+        ...
+
+    def stream_meter(self, op: Operation, *, client_wants_usage: bool) -> StreamMeter: ...
+
+
+# --- helpers for plugins -----------------------------------------------------------------
+
+
+def positive_int(value: Any) -> int | None:
+    """``value`` when it is a JSON integer of at least 1, else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def json_bytes(body: Any) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def base_url(config: ProviderConfig, default: str | None) -> str:
+    """The provider's base URL without a trailing slash; only ``http(s)`` and from configuration."""
+    url = config.base_url or default
+    if not url:
+        raise ConfigError(f"invalid configuration: {config.key('base_url')}: required")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise ConfigError(f"invalid configuration: {config.key('base_url')}: not a URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host or parsed.query or parsed.fragment:
+        raise ConfigError(
+            f"invalid configuration: {config.key('base_url')}: must be an http(s) URL "
+            "without query or fragment"
+        )
+    return url.rstrip("/")
+
+
+class SseParser:
+    """Splits a byte stream into server-sent events (the framing only; data stays text)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        data = self._buffer + chunk
+        if b"\r" in data:
+            # A trailing CR may be the first half of a CRLF split across reads: keep it back.
+            tail = b"\r" if data.endswith(b"\r") else b""
+            data = data[: len(data) - len(tail)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            data += tail
+        *blocks, self._buffer = data.split(b"\n\n")
+        return [parse_event(block) for block in blocks if block.strip(b"\n")]
+
+    @property
+    def pending(self) -> bytes:
+        return self._buffer
+
+
+def parse_event(block: bytes) -> SseEvent:
+    event: str | None = None
+    data: list[str] = []
+    for line in block.decode("utf-8", "replace").split("\n"):
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    return SseEvent(event, "\n".join(data), block.strip(b"\n") + b"\n\n")
+
+
+@runtime_checkable
+class ProviderPlugin(Protocol):
+    """What an entry point of the ``broker.providers`` group names: a factory of providers."""
+
+    def create(self, config: ProviderConfig) -> Provider:
+        """A provider for one ``[providers.<name>]`` table; a bad table is a
+        :class:`ConfigError` naming the key (see :meth:`ProviderConfig.key`)."""
+        ...
+
+
+# --- auth methods ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """What a caller presented; ``client_id`` keys the failure throttle."""
+
+    client_id: str
+    secret: str
+
+
+class AuthContext(Protocol):
+    """What the broker lends an auth method, inside the issuance transaction."""
+
+    def check_client_secret(self, client_id: str, secret: str) -> Any | None:
+        """The live identity whose secret matches (constant time, keyed hash), else None."""
+        ...
+
+
+@runtime_checkable
+class AuthMethod(Protocol):
+    """Turns the parameters of one OAuth grant into a broker identity."""
+
+    grant_type: str
+
+    def credentials(
+        self, params: Mapping[str, Any], basic: tuple[str, str] | None
+    ) -> ClientCredentials:
+        """Read the caller's credentials; raise ``InvalidClient``/``InvalidRequest`` if absent."""
+        ...
+
+    def authenticate(self, ctx: AuthContext, creds: ClientCredentials) -> Any | None:
+        """The identity the credentials prove, or None (one answer for every failure)."""
+        ...

@@ -1,0 +1,187 @@
+"""The database engine, transactions run off the event loop, and migrations.
+
+Only this module creates engines. Every write transaction on SQLite starts with
+``BEGIN IMMEDIATE`` so concurrent writers queue on the lock instead of failing on upgrade; on
+PostgreSQL the conditional ``UPDATE ... WHERE`` statements of :mod:`broker.money.ledger` take row locks.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from broker.errors import LedgerUnavailable
+
+T = TypeVar("T")
+
+READ_ONLY = "broker_read_only"
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def make_engine(url: str, pool_size: int = 16) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=30,
+            connect_args={"check_same_thread": False, "timeout": 30},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Take transaction control from pysqlite so that BEGIN IMMEDIATE is ours to emit.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # Reads take no write lock (WAL lets them run beside the writer).
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+        return engine
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return create_engine(url, pool_size=pool_size, max_overflow=8, pool_pre_ping=True)
+
+
+class Sql:
+    """A fixed statement with ``:name`` parameters, run through the driver directly.
+
+    The hot paths (issuance, holds, settlements) pay for binding values, not for building,
+    hashing and compiling a SQLAlchemy expression tree on every call. Written once in SQLite's
+    named style and translated for psycopg's ``%(name)s``.
+    """
+
+    def __init__(self, statement: str):
+        self.sqlite = " ".join(statement.split())
+        self.postgresql = _NAMED.sub(r"%(\1)s", self.sqlite)
+
+    def run(self, conn: Connection, **params: Any) -> Any:
+        """The driver-level result (a ``CursorResult``): rows come back as plain tuples."""
+        sql = self.postgresql if conn.dialect.name == "postgresql" else self.sqlite
+        return conn.exec_driver_sql(sql, params)
+
+
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class Database:
+    """Runs one transaction per call in a worker thread, so the event loop never blocks.
+
+    On SQLite, write transactions queue on one first-come-first-served lock in the event loop:
+    SQLite admits one writer at a time, and threads left to contend inside its busy handler
+    sleep with a back-off instead of being woken, which turned seconds-long tails out of
+    millisecond transactions.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = anyio.Lock() if self.is_sqlite else None
+
+    def transaction(self, fn: Callable[[Connection], T]) -> T:
+        return self._in_transaction(fn, read_only=False)
+
+    def read_transaction(self, fn: Callable[[Connection], T]) -> T:
+        """A transaction that only reads: no write lock on SQLite."""
+        return self._in_transaction(fn, read_only=True)
+
+    def _in_transaction(self, fn: Callable[[Connection], T], *, read_only: bool) -> T:
+        try:
+            with self.engine.connect() as raw:
+                conn = raw.execution_options(**{READ_ONLY: True}) if read_only else raw
+                with conn.begin():
+                    return fn(conn)
+        except (OperationalError, InterfaceError, PoolTimeoutError) as exc:
+            raise LedgerUnavailable("the database did not answer") from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise LedgerUnavailable("the database connection was lost") from exc
+            raise
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a write transaction off the event loop."""
+        call = functools.partial(self.transaction, fn)
+        if self._write_lock is None:
+            return await anyio.to_thread.run_sync(call)
+        async with self._write_lock:
+            return await anyio.to_thread.run_sync(call)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a read-only transaction off the event loop."""
+        return await anyio.to_thread.run_sync(functools.partial(self.read_transaction, fn))
+
+    def connect_dedicated(self) -> Any:
+        """A PostgreSQL connection of its own (autocommit), outside the pool: for ``LISTEN`` and
+        for the scheduler's session advisory lock, both of which live as long as the connection."""
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+# --- migrations ----------------------------------------------------------------------------
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(engine: Engine) -> None:
+    """Apply every Alembic migration to the database behind ``engine``."""
+    from alembic import command
+
+    cfg = _alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def migration_state(engine: Engine) -> tuple[str | None, str]:
+    """(current revision of the database, head revision of the code)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config(str(engine.url)))
+    head = script.get_current_head()
+    assert head is not None
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    return current, head

@@ -1,0 +1,194 @@
+"""Database tables (SQLModel). Every change of money goes through :mod:`broker.money.ledger`.
+
+Money columns are 64-bit integers of micro-dollars. Times are stored as integer UNIX seconds
+(UTC) so that comparisons are exact and identical on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _json() -> Any:
+    return Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenant"
+    # Unique by key, not by name: see broker.identity.names.name_key.
+    __table_args__ = (UniqueConstraint("name_key", name="uq_tenant_name_key"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=128)  # as shown: broker.identity.names.normalize_name's form
+    name_key: str = Field(max_length=256)  # broker.identity.names.name_key of the name
+    budgets: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: int = Field(sa_type=BigInteger)
+    # A suspension is a cut-off time: tokens issued at or before it are dead.
+    suspended_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class Workload(SQLModel, table=True):
+    __tablename__ = "workload"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name_key", name="uq_workload_tenant_name_key"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    name: str = Field(max_length=128)
+    name_key: str = Field(max_length=256)
+    kind: str = Field(max_length=16)
+    roles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    policy: dict[str, Any] = _json()
+    client_id: str = Field(unique=True, max_length=64)
+    secret_hash: str = Field(max_length=64)
+    prev_secret_hash: str | None = Field(default=None, max_length=64)
+    prev_secret_expires_at: int | None = Field(default=None, sa_type=BigInteger)
+    created_at: int = Field(sa_type=BigInteger)
+    suspended_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class BudgetCounter(SQLModel, table=True):
+    """Reserved and spent money of one budget (org, tenant or workload) in one period window.
+
+    The limit is not stored: it comes from the policy at the moment of the conditional update,
+    so a lowered limit takes effect at once. ``spent <= reserved + spent <= limit`` always.
+    """
+
+    __tablename__ = "budget_counter"
+    __table_args__ = (
+        UniqueConstraint("scope", "scope_id", "period", "window_start", name="uq_budget_window"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=16)
+    scope_id: str = Field(max_length=40)
+    period: str = Field(max_length=8)
+    window_start: int = Field(sa_type=BigInteger)
+    reserved_micros: int = Field(default=0, sa_type=BigInteger)
+    spent_micros: int = Field(default=0, sa_type=BigInteger)
+
+
+class TokenSlice(SQLModel, table=True):
+    """One issued token and the budget slice it reserved."""
+
+    __tablename__ = "token_slice"
+    __table_args__ = (Index("ix_token_slice_open", "released_at", "expires_at"),)
+
+    jti: str = Field(primary_key=True, max_length=64)
+    workload_id: str = Field(index=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    budget_micros: int = Field(sa_type=BigInteger)
+    spent_micros: int = Field(default=0, sa_type=BigInteger)
+    held_micros: int = Field(default=0, sa_type=BigInteger)
+    issued_at: int = Field(sa_type=BigInteger)
+    expires_at: int = Field(sa_type=BigInteger)
+    # Set once the unspent part went back to the budgets; never released twice.
+    released_at: int | None = Field(default=None, sa_type=BigInteger)
+    revoked_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class LiveSlices(SQLModel, table=True):
+    """How many token slices of a workload are not yet released: bounded by
+    ``policy.max_live_tokens`` with a conditional update at issuance, decremented when a slice is
+    released (see :mod:`broker.money.ledger`).
+
+    A row of its own, not a column of ``workload``: every transaction takes it after the budget
+    counters, while suspensions and edits lock the workload row first; on the workload row the
+    two orders would meet and deadlock."""
+
+    __tablename__ = "live_slices"
+
+    workload_id: str = Field(primary_key=True, max_length=40)
+    count: int = Field(default=0, sa_type=BigInteger)
+
+
+class SliceCounter(SQLModel, table=True):
+    """Which budget counters a token's slice was reserved from."""
+
+    __tablename__ = "slice_counter"
+
+    jti: str = Field(primary_key=True, foreign_key="token_slice.jti", max_length=64)
+    counter_id: int = Field(primary_key=True, foreign_key="budget_counter.id")
+
+
+class Hold(SQLModel, table=True):
+    """Worst-case cost held inside a token's slice while a gateway request runs."""
+
+    __tablename__ = "hold"
+
+    id: str = Field(primary_key=True, max_length=64)
+    jti: str = Field(foreign_key="token_slice.jti", index=True, max_length=64)
+    amount_micros: int = Field(sa_type=BigInteger)
+    created_at: int = Field(sa_type=BigInteger, index=True)
+
+
+class UsageEvent(SQLModel, table=True):
+    __tablename__ = "usage_event"
+    __table_args__ = (Index("ix_usage_event_ts", "ts"),)
+
+    # The hold's id: one hold settles into exactly one event, so a retry cannot write two.
+    id: str = Field(primary_key=True, max_length=64)
+    request_id: str = Field(index=True, max_length=64)
+    ts: int = Field(sa_type=BigInteger)
+    tenant_id: str = Field(index=True, max_length=40)
+    workload_id: str = Field(index=True, max_length=40)
+    jti: str = Field(max_length=64)
+    model: str = Field(max_length=256)
+    provider: str = Field(max_length=64)
+    prompt_tokens: int = Field(default=0, sa_type=BigInteger)
+    completion_tokens: int = Field(default=0, sa_type=BigInteger)
+    cost_micros: int = Field(default=0, sa_type=BigInteger)
+    status: str = Field(max_length=32)
+    latency_ms: int = Field(default=0, sa_type=BigInteger)
+    stream: bool = False
+    estimated: bool = False
+    client_ip: str | None = Field(default=None, max_length=64)
+
+
+class AuditEvent(SQLModel, table=True):
+    __tablename__ = "audit_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: int = Field(sa_type=BigInteger, index=True)
+    actor: str = Field(max_length=64)
+    action: str = Field(max_length=64)
+    target: str = Field(max_length=128)
+    detail: dict[str, Any] = _json()
+
+
+class Revocation(SQLModel, table=True):
+    """One revocation, suspension or resume: the log every replica replays into its in-memory
+    denylist (see :mod:`broker.revocation.revocation`). Entries are pruned once they can change nothing."""
+
+    __tablename__ = "revocation"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)  # token | workload | tenant
+    action: str = Field(max_length=16)  # revoke | suspend | resume | cut
+    target: str = Field(max_length=64)  # a jti, a workload id or a tenant id
+    tenant_id: str = Field(index=True, max_length=40)
+    # Suspensions: tokens issued at or before this time are dead, even after a resume.
+    cutoff: int | None = Field(default=None, sa_type=BigInteger)
+    # Token revocations: the token's own expiry.
+    expires_at: int | None = Field(default=None, sa_type=BigInteger)
+    # After this time the entry can no longer refuse any live token.
+    relevant_until: int = Field(sa_type=BigInteger, index=True)
+    created_at: int = Field(sa_type=BigInteger, index=True)
+    actor: str = Field(max_length=64)
+    reason: str | None = Field(default=None, max_length=512)
+
+
+class ScheduledJob(SQLModel, table=True):
+    """When each scheduled job last ran, so a restart neither repeats nor skips one."""
+
+    __tablename__ = "scheduled_job"
+
+    name: str = Field(primary_key=True, max_length=64)
+    last_run_ms: int = Field(default=0, sa_type=BigInteger)
+    last_status: str = Field(default="", max_length=32)
+    last_runner: str = Field(default="", max_length=64)
+    last_duration_ms: int = Field(default=0, sa_type=BigInteger)

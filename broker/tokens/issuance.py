@@ -1,0 +1,252 @@
+"""``POST /v1/token``: authenticate a client, reserve its slice, sign its token.
+
+The lookup, the secret check and the reservation run in one database transaction, so a token
+exists only if its slice was reserved from every budget above it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from broker.errors import (
+    InvalidClient,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    SlowDown,
+    UnsupportedGrantType,
+)
+from broker.identity.credentials import secret_matches
+from broker.identity.identities import Client, find_by_client_id
+from broker.identity.policy import Policy, effective, scope_within
+from broker.money import ledger
+from broker.money.ledger import BudgetRef
+from broker.plugin import AuthMethod, ClientCredentials
+from broker.services import Services
+from broker.settings import MAX_MICROS
+from broker.tokens import tokens
+
+CLIENT_CREDENTIALS = "client_credentials"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    grant_type: str
+    method: AuthMethod
+    creds: ClientCredentials
+    scope: tuple[str, ...] | None
+    budget_micros: int | None
+    ttl_s: int | None
+    source: str
+
+    @property
+    def client_id(self) -> str:
+        return self.creds.client_id
+
+
+class _Context:
+    """The :class:`broker.plugin.AuthContext` lent to auth methods, bound to one transaction."""
+
+    def __init__(self, services: Services, conn: Connection, now: int):
+        self._services = services
+        self._conn = conn
+        self._now = now
+
+    def check_client_secret(self, client_id: str, secret: str) -> Client | None:
+        return authenticate_client(self._services, self._conn, client_id, secret, self._now)
+
+
+def _int_param(params: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise InvalidRequest(f"{name} must be an integer")
+    if isinstance(raw, str):
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+            raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
+        raw = int(raw)
+    if not isinstance(raw, int) or not lo <= raw <= hi:
+        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
+    return raw
+
+
+def _str_param(params: dict[str, Any], name: str, max_len: int = 512) -> str | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or len(raw) > max_len or not raw.isprintable():
+        raise InvalidRequest(f"{name} must be a string of at most {max_len} printable characters")
+    return raw
+
+
+KNOWN_PARAMS = frozenset(
+    {"grant_type", "client_id", "client_secret", "scope", "budget_micros", "ttl_s", "audience",
+     "resource", "subject_token", "subject_token_type", "requested_token_type"}
+)
+
+
+def parse_request(
+    params: dict[str, Any],
+    basic: tuple[str, str] | None,
+    source: str,
+    max_ttl: int,
+    methods: Mapping[str, AuthMethod],
+    targets: frozenset[str] = frozenset(),
+) -> TokenRequest:
+    """The token request, checked. ``targets`` are the ``resource``/``audience`` values that
+    name this broker (its audience and its issuer URL): tokens are only ever for it, so any
+    other target is refused (RFC 8707 ``invalid_target``) rather than silently ignored."""
+    unknown = set(params) - KNOWN_PARAMS
+    if unknown:
+        raise InvalidRequest(f"unknown parameter {sorted(unknown)[0]!r}"[:200])
+    grant = _str_param(params, "grant_type", 128)
+    if not grant:
+        raise InvalidRequest("grant_type is required")
+    method = methods.get(grant)
+    if method is None:
+        raise UnsupportedGrantType(f"grant_type {grant!r} is not supported"[:200])
+    _str_param(params, "client_id", 512)
+    _str_param(params, "client_secret", 512)
+    for name in ("resource", "audience"):
+        target = _str_param(params, name, 2048)
+        if target is not None and target.rstrip("/") not in targets:
+            raise InvalidTarget(f"this broker issues tokens only for itself: {name} must name it")
+    creds = method.credentials(params, basic)
+    scope_raw = _str_param(params, "scope", 4096)
+    scope = tuple(scope_raw.split()) if scope_raw else None
+    return TokenRequest(
+        grant_type=grant,
+        method=method,
+        creds=creds,
+        scope=scope,
+        budget_micros=_int_param(params, "budget_micros", 0, MAX_MICROS),
+        ttl_s=_int_param(params, "ttl_s", 1, max_ttl),
+        source=source,
+    )
+
+
+def _budget_refs(services: Services, client: Client, policy: Policy) -> list[BudgetRef]:
+    refs = [BudgetRef("workload", client.id, b.period, b.limit_micros) for b in policy.budgets]
+    refs += [
+        BudgetRef("tenant", client.tenant_id, b["period"], int(b["limit_micros"]))
+        for b in client.tenant_budgets
+    ]
+    refs += [BudgetRef("org", "org", b.period, b.limit_micros) for b in services.settings.org.budgets]
+    return refs
+
+
+async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
+    services.failures.ensure_allowed(req.client_id, req.source)
+    settings = services.settings
+    now = int(time.time())
+    jti = tokens.new_jti()
+
+    def txn(conn: Connection) -> dict[str, Any] | None:
+        row = req.method.authenticate(_Context(services, conn, now), req.creds)
+        if row is None:
+            return None
+        policy = _effective_policy(row.kind, row.policy_key)
+        if req.scope is not None:
+            for entry in req.scope:
+                if not scope_within(entry, policy.models):
+                    raise InvalidScope(f"scope {entry!r} is not allowed by policy"[:200])
+            models = list(dict.fromkeys(req.scope))
+        else:
+            models = list(policy.models)
+        # ``ttl_s`` only narrows: never past the policy's lifetime (RFC 8693 lets the server
+        # issue a shorter one than asked; ``expires_in`` says which).
+        longest = min(policy.token_ttl_s or settings.tokens.default_ttl_s, settings.tokens.max_ttl_s)
+        ttl = min(req.ttl_s or longest, longest)
+        wait = services.issuance.take((row.client_id, ""))
+        if wait:
+            raise SlowDown(
+                f"this client may obtain {settings.auth.issuance_rpm} tokens per minute",
+                headers={"retry-after": str(wait)})
+        per_token = policy.token_budget_micros or 0
+        if req.budget_micros is not None and req.budget_micros > per_token:
+            raise InvalidRequest(f"budget_micros exceeds the policy's per-token slice of {per_token}")
+        amount = per_token if req.budget_micros is None else req.budget_micros
+        if not models:
+            amount = 0  # a token that can call no model needs no money
+        ledger.reserve_slice(
+            conn,
+            jti=jti,
+            workload_id=row.id,
+            tenant_id=row.tenant_id,
+            amount=amount,
+            budgets=_budget_refs(services, row, policy),
+            issued_at=now,
+            expires_at=now + ttl,
+            max_live=policy.max_live_tokens,
+            retry_after_s=max(1, math.ceil(settings.sweeper.interval_s)),
+        )
+        claims: dict[str, Any] = {
+            "iss": settings.issuer.url,
+            "aud": settings.issuer.audience,
+            "sub": row.id,
+            "client_id": row.client_id,
+            "tenant": row.tenant_id,
+            "kind": row.kind,
+            "jti": jti,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "models": models,
+            "budget_micros": amount,
+            "scope": " ".join(models),
+        }
+        if row.roles:
+            claims["roles"] = list(row.roles)
+        return claims
+
+    claims = await services.db.run(txn)
+    if claims is None:
+        services.failures.record_failure(req.client_id, req.source)
+        raise InvalidClient()
+    token = tokens.sign(services.keyring, claims)
+    return {
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": claims["exp"] - claims["iat"],
+        "issued_token_type": JWT_TOKEN_TYPE,
+        "scope": claims["scope"],
+        "budget_micros": claims["budget_micros"],
+    }
+
+
+def authenticate_client(
+    services: Services, conn: Connection, client_id: str, secret: str, now: int
+) -> Client | None:
+    """The workload (with its tenant) when the credentials match a live identity, else None.
+
+    Unknown client, wrong secret and suspended identity all return None, after the same work.
+    The previous secret still counts during its rotation grace.
+    """
+    client = find_by_client_id(conn, client_id)
+    hashes: list[str | None] = []
+    if client is not None:
+        hashes.append(client.secret_hash)
+        if client.prev_secret_hash and (client.prev_secret_expires_at or 0) > now:
+            hashes.append(client.prev_secret_hash)
+    if not secret_matches(services.pepper, secret, hashes):
+        return None
+    if client is None or client.suspended_at is not None or client.tenant_suspended_at is not None:
+        return None
+    return client
+
+
+@functools.lru_cache(maxsize=4096)
+def _effective_policy(kind: str, policy_text: str) -> Policy:
+    """Parsing and validating a stored policy costs more than the rest of an issuance's Python
+    work; the stored text is the key, so an edited policy is a new entry, never a stale one."""
+    return effective(Policy.model_validate_json(policy_text), kind)
