@@ -58,6 +58,7 @@ __all__ = [
     "ImageRule",
     "InvalidClient",
     "InvalidRequest",
+    "KeyAdmin",
     "Operation",
     "Provider",
     "ProviderConfig",
@@ -274,6 +275,25 @@ class ProviderPlugin(Protocol):
     def create(self, config: ProviderConfig) -> Provider:
         """A provider for one ``[providers.<name>]`` table; a bad table is a
         :class:`ConfigError` naming the key (see :meth:`ProviderConfig.key`)."""
+        ...
+
+
+@runtime_checkable
+class KeyAdmin(Protocol):
+    """What a provider plugin implements (on its provider object) when its provider has a key
+    admin API. Calls are blocking; the broker runs them off the event loop. No method may log
+    or raise an error that contains a key."""
+
+    def create_key(self, admin_key: str) -> tuple[str, str]:
+        """A new key: (the provider's id for it, the key)."""
+        ...
+
+    def check_key(self, key: str) -> bool:
+        """Whether the provider accepts ``key`` (a cheap authenticated call)."""
+        ...
+
+    def revoke_key(self, admin_key: str, key_id: str) -> None:
+        """Revoke a key; a key that is already gone counts as revoked."""
         ...
 
 

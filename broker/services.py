@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from broker.errors import ConfigError
+from broker.gateway.provider_keys import ProviderKeys
 from broker.identity.credentials import FailureTracker, SlidingWindow
 from broker.identity.identities import bootstrap_admin
+from broker.metrics import Metrics
 from broker.money.ledger import now_s
-from broker.plugin import AuthMethod
+from broker.plugin import AuthMethod, Provider
 from broker.registry import build_providers, load_auth_methods
 from broker.settings import Settings
 from broker.storage.db import Database, make_engine, migrate, migration_state
+from broker.storage.propagation import Propagator
+from broker.storage.scheduler import Scheduler
 from broker.storage.vault import Vault
 from broker.tokens.keys import Keyring, load_pepper
+from broker.tokens.tokens import TokenGate, VerifiedCache
+
+if TYPE_CHECKING:
+    from broker.gateway.calls import Gateway
 
 log = logging.getLogger("broker")
 
@@ -27,8 +36,16 @@ class NotMigrated(Exception):
     """The database schema is behind the code; ``broker migrate`` fixes it."""
 
 
+# What must stop at shutdown, newest first: a background thread's stop, or an async client's
+# close (which must run on the event loop that opened it).
+Closer = Callable[[], None] | Callable[[], Awaitable[None]]
+
+
 @dataclass
 class Services:
+    """Every long-lived part, typed. The first group is built from settings by :meth:`build`;
+    the second is filled in by the app at start (``broker.api.app``) and its extensions."""
+
     settings: Settings
     db: Database
     vault: Vault
@@ -37,17 +54,29 @@ class Services:
     failures: FailureTracker
     # Tokens issued per client in the last minute (``auth.issuance_rpm``).
     issuance: SlidingWindow
+    # Every configured provider, built through its plugin (a bad table stops the start).
+    providers: dict[str, Provider]
+    provider_keys: ProviderKeys
     auth_methods: dict[str, AuthMethod] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    verified: VerifiedCache = field(default_factory=VerifiedCache)
+
+    # Revocation state in memory; None until the revocation extension has loaded it, and then
+    # every verified token is taken as live.
+    token_gate: TokenGate | None = None
+    gateway: Gateway | None = None
+    propagator: Propagator | None = None
+    scheduler: Scheduler | None = None
+    closers: list[Closer] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings, *, auto_migrate: bool = False) -> Services:
         """Connect to Vault and the database and load keys; refuse to start on an un-migrated
         database (unless ``auto_migrate``) or when Vault does not answer."""
         methods = load_auth_methods()
-        # Check every configured provider against its plugin now, so a bad table stops the start
-        # with one line before any port is bound (the gateway builds its own at start-up).
-        build_providers(settings.providers)
+        # Every configured provider is built through its plugin now, so a bad table stops the
+        # start with one line before any port is bound.
+        providers = build_providers(settings.providers)
         vault = Vault(settings.vault)
         vault.check()
         engine = make_engine(settings.database.url, settings.database.pool_size)
@@ -78,6 +107,12 @@ class Services:
             pepper=pepper,
             failures=FailureTracker(settings.auth.failure_limit, settings.auth.failure_window_s),
             issuance=SlidingWindow(settings.auth.issuance_rpm, ISSUANCE_WINDOW_S),
+            providers=providers,
+            provider_keys=ProviderKeys(
+                vault,
+                {name: p.vault_path for name, p in settings.providers.items()},
+                max_stale_s=settings.vault.max_stale_s,
+            ),
             auth_methods=methods,
         )
         if settings.bootstrap_admin_secret is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from broker.gateway.calls import Gateway
 from broker.storage.vault import Vault
 from tests.conftest import SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
+from tests.support import wait_for
 
 # Prices chosen so that rounding matters: micro-dollars per million tokens.
 PIN = 1_234_567
@@ -75,7 +75,8 @@ class Env:
 
     @property
     def gateway(self) -> Gateway:
-        gateway: Gateway = self.broker.services.extras["gateway"]
+        gateway = self.broker.services.gateway
+        assert gateway is not None, "the gateway extension is loaded"
         return gateway
 
     def write_key(self, key: str) -> int:
@@ -115,13 +116,10 @@ class Env:
         return rows[0]
 
     def wait_for_events(self, count: int, timeout_s: float = 20.0) -> list[dict[str, Any]]:
-        """Streams settle after the client's last byte: poll (bounded) for their events."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            events = self.events()
-            if len(events) >= count or time.monotonic() > deadline:
-                return events
-            time.sleep(0.02)
+        """Streams settle after the client's last byte: the events, once ``count`` are in."""
+        wait_for(lambda: len(self.events()) >= count, timeout_s,
+                 what=lambda: f"{count} usage events (seen: {len(self.events())})")
+        return self.events()
 
 
 def make_env(factory: Callable[..., Broker], db: str, fake: FakeProviderServer, *,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,6 +18,12 @@ from broker.money.sweeper import sweep_once
 from tests.conftest import ADMIN_SECRET, SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
+from tests.support import wait_for
+
+
+def _sweep(broker: Broker, now: int | None = None) -> tuple[int, int]:
+    svc = broker.services
+    return sweep_once(svc.db, svc.settings.sweeper, svc.metrics, now=now)
 
 PROMPT = [{"role": "user", "content": "hi"}]
 
@@ -123,12 +129,6 @@ def test_forwarded_for_from_an_untrusted_peer_cannot_dodge_slow_down(
     assert codes[:10] == [401] * 10 and set(codes[10:]) == {429}
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as server:
-        yield server
-
-
 def test_forwarded_for_from_a_trusted_proxy_names_the_client_and_must_be_an_ip(
         make_live_broker: Callable[..., Broker], sqlite_url: str,
         fake: FakeProviderServer) -> None:
@@ -221,9 +221,9 @@ def test_released_slices_are_pruned_after_the_retention(
             return int(conn.execute(text("SELECT count(*) FROM token_slice WHERE workload_id = :w"),
                                     {"w": agent["id"]}).scalar_one())
 
-    sweep_once(broker.services, now=now + 5)  # expired: released, kept for the retention
+    _sweep(broker, now=now + 5)  # expired: released, kept for the retention
     assert count() == 3
-    sweep_once(broker.services, now=now + 5 + 11)
+    _sweep(broker, now=now + 5 + 11)
     assert count() == 0
     # The live-token counter came back down with the releases.
     assert broker.client.post("/v1/token", data=_token_form(agent)).status_code == 200
@@ -249,10 +249,8 @@ def _hold_streams(url: str, token: str, model: str, n: int) -> list[threading.Th
 
 
 def _wait_running(env: Env, n: int) -> None:
-    deadline = time.monotonic() + 10
-    while len(env.fake.state.requests) < n:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: len(env.fake.state.requests) >= n,
+             what=lambda: f"{n} streams at the provider (seen: {len(env.fake.state.requests)})")
 
 
 def test_a_tenant_beyond_its_concurrency_cap_waits_and_another_tenant_is_served(

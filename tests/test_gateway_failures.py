@@ -8,7 +8,7 @@ billed, even above the hold."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -28,12 +28,6 @@ from tests.fake_provider import FakeProviderServer, free_port
 from tests.gateway_support import Env, make_env, price
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about failures."}]
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as server:
-        yield server
 
 
 @pytest.fixture
@@ -258,7 +252,7 @@ def test_client_hanging_up_mid_stream_pays_the_count_read_after_it_left(env: Env
 def test_client_hanging_up_past_the_drain_pays_a_bound_of_what_was_streamed(
         make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer) -> None:
     env = make_env(make_live_broker, sqlite_url, fake)
-    env.broker.services.extras["gateway"].settings = env.broker.settings.model_copy(
+    env.gateway.settings = env.broker.settings.model_copy(
         update={"gateway": env.broker.settings.gateway.model_copy(update={"drain_s": 0})})
     env.fake.state.faults.chunk_delay_s = 0.2
     token = env.token()
@@ -317,7 +311,7 @@ class Gate:
 
 def test_revocation_ends_a_running_stream(env: Env) -> None:
     gate = Gate()
-    env.broker.services.extras["token_gate"] = gate
+    env.broker.services.token_gate = gate
     env.fake.state.faults.chunk_delay_s = 0.3
     token = env.token()
     lines = []
@@ -358,7 +352,7 @@ def test_a_cancelled_request_still_settles(env: Env) -> None:
     svc = env.broker.services
     verified = tokens.verify(token, svc.keyring, issuer=svc.settings.issuer.url,
                              audience=svc.settings.issuer.audience)
-    gateway = Gateway(svc, env.gateway.providers)
+    gateway = Gateway(svc)
 
     async def scenario() -> None:
         call = await gateway.begin(verified, "chat", {"model": "gpt-test", "messages": PROMPT},

@@ -28,6 +28,7 @@ from broker.devvault import DevVault, free_port
 from broker.services import Services
 from broker.settings import Settings
 from tests.conftest import ADMIN_SECRET, SECRETS, Broker
+from tests.support import wait_for
 
 BOUND_S = 5.0  # generous: the design target is 1 s; the measured times are printed
 
@@ -52,16 +53,6 @@ def replicas() -> Iterator[contextlib.ExitStack]:
         yield stack
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float = BOUND_S * 2) -> float:
-    """Seconds until ``check()`` held; fails after ``timeout_s``."""
-    started = time.perf_counter()
-    while not check():
-        elapsed = time.perf_counter() - started
-        assert elapsed < timeout_s, f"not within {timeout_s}s"
-        time.sleep(0.005)
-    return time.perf_counter() - started
-
-
 # --- real processes ------------------------------------------------------------------------
 
 
@@ -81,16 +72,15 @@ class Process:
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
     def wait_ready(self) -> Process:
-        deadline = time.monotonic() + 60
-        while True:
+        def healthy() -> bool:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
-                if self.client.get("/healthz").status_code == 200:
-                    return self
+                return bool(self.client.get("/healthz").status_code == 200)
             except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "broker serve did not start"
-            time.sleep(0.1)
+                return False
+
+        wait_for(healthy, timeout=60, interval=0.1, what="broker serve's start")
+        return self
 
     def stop(self) -> None:
         self.client.close()
@@ -175,7 +165,7 @@ def test_a_revocation_on_one_process_is_refused_by_the_other_within_a_second(
         resp = a.client.post(f"/v1/admin/tokens/{_jti(token)}/revoke", headers=admin,
                              json={"reason": "propagation test"})
         assert resp.status_code == 200, resp.text
-        times.append(wait_for(lambda token=token: not b.active(token, admin)))
+        times.append(wait_for(lambda: not b.active(token, admin)))
         assert not a.active(token, admin)
     print(f"\nrevocation seen by the other process after: "
           f"median {statistics.median(times) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms")
@@ -278,7 +268,7 @@ def test_a_lost_notification_is_caught_up_by_the_periodic_read(
 ) -> None:
     first = make_broker(pg_url)
     second = start_replica(replicas, first.settings, revocation={"catchup_interval_s": 0.3})
-    propagator = second.services.extras["propagator"]
+    propagator = second.services.propagator
     dropped: list[str] = []
 
     def lossy(payload: str) -> None:
@@ -288,7 +278,7 @@ def test_a_lost_notification_is_caught_up_by_the_periodic_read(
     tenant = first.create_tenant()
     agent = first.create_workload(tenant["id"], policy={"models": ["gpt-4o-mini"]})
     token = first.token(agent["client_id"], agent["client_secret"])
-    gate = second.services.extras["token_gate"]
+    gate = second.services.token_gate
     verified = _verified(second, token)
     assert gate.is_live(verified)
 
@@ -305,11 +295,11 @@ def test_every_replica_listens_and_applies_notifications(
     first = make_broker(pg_url)
     # A catch-up too slow to matter: what the second replica learns, it learns from NOTIFY.
     second = start_replica(replicas, first.settings, revocation={"catchup_interval_s": 60})
-    assert wait_for(second.services.extras["propagator"].listening.is_set) < BOUND_S
+    assert wait_for(second.services.propagator.listening.is_set) < BOUND_S
     tenant = first.create_tenant()
     agent = first.create_workload(tenant["id"], policy={"models": ["gpt-4o-mini"]})
     token = first.token(agent["client_id"], agent["client_secret"])
-    gate = second.services.extras["token_gate"]
+    gate = second.services.token_gate
     verified = _verified(second, token)
     first.client.post(f"/v1/admin/workloads/{agent['id']}/suspend", headers=first.admin())
     took = wait_for(lambda: not gate.is_live(verified))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,7 +22,13 @@ from broker.tokens.tokens import VerifiedToken
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
+from tests.support import wait_for
 from tests.test_replicas import start_replica
+
+
+def _sweep(broker: Broker, now: int | None = None) -> tuple[int, int]:
+    svc = broker.services
+    return sweep_once(svc.db, svc.settings.sweeper, svc.metrics, now=now)
 
 SLICE = 200_000
 POLICY = {"models": ["gpt-4o-mini"], "token_budget_micros": SLICE,
@@ -130,13 +136,13 @@ def test_a_slice_with_an_open_hold_returns_once_the_hold_closes(broker: Broker) 
     resp = _post(broker, f"/v1/admin/tokens/{jti}/revoke")
     assert resp.json()["returned_micros"] == 0  # the running request still holds money
     assert _reserved(broker, agent["id"]) == SLICE
-    sweep_once(broker.services)
+    _sweep(broker)
     assert _reserved(broker, agent["id"]) == SLICE  # not while the hold is open
 
     event = {"request_id": "r1", "ts": now, "model": "gpt-4o-mini", "provider": "mock",
              "status": "ok"}
     db.transaction(lambda c: ledger.settle_hold(c, hold_id="h_rev_1", cost=30_000, event=event))
-    sweep_once(broker.services)
+    _sweep(broker)
     # Only what was spent stays reserved-as-spent; the rest is back.
     assert _reserved(broker, agent["id"]) == 0
     with db.engine.connect() as conn:
@@ -349,10 +355,7 @@ def test_the_periodic_catch_up_finds_a_revocation_nobody_announced(make_broker: 
     # Straight to the database, as another process would: this replica's memory is not told.
     broker.services.db.transaction(
         lambda c: revocation.revoke_token(c, actor, jti, "behind its back", int(time.time())))
-    deadline = time.monotonic() + 10
-    while _active(broker, token):
-        assert time.monotonic() < deadline, "the catch-up never applied the revocation"
-        time.sleep(0.05)
+    wait_for(lambda: not _active(broker, token), what="the catch-up applying the revocation")
 
 
 def test_a_restarted_replica_loads_revocations_and_suspensions(make_broker: Any,
@@ -365,7 +368,7 @@ def test_a_restarted_replica_loads_revocations_and_suspensions(make_broker: Any,
     _post(first, f"/v1/admin/workloads/{suspended['id']}/suspend")
     with contextlib.ExitStack() as stack:
         second = start_replica(stack, first.settings)
-        gate = second.services.extras["token_gate"]
+        gate = second.services.token_gate
         assert isinstance(gate, Denylist) and len(gate) >= 2  # loaded before any request
         assert not _active(second, revoked) and not _active(second, cut)
         assert _active(second, _token(second, revoked_agent))
@@ -435,12 +438,6 @@ def test_denylist_lookup_stays_flat_with_many_entries() -> None:
 
 
 # --- at the gateway -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -4,13 +4,15 @@ restart neither repeats a job early nor forgets it."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Any
 
 from broker.storage.db import Database, make_engine
 from broker.storage.scheduler import Job, Scheduler, claim, job_states
 from tests.conftest import Broker
-from tests.test_replicas import replicas, start_replica, wait_for  # noqa: F401  (fixture)
+from tests.support import wait_for
+from tests.test_replicas import replicas, start_replica  # noqa: F401  (fixture)
 
 
 def _now_ms() -> int:
@@ -62,9 +64,10 @@ def test_a_failing_job_is_recorded_and_does_not_stop_the_others(sqlite_url: str)
         scheduler = Scheduler(db, tick_s=0.05)
         scheduler.add(Job("a-fails", 0.01, boom))
         scheduler.add(Job("b-works", 0.01, lambda: ran.append("b")))
+        a_minute_ago = _now_ms() - 60_000  # both last ran a minute ago: both are due now
         for name in ("a-fails", "b-works"):
-            db.transaction(lambda c, name=name: claim(c, name, 10, _now_ms() - 10, "seed"))
-        time.sleep(0.02)
+            db.transaction(functools.partial(claim, name=name, interval_ms=10,
+                                             now_ms=a_minute_ago, runner="seed"))
         assert scheduler.run_pending() == ["a-fails", "b-works"]
         assert ran == ["b"]
         states = {s["name"]: s["last_status"] for s in db.transaction(job_states)}
@@ -78,8 +81,8 @@ def test_only_one_of_two_replicas_runs_a_scheduled_job(
 ) -> None:
     first: Broker = make_broker(pg_url, scheduler={"tick_s": 0.05})
     second = start_replica(replicas, first.settings)
-    schedulers: list[Scheduler] = [first.services.extras["scheduler"],
-                                   second.services.extras["scheduler"]]
+    schedulers: list[Scheduler] = [first.services.scheduler,
+                                   second.services.scheduler]
     counts = [0, 0]
 
     def counter(i: int) -> Any:
@@ -89,7 +92,7 @@ def test_only_one_of_two_replicas_runs_a_scheduled_job(
 
     for i, scheduler in enumerate(schedulers):
         scheduler.add(Job("test.count", 0.1, counter(i)))
-    wait_for(lambda: sum(counts) >= 5, timeout_s=30)
+    wait_for(lambda: sum(counts) >= 5, timeout=30)
     leaders = [s.is_leader for s in schedulers]
     assert leaders.count(True) == 1
     leader = leaders.index(True)
@@ -100,5 +103,5 @@ def test_only_one_of_two_replicas_runs_a_scheduled_job(
     # When the leader stops, the other takes over.
     schedulers[leader].stop()
     follower_before = counts[1 - leader]
-    wait_for(lambda: counts[1 - leader] > follower_before + 2, timeout_s=30)
+    wait_for(lambda: counts[1 - leader] > follower_before + 2, timeout=30)
     assert schedulers[1 - leader].is_leader

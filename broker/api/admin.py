@@ -158,7 +158,7 @@ async def patch_workload(request: Request, svc: Services, actor: Actor) -> Respo
         return view, entry
 
     view, entry = await svc.db.run(txn)
-    revocation.apply_here(svc.extras.get("token_gate"), entry)
+    revocation.apply_here(svc.token_gate, entry)
     if entry is not None:
         # Tokens carry whole seconds and the cut-off kills those of its own second: answer
         # only once a token issued after this answer is sure to live.
@@ -178,7 +178,7 @@ async def delete_workload(request: Request, svc: Services, actor: Actor) -> Resp
         record(conn, actor.id, "workload.delete", wid, {}, now)
         return entry
 
-    revocation.apply_here(svc.extras.get("token_gate"), await svc.db.run(txn))
+    revocation.apply_here(svc.token_gate, await svc.db.run(txn))
     return Response(status_code=204)
 
 

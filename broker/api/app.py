@@ -25,10 +25,11 @@ from broker.api.extensions import DEFAULT_EXTENSIONS, Extension
 from broker.api.http import ClientAddressMiddleware, EdgeMiddleware, error_response, json_response
 from broker.api.openapi import build_openapi
 from broker.errors import BrokerError, InvalidToken, MethodNotAllowed, NotFound, Unavailable
+from broker.jobs import scheduled_jobs
 from broker.metrics import Metrics, MetricsMiddleware
-from broker.money.sweeper import run_sweeper
 from broker.services import Services
 from broker.settings import Settings
+from broker.storage.scheduler import Scheduler
 
 log = logging.getLogger("broker")
 
@@ -96,6 +97,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(mapped, request.url.path)
 
 
+async def _close(svc: Services) -> None:
+    """Stop what the app and its extensions started (background threads, connections), newest
+    first."""
+    closers, svc.closers = svc.closers, []
+    for close in reversed(closers):
+        if inspect.iscoroutinefunction(close):
+            await close()  # e.g. an async HTTP client, which must close on its own loop
+        else:
+            await anyio.to_thread.run_sync(close)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -128,28 +140,25 @@ def create_app(
             svc = await anyio.to_thread.run_sync(
                 lambda: Services.build(settings, auto_migrate=auto_migrate)
             )
-        svc.extras["metrics"] = metrics
+        svc.metrics = metrics
         app.state.services = svc
         for extension in extensions:
             for route in extension(svc):
                 app.router.routes.append(route)
         app.state.openapi = build_openapi(app.router.routes, settings)
-        async with anyio.create_task_group() as tg:
-            if run_background and "scheduler" not in svc.extras:
-                # An extension's scheduler (broker.storage.scheduler), when one runs, does the sweeping.
-                tg.start_soon(run_sweeper, svc)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
-        # Extensions register what must stop at shutdown (background threads, connections).
-        for close in reversed(svc.extras.pop("closers", [])):
-            if inspect.iscoroutinefunction(close):
-                await close()  # e.g. an async HTTP client, which must close on its own loop
-            else:
-                await anyio.to_thread.run_sync(close)
-        if services is None:
-            svc.close()
+        if run_background:
+            scheduler = Scheduler(svc.db, settings.scheduler.tick_s)
+            for job in scheduled_jobs(svc):
+                scheduler.add(job)
+            svc.scheduler = scheduler
+            scheduler.start()
+            svc.closers.append(scheduler.stop)
+        try:
+            yield
+        finally:
+            await _close(svc)
+            if services is None:
+                svc.close()
 
     handlers: dict[Any, Any] = {
         BrokerError: _broker_error,

@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
 from broker.errors import Forbidden, InvalidToken
 from broker.identity.identities import Actor
 from broker.services import Services
-from broker.tokens import tokens
 from broker.tokens.tokens import VerifiedToken
-
-
-class TokenGate(Protocol):
-    """Revocation state: answers from memory whether a verified token is still live."""
-
-    def is_live(self, token: VerifiedToken) -> bool: ...
 
 
 def verify_bearer(svc: Services, bearer: str | None) -> VerifiedToken:
     """A verified, unrevoked broker token, or :class:`InvalidToken` (one answer for all causes)."""
     if not bearer:
         raise InvalidToken()
-    cache = svc.extras.get("verified_cache")
-    if cache is None:
-        cache = svc.extras.setdefault("verified_cache", tokens.VerifiedCache())
-    verified: VerifiedToken = cache.verify(
+    verified = svc.verified.verify(
         bearer, svc.keyring, issuer=svc.settings.issuer.url,
         audience=svc.settings.issuer.audience, now=time.time(),
     )
-    gate: TokenGate | None = svc.extras.get("token_gate")
+    gate = svc.token_gate
     if gate is not None and not gate.is_live(verified):
         raise InvalidToken()
     return verified

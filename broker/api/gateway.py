@@ -120,12 +120,10 @@ class GatewayRoutes:
 
 
 def gateway_extension(svc: Services) -> list[BaseRoute]:
-    """Build the gateway (a provider without its plugin stops the start) and its routes; the
-    shared HTTP clients close at shutdown through ``svc.extras["closers"]``."""
-    gateway = Gateway.build(svc)
-    svc.extras["gateway"] = gateway
-    svc.extras["provider_keys"] = gateway.keys
-    svc.extras.setdefault("closers", []).append(gateway.aclose)
+    """Build the gateway and its routes; its HTTP clients close at shutdown."""
+    gateway = Gateway(svc)
+    svc.gateway = gateway
+    svc.closers.append(gateway.aclose)
     for key, schema in _OPENAPI_BODIES.items():
         openapi.REQUEST_SCHEMAS.setdefault(key, schema)
     routes = GatewayRoutes(gateway)

@@ -1,11 +1,10 @@
 """Admin routes for revocation and rotation, and the extension that wires them in: the
-in-memory denylist, its propagation thread and the scheduler."""
+in-memory denylist and its propagation thread."""
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -18,12 +17,10 @@ from broker.api.admin import admin
 from broker.api.http import json_object, json_response, path_id, query_int, query_str, validate
 from broker.api.openapi import REQUEST_SCHEMAS
 from broker.identity.identities import Actor
-from broker.money.sweeper import sweep_once
 from broker.revocation import revocation, rotation
 from broker.revocation.revocation import Denylist, Entry, ReasonBody
 from broker.services import Services
 from broker.storage.propagation import Propagator
-from broker.storage.scheduler import Job, Scheduler
 
 _NO_STORE = {"cache-control": "no-store"}
 
@@ -44,7 +41,7 @@ async def _reason(request: Request, svc: Services) -> ReasonBody:
 
 
 def _apply_here(svc: Services, entry: Entry | None) -> None:
-    revocation.apply_here(svc.extras.get("token_gate"), entry)
+    revocation.apply_here(svc.token_gate, entry)
 
 
 # --- revocation ----------------------------------------------------------------------------
@@ -203,56 +200,19 @@ REQUEST_SCHEMAS[("POST", "/v1/admin/workloads/{id}/rotate-secret")] = RotateSecr
 
 # --- wiring --------------------------------------------------------------------------------
 
-# How often retired signing keys and stale revocation-log rows are looked for.
-RETIRE_INTERVAL_S = 60.0
-PRUNE_INTERVAL_S = 3600.0
-PROVIDER_REVOKE_INTERVAL_S = 30.0
-
-
-def scheduled_jobs(svc: Services) -> list[Job]:
-    settings = svc.settings
-    jobs = [
-        Job("sweep", settings.sweeper.interval_s, functools.partial(sweep_once, svc)),
-        Job("signing_key.retire", RETIRE_INTERVAL_S,
-            functools.partial(rotation.retire_signing_keys, svc)),
-        Job("revocation.prune_log", PRUNE_INTERVAL_S,
-            lambda: svc.db.transaction(lambda conn: revocation.prune_log(conn, int(time.time())))),
-    ]
-    if any(p.vault_path for p in settings.providers.values()):
-        jobs.append(Job("provider_key.revoke_retired", PROVIDER_REVOKE_INTERVAL_S,
-                        functools.partial(rotation.revoke_retired_provider_keys, svc)))
-    if settings.rotation.provider_interval_s:
-        jobs.append(Job("provider_key.rotate", float(settings.rotation.provider_interval_s),
-                        functools.partial(rotation.rotate_all_provider_keys, svc)))
-    if settings.rotation.signing_interval_s:
-        jobs.append(Job(
-            "signing_key.rotate", float(settings.rotation.signing_interval_s),
-            functools.partial(rotation.rotate_signing_key, svc, "scheduler", "scheduled"),
-        ))
-    return jobs
-
-
 def revocation_extension(svc: Services) -> list[BaseRoute]:
-    """Load the denylist, make it the token gate, start propagation and the scheduler."""
+    """Load the denylist, make it the token gate, and start its propagation."""
     denylist = Denylist()
     now = int(time.time())
     svc.db.transaction(lambda conn: revocation.load(conn, denylist, now))
-    svc.extras["token_gate"] = denylist
+    svc.token_gate = denylist
 
     propagator = Propagator(svc.db, denylist, svc.settings.revocation.catchup_interval_s)
     propagator.on("keys", lambda _message: svc.keyring.refresh())
     propagator.on(rotation.PROVIDER_MESSAGE_TYPE,
                   lambda message: rotation.reload_provider_key(svc, str(message["provider"])))
     propagator.every_interval(svc.keyring.refresh)  # rotations by `broker keys rotate`
-    scheduler = Scheduler(svc.db, svc.settings.scheduler.tick_s)
-    for job in scheduled_jobs(svc):
-        scheduler.add(job)
-    svc.extras["propagator"] = propagator
-    svc.extras["scheduler"] = scheduler
-
-    closers: list[Any] = svc.extras.setdefault("closers", [])
+    svc.propagator = propagator
     propagator.start()
-    closers.append(propagator.stop)
-    scheduler.start()
-    closers.append(scheduler.stop)
+    svc.closers.append(propagator.stop)
     return list(routes)

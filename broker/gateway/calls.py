@@ -53,7 +53,6 @@ from broker.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from broker.gateway.provider_keys import ProviderKeys
 from broker.gateway.stream import MeteredStream, body_chunks
 from broker.gateway.upstream_http import ProviderPools
 from broker.identity.policy import Policy, effective, model_allowed
@@ -62,7 +61,6 @@ from broker.money.bounds import BoundContext, RequestBound
 from broker.money.limits import InMemoryLimiter, Limiter
 from broker.money.pricing import NOTHING, Price, Usage
 from broker.plugin import Operation, Provider, StreamMeter
-from broker.registry import build_providers
 from broker.revocation import revocation
 from broker.revocation.revocation import Entry
 from broker.services import Services
@@ -146,31 +144,21 @@ class Reply:
 
 
 class Gateway:
-    def __init__(self, svc: Services, providers: Mapping[str, Provider]) -> None:
+    def __init__(self, svc: Services) -> None:
         self.svc = svc
         self.settings = svc.settings
-        self.providers = dict(providers)
-        self.keys = ProviderKeys(
-            svc.vault,
-            {name: p.vault_path for name, p in svc.settings.providers.items()},
-            max_stale_s=svc.settings.vault.max_stale_s,
-        )
-        limiter = svc.extras.get("limiter")
-        self.limiter: Limiter = limiter if limiter is not None else InMemoryLimiter()
+        self.providers = svc.providers
+        self.keys = svc.provider_keys
+        self.limiter: Limiter = InMemoryLimiter()
         self._policies: dict[str, tuple[float, Policy]] = {}
         self.pools = ProviderPools()
         self._contexts = {
             name: BoundContext.of(spec, svc.settings.providers[spec.provider],
                                   max_media_bytes=svc.settings.server.max_body_bytes)
             for name, spec in svc.settings.models.items()}
-        gate = svc.extras.get("token_gate")
+        gate = svc.token_gate
         if isinstance(gate, revocation.Denylist):
             gate.listeners.append(self._forget_policy)
-
-    @classmethod
-    def build(cls, svc: Services) -> Gateway:
-        """Build every configured provider; a missing plugin is a ConfigError naming the key."""
-        return cls(svc, build_providers(svc.settings.providers))
 
     def _forget_policy(self, entry: Entry) -> None:
         if entry.kind == "workload":
@@ -347,7 +335,7 @@ class Gateway:
 
     def _stream(self, call: Call, response: httpx.Response) -> MeteredStream:
         def is_live() -> bool:
-            gate = self.svc.extras.get("token_gate")
+            gate = self.svc.token_gate
             return gate is None or bool(gate.is_live(call.token))
 
         async def settle(status: str, meter: StreamMeter) -> None:
@@ -440,12 +428,10 @@ class Gateway:
         log.warning("overrun: provider %s billed call %s of workload %s %d micro-dollars above "
                     "its hold; the token is revoked", provider, call.request_id[:64],
                     call.token.sub, excess)
-        metrics = self.svc.extras.get("metrics")
-        if metrics is not None:
-            metrics.overruns.labels(provider).inc()
-            metrics.overrun_micros.labels(provider).inc(excess)
+        self.svc.metrics.overruns.labels(provider).inc()
+        self.svc.metrics.overrun_micros.labels(provider).inc(excess)
         # Applied here before the commit is harmless: the gate only refuses more.
-        revocation.apply_here(self.svc.extras.get("token_gate"), entry)
+        revocation.apply_here(self.svc.token_gate, entry)
 
 
 def _affordable(price: Price, bound: RequestBound, budget: int) -> int | None:

@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import Connection, update
 
 from broker.errors import Conflict, NotFound, UpstreamError
 from broker.identity.credentials import hash_secret, new_client_secret
 from broker.identity.identities import Actor, get_workload, require_may_manage
+from broker.plugin import KeyAdmin, Provider
 from broker.revocation.revocation import notify
 from broker.services import Services
 from broker.settings import Settings
@@ -170,36 +172,12 @@ def rotate_signing_key_from_cli(settings: Settings) -> SigningKey:
 # live in Vault with the key, so a restart forgets none.
 
 
-@runtime_checkable
-class KeyAdmin(Protocol):
-    """What a provider plugin implements (on its provider object) when its provider has a key
-    admin API. Calls are blocking; the broker runs them off the event loop. No method may log
-    or raise an error that contains a key."""
-
-    def create_key(self, admin_key: str) -> tuple[str, str]:
-        """A new key: (the provider's id for it, the key)."""
-        ...
-
-    def check_key(self, key: str) -> bool:
-        """Whether the provider accepts ``key`` (a cheap authenticated call)."""
-        ...
-
-    def revoke_key(self, admin_key: str, key_id: str) -> None:
-        """Revoke a key; a key that is already gone counts as revoked."""
-        ...
-
-
 PROVIDER_MESSAGE_TYPE = "provider_key"
 
 
-def key_admin(svc: Services, provider: str) -> KeyAdmin | None:
-    """The key admin of a provider: one registered in ``svc.extras["key_admins"]``, else the
-    provider object itself when its plugin implements :class:`KeyAdmin`."""
-    registered: dict[str, KeyAdmin] = svc.extras.get("key_admins", {})
-    if provider in registered:
-        return registered[provider]
-    gateway = svc.extras.get("gateway")
-    candidate = getattr(gateway, "providers", {}).get(provider)
+def key_admin(providers: Mapping[str, Provider], provider: str) -> KeyAdmin | None:
+    """The provider object itself, when its plugin implements :class:`KeyAdmin`."""
+    candidate = providers.get(provider)
     return candidate if isinstance(candidate, KeyAdmin) else None
 
 
@@ -214,9 +192,7 @@ def _provider_path(svc: Services, provider: str) -> str:
 
 def reload_provider_key(svc: Services, provider: str) -> None:
     """Make this replica read the provider's key from Vault on its next call."""
-    keys = svc.extras.get("provider_keys")
-    if keys is not None:
-        keys.invalidate(provider)
+    svc.provider_keys.invalidate(provider)
 
 
 def _announce(svc: Services, actor: str, action: str, provider: str, detail: dict[str, Any],
@@ -241,7 +217,7 @@ def rotate_provider_key(
     if found is None:
         raise Conflict("no key is stored in Vault for this provider")
     doc, version = found
-    admin = key_admin(svc, provider)
+    admin = key_admin(svc.providers, provider)
     if admin is None:
         _announce(svc, actor, "provider_key.reload", provider,
                   {"reason": reason, "version": version}, now)
@@ -279,7 +255,7 @@ def revoke_retired_provider_keys(svc: Services, now: int | None = None) -> list[
     now = int(time.time()) if now is None else now
     revoked: list[str] = []
     for provider, settings in svc.settings.providers.items():
-        admin = key_admin(svc, provider)
+        admin = key_admin(svc.providers, provider)
         if admin is None or settings.vault_path is None:
             continue
         found = svc.vault.read(settings.vault_path)
@@ -312,7 +288,7 @@ def revoke_retired_provider_keys(svc: Services, now: int | None = None) -> list[
 def rotate_all_provider_keys(svc: Services) -> None:
     """The scheduled rotation: every provider whose plugin can mint keys."""
     for provider, settings in svc.settings.providers.items():
-        if settings.vault_path is not None and key_admin(svc, provider) is not None:
+        if settings.vault_path is not None and key_admin(svc.providers, provider) is not None:
             try:
                 rotate_provider_key(svc, provider, "scheduler", "scheduled")
             except Exception as exc:  # one provider's failure must not stop the others

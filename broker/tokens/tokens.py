@@ -11,7 +11,7 @@ import binascii
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 
@@ -143,6 +143,12 @@ def _list(v: Any) -> list[Any]:
     if not isinstance(v, list):
         raise TypeError
     return v
+
+
+class TokenGate(Protocol):
+    """Revocation state: answers from memory whether a verified token is still live."""
+
+    def is_live(self, token: VerifiedToken) -> bool: ...
 
 
 class VerifiedCache:
