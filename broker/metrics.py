@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class Metrics:
@@ -48,46 +44,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class MetricsMiddleware:
-    """Counts requests by route template (not raw path: ids must not become labels)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-        # The labelled children by (route, method, status): ``labels()`` validates and locks on
-        # every call, and the set of keys is small (route templates, not paths).
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    def _observe(self, template: str, method: str, status: int, seconds: float) -> None:
-        key = (template, method, status)
-        children = self._children.get(key)
-        if children is None:
-            if len(self._children) >= 10_000:
-                self._children.clear()
-            children = self._children[key] = (
-                self.metrics.latency.labels(template),
-                self.metrics.requests.labels(template, method, str(status)),
-            )
-        latency, requests = children
-        latency.observe(seconds)
-        requests.inc()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def observe(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                route = scope.get("route")
-                template = getattr(route, "path", None) or "unmatched"
-                self._observe(template, scope["method"], status, time.perf_counter() - start)
-            await send(message)
-
-        await self.app(scope, receive, observe)

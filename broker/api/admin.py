@@ -14,16 +14,14 @@ from starlette.routing import Route
 
 from broker.api.auth import authenticate_admin
 from broker.api.http import (
-    ID_PATTERN,
     json_object,
     json_response,
     path_id,
-    query_int,
     query_str,
     validate,
 )
 from broker.api.oauth import bearer_token, services_of
-from broker.errors import InvalidRequest
+from broker.api.pagination import id_page_params
 from broker.identity import identities as ids
 from broker.identity.identities import Actor
 from broker.revocation import revocation
@@ -53,15 +51,6 @@ async def _body(request: Request, svc: Services) -> dict[str, Any]:
     return await json_object(request, svc.settings.server.admin_max_body_bytes)
 
 
-def _list_params(request: Request) -> tuple[str | None, int]:
-    cursor = query_str(request, "cursor", 64)
-    # A cursor is the last id of a page; anything else is refused rather than read as "past the
-    # end", which would end a client's paging silently.
-    if cursor is not None and not ID_PATTERN.match(cursor):
-        raise InvalidRequest("cursor is not valid")
-    return cursor, query_int(request, "limit", 100, 1, 1000)
-
-
 # --- tenants -------------------------------------------------------------------------------
 
 
@@ -78,7 +67,7 @@ async def create_tenant(request: Request, svc: Services, actor: Actor) -> Respon
 
 
 async def list_tenants(request: Request, svc: Services, actor: Actor) -> Response:
-    cursor, limit = _list_params(request)
+    cursor, limit = id_page_params(request)
     data, nxt = await svc.db.read(lambda conn: ids.list_tenants(conn, actor, cursor, limit))
     return json_response({"data": data, "next_cursor": nxt})
 
@@ -129,7 +118,7 @@ async def create_workload(request: Request, svc: Services, actor: Actor) -> Resp
 
 
 async def list_workloads(request: Request, svc: Services, actor: Actor) -> Response:
-    cursor, limit = _list_params(request)
+    cursor, limit = id_page_params(request)
     tenant_id = query_str(request, "tenant_id", 64)
     data, nxt = await svc.db.read(
         lambda conn: ids.list_workloads(conn, actor, tenant_id, cursor, limit)

@@ -22,11 +22,12 @@ from broker.api import admin as admin_routes
 from broker.api import oauth as oauth_routes
 from broker.api import usage as usage_routes
 from broker.api.extensions import DEFAULT_EXTENSIONS, Extension
-from broker.api.http import ClientAddressMiddleware, EdgeMiddleware, error_response, json_response
+from broker.api.http import error_response, json_response
+from broker.api.middleware import ClientAddressMiddleware, EdgeMiddleware, MetricsMiddleware
 from broker.api.openapi import build_openapi
 from broker.errors import BrokerError, InvalidToken, MethodNotAllowed, NotFound, Unavailable
 from broker.jobs import scheduled_jobs
-from broker.metrics import Metrics, MetricsMiddleware
+from broker.metrics import Metrics
 from broker.services import Services
 from broker.settings import Settings
 from broker.storage.scheduler import Scheduler

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -15,11 +16,20 @@ from starlette.routing import Route
 
 from broker.api.auth import authenticate_admin, verify_bearer
 from broker.api.http import form_or_json, json_response
-from broker.errors import InvalidClient, InvalidRequest, InvalidToken
+from broker.errors import (
+    InvalidClient,
+    InvalidRequest,
+    InvalidTarget,
+    InvalidToken,
+    UnsupportedGrantType,
+)
 from broker.identity.identities import Client
 from broker.money import ledger
+from broker.plugin import AuthMethod
 from broker.services import Services
+from broker.settings import MAX_MICROS
 from broker.tokens import issuance
+from broker.tokens.issuance import JWT_TOKEN_TYPE, TokenRequest
 from broker.tokens.tokens import VerifiedToken
 
 _NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
@@ -63,16 +73,96 @@ def bearer_token(request: Request) -> str | None:
     return None
 
 
+# --- the token request (RFC 6749 §4.4, RFC 8693, RFC 8707) -----------------------------------
+
+
+def _int_param(params: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise InvalidRequest(f"{name} must be an integer")
+    if isinstance(raw, str):
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+            raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
+        raw = int(raw)
+    if not isinstance(raw, int) or not lo <= raw <= hi:
+        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
+    return raw
+
+
+def _str_param(params: dict[str, Any], name: str, max_len: int = 512) -> str | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or len(raw) > max_len or not raw.isprintable():
+        raise InvalidRequest(f"{name} must be a string of at most {max_len} printable characters")
+    return raw
+
+
+KNOWN_PARAMS = frozenset(
+    {"grant_type", "client_id", "client_secret", "scope", "budget_micros", "ttl_s", "audience",
+     "resource", "subject_token", "subject_token_type", "requested_token_type"}
+)
+
+
+def parse_token_request(
+    params: dict[str, Any],
+    basic: tuple[str, str] | None,
+    source: str,
+    max_ttl: int,
+    methods: Mapping[str, AuthMethod],
+    targets: frozenset[str] = frozenset(),
+) -> TokenRequest:
+    """The token request, checked. ``targets`` are the ``resource``/``audience`` values that
+    name this broker (its audience and its issuer URL): tokens are only ever for it, so any
+    other target is refused (RFC 8707 ``invalid_target``) rather than silently ignored."""
+    unknown = set(params) - KNOWN_PARAMS
+    if unknown:
+        raise InvalidRequest(f"unknown parameter {sorted(unknown)[0]!r}"[:200])
+    grant = _str_param(params, "grant_type", 128)
+    if not grant:
+        raise InvalidRequest("grant_type is required")
+    method = methods.get(grant)
+    if method is None:
+        raise UnsupportedGrantType(f"grant_type {grant!r} is not supported"[:200])
+    _str_param(params, "client_id", 512)
+    _str_param(params, "client_secret", 512)
+    for name in ("resource", "audience"):
+        target = _str_param(params, name, 2048)
+        if target is not None and target.rstrip("/") not in targets:
+            raise InvalidTarget(f"this broker issues tokens only for itself: {name} must name it")
+    creds = method.credentials(params, basic)
+    scope_raw = _str_param(params, "scope", 4096)
+    scope = tuple(scope_raw.split()) if scope_raw else None
+    return TokenRequest(
+        grant_type=grant,
+        method=method,
+        creds=creds,
+        scope=scope,
+        budget_micros=_int_param(params, "budget_micros", 0, MAX_MICROS),
+        ttl_s=_int_param(params, "ttl_s", 1, max_ttl),
+        source=source,
+    )
+
+
 async def token_endpoint(request: Request) -> Response:
     svc = services_of(request)
     params = await form_or_json(request, svc.settings.server.admin_max_body_bytes)
     issuer = svc.settings.issuer
-    req = issuance.parse_request(
+    req = parse_token_request(
         params, basic_credentials(request), client_address(request), svc.settings.tokens.max_ttl_s,
         svc.auth_methods, frozenset({issuer.audience, issuer.url.rstrip("/")}),
     )
-    body = await issuance.issue(svc, req)
-    return json_response(body, headers=_NO_STORE)
+    issued = await issuance.issue(svc, req)
+    return json_response({
+        "access_token": issued.access_token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+        "issued_token_type": JWT_TOKEN_TYPE,
+        "scope": issued.scope,
+        "budget_micros": issued.budget_micros,
+    }, headers=_NO_STORE)
 
 
 async def introspect_endpoint(request: Request) -> Response:

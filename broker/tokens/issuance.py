@@ -9,8 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
@@ -19,9 +18,7 @@ from broker.errors import (
     InvalidClient,
     InvalidRequest,
     InvalidScope,
-    InvalidTarget,
     SlowDown,
-    UnsupportedGrantType,
 )
 from broker.identity.credentials import secret_matches
 from broker.identity.identities import Client, find_by_client_id
@@ -30,7 +27,6 @@ from broker.money import ledger
 from broker.money.ledger import BudgetRef
 from broker.plugin import AuthMethod, ClientCredentials
 from broker.services import Services
-from broker.settings import MAX_MICROS
 from broker.tokens import tokens
 
 CLIENT_CREDENTIALS = "client_credentials"
@@ -65,76 +61,6 @@ class _Context:
         return authenticate_client(self._services, self._conn, client_id, secret, self._now)
 
 
-def _int_param(params: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
-    raw = params.get(name)
-    if raw is None:
-        return None
-    if isinstance(raw, bool):
-        raise InvalidRequest(f"{name} must be an integer")
-    if isinstance(raw, str):
-        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-            raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
-        raw = int(raw)
-    if not isinstance(raw, int) or not lo <= raw <= hi:
-        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
-    return raw
-
-
-def _str_param(params: dict[str, Any], name: str, max_len: int = 512) -> str | None:
-    raw = params.get(name)
-    if raw is None:
-        return None
-    if not isinstance(raw, str) or len(raw) > max_len or not raw.isprintable():
-        raise InvalidRequest(f"{name} must be a string of at most {max_len} printable characters")
-    return raw
-
-
-KNOWN_PARAMS = frozenset(
-    {"grant_type", "client_id", "client_secret", "scope", "budget_micros", "ttl_s", "audience",
-     "resource", "subject_token", "subject_token_type", "requested_token_type"}
-)
-
-
-def parse_request(
-    params: dict[str, Any],
-    basic: tuple[str, str] | None,
-    source: str,
-    max_ttl: int,
-    methods: Mapping[str, AuthMethod],
-    targets: frozenset[str] = frozenset(),
-) -> TokenRequest:
-    """The token request, checked. ``targets`` are the ``resource``/``audience`` values that
-    name this broker (its audience and its issuer URL): tokens are only ever for it, so any
-    other target is refused (RFC 8707 ``invalid_target``) rather than silently ignored."""
-    unknown = set(params) - KNOWN_PARAMS
-    if unknown:
-        raise InvalidRequest(f"unknown parameter {sorted(unknown)[0]!r}"[:200])
-    grant = _str_param(params, "grant_type", 128)
-    if not grant:
-        raise InvalidRequest("grant_type is required")
-    method = methods.get(grant)
-    if method is None:
-        raise UnsupportedGrantType(f"grant_type {grant!r} is not supported"[:200])
-    _str_param(params, "client_id", 512)
-    _str_param(params, "client_secret", 512)
-    for name in ("resource", "audience"):
-        target = _str_param(params, name, 2048)
-        if target is not None and target.rstrip("/") not in targets:
-            raise InvalidTarget(f"this broker issues tokens only for itself: {name} must name it")
-    creds = method.credentials(params, basic)
-    scope_raw = _str_param(params, "scope", 4096)
-    scope = tuple(scope_raw.split()) if scope_raw else None
-    return TokenRequest(
-        grant_type=grant,
-        method=method,
-        creds=creds,
-        scope=scope,
-        budget_micros=_int_param(params, "budget_micros", 0, MAX_MICROS),
-        ttl_s=_int_param(params, "ttl_s", 1, max_ttl),
-        source=source,
-    )
-
-
 def _budget_refs(services: Services, client: Client, policy: Policy) -> list[BudgetRef]:
     refs = [BudgetRef("workload", client.id, b.period, b.limit_micros) for b in policy.budgets]
     refs += [
@@ -145,7 +71,17 @@ def _budget_refs(services: Services, client: Client, policy: Policy) -> list[Bud
     return refs
 
 
-async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Issued:
+    """A signed token and what the caller is told about it."""
+
+    access_token: str = field(repr=False)
+    expires_in: int
+    scope: str
+    budget_micros: int
+
+
+async def issue(services: Services, req: TokenRequest) -> Issued:
     services.failures.ensure_allowed(req.client_id, req.source)
     settings = services.settings
     now = int(time.time())
@@ -214,14 +150,10 @@ async def issue(services: Services, req: TokenRequest) -> dict[str, Any]:
         services.failures.record_failure(req.client_id, req.source)
         raise InvalidClient()
     token = tokens.sign(services.keyring, claims)
-    return {
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": claims["exp"] - claims["iat"],
-        "issued_token_type": JWT_TOKEN_TYPE,
-        "scope": claims["scope"],
-        "budget_micros": claims["budget_micros"],
-    }
+    services.metrics.tokens_issued.labels(claims["kind"]).inc()
+    services.metrics.reserved.inc(claims["budget_micros"])
+    return Issued(access_token=token, expires_in=claims["exp"] - claims["iat"],
+                  scope=claims["scope"], budget_micros=claims["budget_micros"])
 
 
 def authenticate_client(

@@ -1,0 +1,40 @@
+"""JSON views: how the API shows what the domain returns. Times are RFC 3339 UTC strings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def iso(ts: int) -> str:
+    """RFC 3339 UTC, zero-padded for any year from 1 to 9999."""
+    t = _EPOCH + timedelta(seconds=ts)
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
+
+
+def iso_or_none(ts: int | None) -> str | None:
+    return None if ts is None else iso(ts)
+
+
+def event_view(row: Any) -> dict[str, Any]:
+    """A usage event."""
+    return {
+        "id": row.id,
+        "request_id": row.request_id,
+        "ts": iso(row.ts),
+        "tenant_id": row.tenant_id,
+        "workload_id": row.workload_id,
+        "jti": row.jti,
+        "model": row.model,
+        "provider": row.provider,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "cost_micros": row.cost_micros,
+        "status": row.status,
+        "latency_ms": row.latency_ms,
+        "stream": bool(row.stream),
+        "estimated": bool(row.estimated),
+        "client_ip": row.client_ip,
+    }
