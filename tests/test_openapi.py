@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +52,23 @@ def test_the_document_names_no_route_the_app_lacks(sqlite_broker: Broker,
     for path, item in doc["paths"].items():
         for method in item.keys() & HTTP_METHODS:
             assert (method, path) in served, f"{method.upper()} {path} is described but not served"
+
+
+API_REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+
+
+def test_every_route_of_the_app_is_in_the_api_reference(sqlite_broker: Broker) -> None:
+    """``docs/api.md`` names each route as ``METHOD /path`` in code; a route added without a
+    word in the reference fails here."""
+    text = API_REFERENCE.read_text()
+    missing = []
+    for route in app_routes(sqlite_broker):
+        for method in sorted(route.methods or ()):
+            if method == "HEAD":
+                continue
+            if not re.search(rf"`{method} {re.escape(route.path)}(?=[`?\s])", text):
+                missing.append(f"{method} {route.path}")
+    assert not missing, f"routes missing from docs/api.md: {missing}"
 
 
 def test_document_is_openapi_3_1(doc: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from broker.api.http import (
     validate,
 )
 from broker.api.oauth import bearer_token, services_of
+from broker.api.openapi import ApiRoute
 from broker.api.pagination import id_page_params
 from broker.identity import identities as ids
 from broker.identity.identities import Actor
@@ -172,14 +173,18 @@ async def delete_workload(request: Request, svc: Services, actor: Actor) -> Resp
 
 
 routes = [
-    Route("/v1/admin/tenants", admin(create_tenant, write=True), methods=["POST"]),
+    ApiRoute("/v1/admin/tenants", admin(create_tenant, write=True), methods=["POST"],
+             body=ids.TenantCreate),
     Route("/v1/admin/tenants", admin(list_tenants), methods=["GET"]),
     Route("/v1/admin/tenants/{id}", admin(get_tenant), methods=["GET"]),
-    Route("/v1/admin/tenants/{id}", admin(patch_tenant, write=True), methods=["PATCH"]),
+    ApiRoute("/v1/admin/tenants/{id}", admin(patch_tenant, write=True), methods=["PATCH"],
+             body=ids.TenantPatch),
     Route("/v1/admin/tenants/{id}", admin(delete_tenant, write=True), methods=["DELETE"]),
-    Route("/v1/admin/workloads", admin(create_workload, write=True), methods=["POST"]),
+    ApiRoute("/v1/admin/workloads", admin(create_workload, write=True), methods=["POST"],
+             body=ids.WorkloadCreate),
     Route("/v1/admin/workloads", admin(list_workloads), methods=["GET"]),
     Route("/v1/admin/workloads/{id}", admin(get_workload), methods=["GET"]),
-    Route("/v1/admin/workloads/{id}", admin(patch_workload, write=True), methods=["PATCH"]),
+    ApiRoute("/v1/admin/workloads/{id}", admin(patch_workload, write=True), methods=["PATCH"],
+             body=ids.WorkloadPatch),
     Route("/v1/admin/workloads/{id}", admin(delete_workload, write=True), methods=["DELETE"]),
 ]

@@ -13,32 +13,32 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from broker.api import openapi
 from broker.api.auth import verify_bearer
 from broker.api.http import json_object, json_response, request_id
 from broker.api.oauth import bearer_token, client_address, services_of
+from broker.api.openapi import ApiRoute
 from broker.gateway.calls import Gateway, Reply
 from broker.gateway.stream import MeteredStream
 from broker.plugin import Operation
 from broker.services import Services
 from broker.tokens.tokens import VerifiedToken
 
-_OPENAPI_BODIES: dict[tuple[str, str], dict[str, Any]] = {
-    ("POST", "/v1/chat/completions"): {
-        "type": "object", "required": ["model", "messages"],
-        "properties": {"model": {"type": "string"}, "messages": {"type": "array"},
-                       "stream": {"type": "boolean"}, "max_tokens": {"type": "integer"},
-                       "max_completion_tokens": {"type": "integer"}},
-    },
-    ("POST", "/v1/embeddings"): {
-        "type": "object", "required": ["model", "input"],
-        "properties": {"model": {"type": "string"}, "input": {}},
-    },
-    ("POST", "/v1/messages"): {
-        "type": "object", "required": ["model", "messages", "max_tokens"],
-        "properties": {"model": {"type": "string"}, "messages": {"type": "array"},
-                       "max_tokens": {"type": "integer"}, "stream": {"type": "boolean"}},
-    },
+# What the OpenAPI document shows of each body: the fields the gateway itself reads (the rest
+# is the provider's wire format, passed through).
+_CHAT_BODY: dict[str, Any] = {
+    "type": "object", "required": ["model", "messages"],
+    "properties": {"model": {"type": "string"}, "messages": {"type": "array"},
+                   "stream": {"type": "boolean"}, "max_tokens": {"type": "integer"},
+                   "max_completion_tokens": {"type": "integer"}},
+}
+_EMBEDDINGS_BODY: dict[str, Any] = {
+    "type": "object", "required": ["model", "input"],
+    "properties": {"model": {"type": "string"}, "input": {}},
+}
+_MESSAGES_BODY: dict[str, Any] = {
+    "type": "object", "required": ["model", "messages", "max_tokens"],
+    "properties": {"model": {"type": "string"}, "messages": {"type": "array"},
+                   "max_tokens": {"type": "integer"}, "stream": {"type": "boolean"}},
 }
 
 
@@ -124,12 +124,10 @@ def gateway_extension(svc: Services) -> list[BaseRoute]:
     gateway = Gateway(svc)
     svc.gateway = gateway
     svc.closers.append(gateway.aclose)
-    for key, schema in _OPENAPI_BODIES.items():
-        openapi.REQUEST_SCHEMAS.setdefault(key, schema)
     routes = GatewayRoutes(gateway)
     return [
         Route("/v1/models", routes.models, methods=["GET"]),
-        Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
-        Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
-        Route("/v1/messages", routes.messages, methods=["POST"]),
+        ApiRoute("/v1/chat/completions", routes.chat_completions, methods=["POST"], body=_CHAT_BODY),
+        ApiRoute("/v1/embeddings", routes.embeddings, methods=["POST"], body=_EMBEDDINGS_BODY),
+        ApiRoute("/v1/messages", routes.messages, methods=["POST"], body=_MESSAGES_BODY),
     ]

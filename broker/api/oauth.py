@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from broker.api.auth import authenticate_admin, verify_bearer
 from broker.api.http import form_or_json, json_response
+from broker.api.openapi import INTROSPECT_FORM, TOKEN_FORM, ApiRoute
 from broker.errors import (
     InvalidClient,
     InvalidRequest,
@@ -245,8 +246,8 @@ async def metadata_endpoint(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/token", token_endpoint, methods=["POST"]),
-    Route("/v1/introspect", introspect_endpoint, methods=["POST"]),
+    ApiRoute("/v1/token", token_endpoint, methods=["POST"], body=TOKEN_FORM),
+    ApiRoute("/v1/introspect", introspect_endpoint, methods=["POST"], body=INTROSPECT_FORM),
     Route("/.well-known/jwks.json", jwks_endpoint, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", metadata_endpoint, methods=["GET"]),
 ]

@@ -7,14 +7,13 @@ follow the dialect of each route (see :func:`broker.api.http.dialect_for`).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel
 from starlette.routing import BaseRoute, Route
 
 from broker.api.http import dialect_for
-from broker.identity import identities
 from broker.settings import Settings
 
 _ERRORS: dict[str, dict[str, Any]] = {
@@ -59,7 +58,7 @@ _ERRORS: dict[str, dict[str, Any]] = {
     },
 }
 
-_TOKEN_FORM = {
+TOKEN_FORM: dict[str, Any] = {
     "type": "object",
     "required": ["grant_type"],
     "properties": {
@@ -72,20 +71,25 @@ _TOKEN_FORM = {
     },
 }
 
-# Request bodies by (method, path); routes added by extensions register theirs here too.
-REQUEST_SCHEMAS: dict[tuple[str, str], type[BaseModel] | dict[str, Any]] = {
-    ("POST", "/v1/token"): _TOKEN_FORM,
-    ("POST", "/v1/introspect"): {
-        "type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}
-    },
-    ("POST", "/v1/admin/tenants"): identities.TenantCreate,
-    ("PATCH", "/v1/admin/tenants/{id}"): identities.TenantPatch,
-    ("POST", "/v1/admin/workloads"): identities.WorkloadCreate,
-    ("PATCH", "/v1/admin/workloads/{id}"): identities.WorkloadPatch,
+Body = type[BaseModel] | dict[str, Any]
+
+
+class ApiRoute(Route):
+    """A route that names the schema of its request body, so that the document built from the
+    routing table shows it (a model, or a JSON schema for bodies no model reads)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], *, methods: list[str],
+                 body: Body | None = None) -> None:
+        super().__init__(path, endpoint, methods=methods)
+        self.body = body
+
+
+INTROSPECT_FORM: dict[str, Any] = {
+    "type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}
 }
 
 
-def _schema(source: type[BaseModel] | dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+def _schema(source: Body, shared: dict[str, Any]) -> dict[str, Any]:
     """The body's schema; the models it nests (``$defs``) go to ``components.schemas``, where
     its ``$ref``s point."""
     if isinstance(source, dict):
@@ -119,7 +123,7 @@ def _operation(method: str, path: str, route: Route, shared: dict[str, Any]) -> 
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in params
         ]
-    body = REQUEST_SCHEMAS.get((method, path))
+    body = route.body if isinstance(route, ApiRoute) else None
     if body is not None:
         content = {"application/json": {"schema": _schema(body, shared)}}
         if dialect == "oauth":

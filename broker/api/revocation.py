@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from broker.api.admin import admin
 from broker.api.http import json_object, json_response, path_id, query_int, query_str, validate
-from broker.api.openapi import REQUEST_SCHEMAS
+from broker.api.openapi import ApiRoute
 from broker.identity.identities import Actor
 from broker.revocation import revocation, rotation
 from broker.revocation.revocation import Denylist, Entry, ReasonBody
@@ -188,14 +188,13 @@ _REASON_ROUTES = [
 ]
 
 routes: list[BaseRoute] = [
-    *(Route(path, admin(handler, write=True), methods=["POST"]) for path, handler in _REASON_ROUTES),
+    *(ApiRoute(path, admin(handler, write=True), methods=["POST"],
+               body=RotateSecretBody if handler is rotate_workload_secret else ReasonBody)
+      for path, handler in _REASON_ROUTES),
     Route("/v1/admin/revocations", admin(list_revocations), methods=["GET"]),
     Route("/v1/admin/keys/signing", admin(list_signing_keys), methods=["GET"]),
 ]
 
-for _path, _handler in _REASON_ROUTES:
-    REQUEST_SCHEMAS[("POST", _path)] = ReasonBody
-REQUEST_SCHEMAS[("POST", "/v1/admin/workloads/{id}/rotate-secret")] = RotateSecretBody
 
 
 # --- wiring --------------------------------------------------------------------------------
