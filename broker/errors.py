@@ -1,7 +1,7 @@
 """The broker's error tree.
 
 Each domain error carries a stable ``code`` and an HTTP ``status``; the edge
-(:mod:`broker.http_errors`) renders it in the caller's dialect (OAuth, problem+json, OpenAI,
+(:func:`broker.api.http.error_response`) renders it in the caller's dialect (OAuth, problem+json, OpenAI,
 Anthropic). Messages never contain secrets: they are written for the caller, not for debugging.
 """
 

@@ -75,8 +75,6 @@ class IssuerSettings(_Section):
 class TokenSettings(_Section):
     default_ttl_s: StrictInt = Field(default=300, ge=1, le=900)
     max_ttl_s: StrictInt = Field(default=900, ge=1, le=900)
-    # The slice a token reserves when neither the request nor the policy names one.
-    default_budget_micros: StrictInt = Field(default=1_000_000, ge=0, le=MAX_MICROS)
 
 
 class AuthSettings(_Section):
