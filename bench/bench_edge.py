@@ -1,4 +1,4 @@
-"""Edge benchmark: what the head deadline and connection cap (broker/server.py) cost per request.
+"""Edge benchmark: what the head deadline and connection cap (broker/api/server.py) cost per request.
 
     python -m bench.bench_edge [--duration 8] [--warmup 2] [--concurrency 1,16] [--write]
 

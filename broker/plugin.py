@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import httpx
 
@@ -55,9 +55,11 @@ __all__ = [
     "ClientCredentials",
     "ConfigError",
     "EndReason",
+    "Identity",
     "ImageRule",
     "InvalidClient",
     "InvalidRequest",
+    "JsonObject",
     "KeyAdmin",
     "Operation",
     "Provider",
@@ -87,6 +89,9 @@ __all__ = [
     "unsized_tokens",
     "without",
 ]
+
+# A JSON request or response body as parsed (``json.loads``): a plugin narrows what it reads.
+JsonObject = dict[str, object]
 
 PROVIDERS_GROUP = "broker.providers"
 AUTH_METHODS_GROUP = "broker.auth_methods"
@@ -158,7 +163,7 @@ class Provider(Protocol):
         ...
 
     def bound_request(
-        self, op: Operation, body: dict[str, Any], ctx: BoundContext,
+        self, op: Operation, body: JsonObject, ctx: BoundContext,
         client_headers: Mapping[str, str],
     ) -> RequestBound:
         """The most the provider can bill for the request's input (see :mod:`broker.money.bounds`):
@@ -166,31 +171,31 @@ class Provider(Protocol):
         naming the field for anything whose cost it cannot bound."""
         ...
 
-    def output_limit(self, op: Operation, body: dict[str, Any]) -> tuple[int | None, int]:
+    def output_limit(self, op: Operation, body: JsonObject) -> tuple[int | None, int]:
         """(the output-token limit the client asked for or None, how many answers it asked
         for); raises :class:`broker.errors.InvalidRequest` when they are malformed."""
         ...
 
-    def set_output_limit(self, op: Operation, body: dict[str, Any], limit: int) -> None:
+    def set_output_limit(self, op: Operation, body: JsonObject, limit: int) -> None:
         """Lower (or set) the output-token limit of ``body`` to ``limit`` per answer."""
         ...
 
-    def ask_stream_usage(self, op: Operation, body: dict[str, Any]) -> bool:
+    def ask_stream_usage(self, op: Operation, body: JsonObject) -> bool:
         """Make the provider report usage in the stream; True when the client asked itself."""
         ...
 
     def build_request(
-        self, op: Operation, body: dict[str, Any], *, key: str, client_headers: Mapping[str, str]
+        self, op: Operation, body: JsonObject, *, key: str, client_headers: Mapping[str, str]
     ) -> UpstreamRequest:
         """The upstream request: the URL from configuration, the provider key, an allowlist of
         the client's headers (never its credentials)."""
         ...
 
-    def read_usage(self, op: Operation, response: Any) -> Usage | None:
+    def read_usage(self, op: Operation, response: object) -> Usage | None:
         """The usage a non-stream response reports, or None when it reports none."""
         ...
 
-    def output_bound(self, op: Operation, response: Any) -> int:
+    def output_bound(self, op: Operation, response: object) -> int:
         """An upper bound on the output tokens of a non-stream response that reports no usage
         (the UTF-8 bytes of what it generated)."""
         ...
@@ -201,18 +206,18 @@ class Provider(Protocol):
 # --- helpers for plugins -----------------------------------------------------------------
 
 
-def positive_int(value: Any) -> int | None:
+def positive_int(value: object) -> int | None:
     """``value`` when it is a JSON integer of at least 1, else None."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         return None
     return value
 
 
-def json_bytes(body: Any) -> bytes:
+def json_bytes(body: object) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def sse(data: Any, event: str | None = None) -> bytes:
+def sse(data: object, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
@@ -308,10 +313,18 @@ class ClientCredentials:
     secret: str
 
 
+class Identity(Protocol):
+    """A broker identity, as an :class:`AuthContext` hands it out. An auth method returns one it
+    was given; the broker refuses any other (a plugin cannot make up an identity)."""
+
+    @property
+    def client_id(self) -> str: ...
+
+
 class AuthContext(Protocol):
     """What the broker lends an auth method, inside the issuance transaction."""
 
-    def check_client_secret(self, client_id: str, secret: str) -> Any | None:
+    def check_client_secret(self, client_id: str, secret: str) -> Identity | None:
         """The live identity whose secret matches (constant time, keyed hash), else None."""
         ...
 
@@ -323,11 +336,11 @@ class AuthMethod(Protocol):
     grant_type: str
 
     def credentials(
-        self, params: Mapping[str, Any], basic: tuple[str, str] | None
+        self, params: Mapping[str, object], basic: tuple[str, str] | None
     ) -> ClientCredentials:
         """Read the caller's credentials; raise ``InvalidClient``/``InvalidRequest`` if absent."""
         ...
 
-    def authenticate(self, ctx: AuthContext, creds: ClientCredentials) -> Any | None:
+    def authenticate(self, ctx: AuthContext, creds: ClientCredentials) -> Identity | None:
         """The identity the credentials prove, or None (one answer for every failure)."""
         ...

@@ -1,4 +1,4 @@
-"""The server edge (broker/server.py): a real uvicorn on a real port, with each HTTP parser.
+"""The server edge (broker/api/server.py): a real uvicorn on a real port, with each HTTP parser.
 
 A request head must arrive within ``server.head_timeout_s`` of the connection opening (or of the
 previous response finishing, on a keep-alive connection), and connections beyond
@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -34,6 +34,7 @@ from starlette.routing import Route
 
 from broker.api.server import uvicorn_config
 from broker.settings import ServerSettings, Settings
+from tests.support import wait_for
 
 HOST = "127.0.0.1"
 HEAD_TIMEOUT = 0.5
@@ -41,6 +42,7 @@ CAP = 20
 SLACK = 3.0  # how late, at most, a timeout may take effect on a loaded machine
 HEAD = b"GET /hello HTTP/1.1\r\nHost: edge.test\r\nX-Padding: " + b"p" * 60 + b"\r\n\r\n"
 ROOT = Path(__file__).resolve().parent.parent
+Parser = Literal["httptools", "h11"]
 
 
 # --- the app and the server -------------------------------------------------------------------
@@ -85,7 +87,7 @@ APP = Starlette(routes=[
 class EdgeServer:
     """uvicorn with ``uvicorn_config`` in a background thread, on a port bound beforehand."""
 
-    def __init__(self, parser: str, head_timeout_s: float, max_connections: int, **extra: Any):
+    def __init__(self, parser: Parser, head_timeout_s: float, max_connections: int, **extra: Any):
         settings = Settings(server=ServerSettings(head_timeout_s=head_timeout_s,
                                                   max_connections=max_connections))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -101,10 +103,9 @@ class EdgeServer:
 
     def start(self) -> EdgeServer:
         self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), timeout=20,
+                 what="the server's start")
+        assert self.server.started, "the server's thread ended during its start"
         return self
 
     def stop(self) -> None:
@@ -113,8 +114,13 @@ class EdgeServer:
         self.sock.close()
 
 
+Edge = Callable[..., EdgeServer]
+"""Starts an :class:`EdgeServer` (with the given settings) that the test ends with."""
+Sockets = list[socket.socket]
+
+
 @pytest.fixture(params=["httptools", "h11"])
-def edge(request: pytest.FixtureRequest) -> Iterator[Callable[..., EdgeServer]]:
+def edge(request: pytest.FixtureRequest) -> Iterator[Edge]:
     servers: list[EdgeServer] = []
 
     def start(head_timeout_s: float = HEAD_TIMEOUT, max_connections: int = CAP, **extra: Any) -> EdgeServer:
@@ -208,7 +214,8 @@ def trickle_until_closed(s: socket.socket, payload: bytes, pause_s: float) -> tu
 # --- the head deadline ------------------------------------------------------------------------
 
 
-def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(edge, sockets) -> None:
+def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(
+        edge: Edge, sockets: Sockets) -> None:
     server = edge()
     t0 = time.monotonic()
     s = connect(server, sockets)
@@ -216,7 +223,7 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(edge, 
     assert time.monotonic() - t0 >= HEAD_TIMEOUT * 0.8
 
 
-def test_a_partial_head_then_silence_is_closed_after_the_head_timeout(edge, sockets) -> None:
+def test_a_partial_head_then_silence_is_closed_after_the_head_timeout(edge: Edge, sockets: Sockets) -> None:
     server = edge()
     t0 = time.monotonic()
     s = connect(server, sockets)
@@ -225,7 +232,7 @@ def test_a_partial_head_then_silence_is_closed_after_the_head_timeout(edge, sock
     assert time.monotonic() - t0 >= HEAD_TIMEOUT * 0.8
 
 
-def test_a_head_sent_byte_by_byte_slower_than_the_timeout_is_closed(edge, sockets) -> None:
+def test_a_head_sent_byte_by_byte_slower_than_the_timeout_is_closed(edge: Edge, sockets: Sockets) -> None:
     # Each byte arrives well within the timeout: the deadline is for the whole head, not a gap.
     server = edge()
     s = connect(server, sockets)
@@ -234,7 +241,8 @@ def test_a_head_sent_byte_by_byte_slower_than_the_timeout_is_closed(edge, socket
     assert HEAD_TIMEOUT * 0.8 <= took <= HEAD_TIMEOUT + SLACK
 
 
-def test_a_keep_alive_connection_that_starts_its_next_head_slowly_is_closed(edge, sockets) -> None:
+def test_a_keep_alive_connection_that_starts_its_next_head_slowly_is_closed(
+        edge: Edge, sockets: Sockets) -> None:
     server = edge()
     s = connect(server, sockets)
     assert request(s) == (200, b"hello")
@@ -243,7 +251,8 @@ def test_a_keep_alive_connection_that_starts_its_next_head_slowly_is_closed(edge
     assert HEAD_TIMEOUT * 0.8 <= took <= HEAD_TIMEOUT + SLACK
 
 
-def test_the_deadline_restarts_with_each_request_on_a_keep_alive_connection(edge, sockets) -> None:
+def test_the_deadline_restarts_with_each_request_on_a_keep_alive_connection(
+        edge: Edge, sockets: Sockets) -> None:
     # Four prompt requests with pauses between them: together far longer than the head timeout.
     server = edge(head_timeout_s=1.0)
     s = connect(server, sockets)
@@ -255,7 +264,8 @@ def test_the_deadline_restarts_with_each_request_on_a_keep_alive_connection(edge
     assert request(s) == (200, b"hello")
 
 
-def test_a_pipelined_request_is_served_and_the_deadline_then_applies_again(edge, sockets) -> None:
+def test_a_pipelined_request_is_served_and_the_deadline_then_applies_again(
+        edge: Edge, sockets: Sockets) -> None:
     server = edge()
     s = connect(server, sockets)
     s.sendall(HEAD + HEAD)
@@ -264,7 +274,8 @@ def test_a_pipelined_request_is_served_and_the_deadline_then_applies_again(edge,
     assert wait_closed(s, HEAD_TIMEOUT + SLACK) == b""
 
 
-def test_a_slow_response_is_not_cut_and_the_deadline_applies_again_after_it(edge, sockets) -> None:
+def test_a_slow_response_is_not_cut_and_the_deadline_applies_again_after_it(
+        edge: Edge, sockets: Sockets) -> None:
     # The app takes twice the head timeout: the deadline is suspended while a request runs.
     server = edge()
     s = connect(server, sockets)
@@ -276,7 +287,7 @@ def test_a_slow_response_is_not_cut_and_the_deadline_applies_again_after_it(edge
     assert time.monotonic() - t0 >= HEAD_TIMEOUT * 0.8
 
 
-def test_a_request_body_that_arrives_after_the_head_is_not_cut(edge, sockets) -> None:
+def test_a_request_body_that_arrives_after_the_head_is_not_cut(edge: Edge, sockets: Sockets) -> None:
     server = edge()
     s = connect(server, sockets)
     s.sendall(b"POST /echo HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 11\r\n\r\n")
@@ -287,7 +298,7 @@ def test_a_request_body_that_arrives_after_the_head_is_not_cut(edge, sockets) ->
     assert read_response(s) == (200, b"hello world")
 
 
-def test_a_streaming_response_longer_than_the_head_timeout_is_not_cut(edge) -> None:
+def test_a_streaming_response_longer_than_the_head_timeout_is_not_cut(edge: Edge) -> None:
     server = edge()
     t0 = time.monotonic()
     with httpx.Client(base_url=server.url, timeout=30) as http, http.stream("GET", "/stream") as resp:
@@ -297,7 +308,7 @@ def test_a_streaming_response_longer_than_the_head_timeout_is_not_cut(edge) -> N
     assert time.monotonic() - t0 > HEAD_TIMEOUT
 
 
-def test_a_normal_request_is_served(edge) -> None:
+def test_a_normal_request_is_served(edge: Edge) -> None:
     server = edge()
     with httpx.Client(base_url=server.url, timeout=30) as http:
         for _ in range(3):
@@ -323,7 +334,8 @@ def fill(server: EdgeServer, opened: list[socket.socket], n: int) -> list[socket
     return conns
 
 
-def test_connections_beyond_the_cap_are_closed_at_once_while_those_under_it_work(edge, sockets) -> None:
+def test_connections_beyond_the_cap_are_closed_at_once_while_those_under_it_work(
+        edge: Edge, sockets: Sockets) -> None:
     # A head timeout far above the test's bounds: only the cap can close a connection here.
     server = edge(head_timeout_s=60, timeout_keep_alive=60)
     conns = fill(server, sockets, CAP)
@@ -333,43 +345,46 @@ def test_connections_beyond_the_cap_are_closed_at_once_while_those_under_it_work
         assert request(s) == (200, b"hello")
 
 
-def test_the_cap_counts_only_open_connections(edge, sockets) -> None:
+def test_the_cap_counts_only_open_connections(edge: Edge, sockets: Sockets) -> None:
     server = edge(head_timeout_s=60, timeout_keep_alive=60)
     conns = fill(server, sockets, CAP)
     assert_refused(connect(server, sockets))
     for s in conns[:5]:
         s.close()
     # The server learns of the closes a moment later; until then a newcomer may still be refused.
-    deadline = time.monotonic() + SLACK
-    admitted = 0
-    while admitted < 5:
-        assert time.monotonic() < deadline, f"only {admitted} of 5 freed slots were reused"
+    admitted: list[socket.socket] = []
+
+    def one_more_admitted() -> bool:
         s = connect(server, sockets)
         with contextlib.suppress(EOFError, ConnectionResetError, BrokenPipeError):
             assert request(s) == (200, b"hello")
-            admitted += 1
-            continue
-        time.sleep(0.05)
+            admitted.append(s)
+        return len(admitted) == 5
+
+    wait_for(one_more_admitted, timeout=SLACK, interval=0.05,
+             what=lambda: f"5 freed slots reused (only {len(admitted)} were)")
     assert_refused(connect(server, sockets))
 
 
-def test_a_legitimate_client_is_served_once_slow_connections_are_reaped(edge, sockets) -> None:
+def test_a_legitimate_client_is_served_once_slow_connections_are_reaped(edge: Edge, sockets: Sockets) -> None:
     server = edge()
     t0 = time.monotonic()
     slow = [connect(server, sockets) for _ in range(CAP + 10)]
     for s in slow:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(HEAD[:10])
-    served = None
+    served: list[httpx.Response] = []
     fresh = httpx.Limits(max_keepalive_connections=0)  # every attempt a new connection
     with httpx.Client(base_url=server.url, timeout=5, limits=fresh) as http:
-        while served is None:
-            assert time.monotonic() - t0 < HEAD_TIMEOUT + SLACK, "the legitimate client was locked out"
-            try:
-                served = http.get("/hello")
-            except httpx.TransportError:
-                time.sleep(0.02)
-    assert (served.status_code, served.text) == (200, "hello")
+
+        def served_once() -> bool:
+            with contextlib.suppress(httpx.TransportError):
+                served.append(http.get("/hello"))
+            return bool(served)
+
+        wait_for(served_once, timeout=HEAD_TIMEOUT + SLACK - (time.monotonic() - t0),
+                 interval=0.02, what="the legitimate client being served")
+    assert (served[0].status_code, served[0].text) == (200, "hello")
     for s in slow:  # every slow one: refused at once, or reaped by the head deadline
         assert wait_closed(s, HEAD_TIMEOUT + SLACK) == b""
 
@@ -377,7 +392,7 @@ def test_a_legitimate_client_is_served_once_slow_connections_are_reaped(edge, so
 # --- what uvicorn is told ---------------------------------------------------------------------
 
 
-def test_forwarded_headers_are_left_to_the_app_and_no_server_header_is_sent(edge) -> None:
+def test_forwarded_headers_are_left_to_the_app_and_no_server_header_is_sent(edge: Edge) -> None:
     server = edge()
     resp = httpx.get(server.url + "/client", headers={"x-forwarded-for": "203.0.113.7"}, timeout=10)
     assert resp.json() == {"client": "127.0.0.1"}
@@ -416,15 +431,15 @@ def test_serve_stops_on_sigterm_and_the_cli_handler_makes_it_exit_0() -> None:
     proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        def listening() -> bool:
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "serve did not start"
             try:
                 socket.create_connection((HOST, port), timeout=1).close()
-                break
             except OSError:
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_for(listening, timeout=30, interval=0.05, what="serve's start")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -435,7 +450,8 @@ def test_serve_stops_on_sigterm_and_the_cli_handler_makes_it_exit_0() -> None:
     assert b"unwound" in out
 
 
-def test_a_cap_the_open_file_limit_cannot_hold_is_warned_about(monkeypatch, caplog) -> None:
+def test_a_cap_the_open_file_limit_cannot_hold_is_warned_about(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # Past the open-file limit accept() fails before the cap is reached: the cap would never act.
     import resource
 

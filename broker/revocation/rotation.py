@@ -37,7 +37,7 @@ log = logging.getLogger("broker.rotation")
 
 _workload = Workload.__table__  # type: ignore[attr-defined]
 
-# The keyring's document under the broker's Vault prefix (the path broker.tokens.keys.Keyring uses).
+# Announced after every signing-key change, so that every replica re-reads the keyring.
 KEYS_MESSAGE = {"type": "keys"}
 _STATE_ORDER = {"next": 0, "current": 1, "previous": 2}
 

@@ -25,7 +25,7 @@ from broker.identity.identities import Client, find_by_client_id
 from broker.identity.policy import Policy, effective, scope_within
 from broker.money import ledger
 from broker.money.ledger import BudgetRef
-from broker.plugin import AuthMethod, ClientCredentials
+from broker.plugin import AuthMethod, ClientCredentials, Identity
 from broker.services import Services
 from broker.tokens import tokens
 
@@ -57,8 +57,18 @@ class _Context:
         self._conn = conn
         self._now = now
 
+        self._vouched: list[Client] = []
+
     def check_client_secret(self, client_id: str, secret: str) -> Client | None:
-        return authenticate_client(self._services, self._conn, client_id, secret, self._now)
+        client = authenticate_client(self._services, self._conn, client_id, secret, self._now)
+        if client is not None:
+            self._vouched.append(client)
+        return client
+
+    def vouched_for(self, identity: Identity | None) -> Client | None:
+        """The identity an auth method returned, if this context handed it out; a plugin's
+        answer is never taken for an identity the broker did not check."""
+        return next((c for c in self._vouched if c is identity), None)
 
 
 def _budget_refs(services: Services, client: Client, policy: Policy) -> list[BudgetRef]:
@@ -88,7 +98,8 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
     jti = tokens.new_jti()
 
     def txn(conn: Connection) -> dict[str, Any] | None:
-        row = req.method.authenticate(_Context(services, conn, now), req.creds)
+        ctx = _Context(services, conn, now)
+        row = ctx.vouched_for(req.method.authenticate(ctx, req.creds))
         if row is None:
             return None
         policy = _effective_policy(row.kind, row.policy_key)
