@@ -52,8 +52,10 @@ from sqlalchemy import delete, func, insert, select
 from bench import harness
 from bench.harness import BrokerUnderTest, Measurement, ServerProcess, Target
 from broker.devvault import DevVault, free_port
-from broker.revocation import revocation
-from broker.revocation.revocation import CATCHUP_OVERLAP_S, CHANNEL
+from broker.revocation import sync
+from broker.revocation.denylist import Denylist
+from broker.revocation.sync import CATCHUP_OVERLAP_S
+from broker.storage.bus import CHANNEL
 from broker.storage.db import Database, make_engine
 from broker.storage.models import Revocation
 from broker.tokens.tokens import LEEWAY_S, VerifiedToken, new_jti
@@ -305,7 +307,7 @@ def _cpu_ms(fn: Callable[[], T]) -> tuple[float, T]:
     return (time.thread_time() - started) * 1000, out
 
 
-def _lookup_ns(denylist: revocation.Denylist, token: VerifiedToken, calls: int = 200_000) -> float:
+def _lookup_ns(denylist: Denylist, token: VerifiedToken, calls: int = 200_000) -> float:
     started = time.thread_time()
     for _ in range(calls):
         denylist.is_live(token)
@@ -315,18 +317,18 @@ def _lookup_ns(denylist: revocation.Denylist, token: VerifiedToken, calls: int =
 def measure_costs(db_path: Path) -> Costs:
     db = Database(make_engine(f"sqlite:///{db_path}"))
     try:
-        denylist = revocation.Denylist()
+        denylist = Denylist()
         first_ms, rows = _cpu_ms(lambda: db.transaction(
-            lambda conn: revocation.catch_up(conn, denylist, int(time.time()))))
+            lambda conn: sync.catch_up(conn, denylist, int(time.time()))))
         reread_ms, reread = _cpu_ms(lambda: db.transaction(
-            lambda conn: revocation.catch_up(conn, denylist, int(time.time()))))
+            lambda conn: sync.catch_up(conn, denylist, int(time.time()))))
         prune_ms, _ = _cpu_ms(lambda: denylist.prune(int(time.time())))
         now = int(time.time())
         token = VerifiedToken(sub="w", tenant="t", kind="agent", jti=new_jti(), iat=now,
                               exp=now + 900, models=(), budget_micros=0, roles=(), act=None,
                               claims={})
         return Costs(rows, first_ms, reread, reread_ms, prune_ms,
-                     _lookup_ns(revocation.Denylist(), token), _lookup_ns(denylist, token))
+                     _lookup_ns(Denylist(), token), _lookup_ns(denylist, token))
     finally:
         db.dispose()
 
@@ -608,10 +610,10 @@ def costs_text(deny: DenylistRun) -> str:
                      f"{c.prune_ms:,.1f} ms ({c.prune_ms / 30:.1f} % of a core)"))
     table = harness.table(rows, ["work (CPU time, one thread, in the benchmark process)", "cost"])
     return f"""Where the time goes: the broker's own revocation code
-(`broker.revocation.revocation`: `catch_up`, `Denylist.prune`, `Denylist.is_live`) run in the
+(`broker.revocation.sync.catch_up`, `Denylist.prune`, `Denylist.is_live`) run in the
 benchmark process against the broker's database
 file while the entries were live, just after the first segment of each kind. In the broker the
-catch-up and the prune run in the propagation thread, whose time competes for the GIL with the
+catch-up and the prune run in the event-bus thread, whose time competes for the GIL with the
 worker serving requests.
 
 {table}

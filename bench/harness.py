@@ -161,7 +161,7 @@ class BrokerUnderTest:
 
     @property
     def db_path(self) -> Path:
-        return self.workdir / ("broker.storage.db" if self.source is None else f"broker-{self.port}.db")
+        return self.workdir / ("broker.db" if self.source is None else f"broker-{self.port}.db")
 
     def config_text(self) -> str:
         return f"""

@@ -52,7 +52,7 @@ def _seed(services: Any) -> dict[str, str]:
         agent = ids.create_workload(
             conn, root,
             WorkloadCreate(
-                tenant_id=tenant["id"], name="demo-agent", kind="agent",
+                tenant_id=tenant.id, name="demo-agent", kind="agent",
                 policy=Policy.model_validate({
                     "models": list(DEV_MODELS), "token_budget_micros": 200_000,
                     "budgets": [{"period": "day", "limit_micros": 5_000_000}],
@@ -60,8 +60,8 @@ def _seed(services: Any) -> dict[str, str]:
             ),
             services.pepper, now,
         )
-        return {"tenant": tenant["id"], "client_id": agent["client_id"],
-                "client_secret": agent["client_secret"]}
+        return {"tenant": tenant.id, "client_id": agent.workload.client_id,
+                "client_secret": agent.client_secret}
 
     seeded: dict[str, str] = services.db.transaction(txn)
     return seeded

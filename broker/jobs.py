@@ -8,7 +8,8 @@ import functools
 import time
 
 from broker.money.sweeper import sweep_once
-from broker.revocation import revocation, rotation
+from broker.revocation import log as revocation_log
+from broker.revocation import rotation
 from broker.services import Services
 from broker.storage.scheduler import Job
 
@@ -26,7 +27,7 @@ def scheduled_jobs(svc: Services) -> list[Job]:
         Job("signing_key.retire", RETIRE_INTERVAL_S,
             functools.partial(rotation.retire_signing_keys, svc)),
         Job("revocation.prune_log", PRUNE_INTERVAL_S,
-            lambda: svc.db.transaction(lambda conn: revocation.prune_log(conn, int(time.time())))),
+            lambda: svc.db.transaction(lambda conn: revocation_log.prune_log(conn, int(time.time())))),
     ]
     if any(p.vault_path for p in settings.providers.values()):
         jobs.append(Job("provider_key.revoke_retired", PROVIDER_REVOKE_INTERVAL_S,

@@ -16,8 +16,8 @@ from broker.money.ledger import now_s
 from broker.plugin import AuthMethod, Provider
 from broker.registry import build_providers, load_auth_methods
 from broker.settings import Settings
+from broker.storage.bus import EventBus
 from broker.storage.db import Database, make_engine, migrate, migration_state
-from broker.storage.propagation import Propagator
 from broker.storage.scheduler import Scheduler
 from broker.storage.vault import Vault
 from broker.tokens.keys import Keyring, load_pepper
@@ -65,7 +65,8 @@ class Services:
     # every verified token is taken as live.
     token_gate: TokenGate | None = None
     gateway: Gateway | None = None
-    propagator: Propagator | None = None
+    # Messages between replicas; started by the revocation extension, which subscribes first.
+    bus: EventBus | None = None
     scheduler: Scheduler | None = None
     closers: list[Closer] = field(default_factory=list)
 

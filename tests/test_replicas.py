@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -268,13 +268,14 @@ def test_a_lost_notification_is_caught_up_by_the_periodic_read(
 ) -> None:
     first = make_broker(pg_url)
     second = start_replica(replicas, first.settings, revocation={"catchup_interval_s": 0.3})
-    propagator = second.services.propagator
+    bus = second.services.bus
+    assert bus is not None
     dropped: list[str] = []
 
     def lossy(payload: str) -> None:
         dropped.append(payload)  # the network ate it
 
-    propagator.dispatch = lossy
+    bus.dispatch = lossy  # type: ignore[method-assign]
     tenant = first.create_tenant()
     agent = first.create_workload(tenant["id"], policy={"models": ["gpt-4o-mini"]})
     token = first.token(agent["client_id"], agent["client_secret"])
@@ -295,7 +296,9 @@ def test_every_replica_listens_and_applies_notifications(
     first = make_broker(pg_url)
     # A catch-up too slow to matter: what the second replica learns, it learns from NOTIFY.
     second = start_replica(replicas, first.settings, revocation={"catchup_interval_s": 60})
-    assert wait_for(second.services.propagator.listening.is_set) < BOUND_S
+    bus = second.services.bus
+    assert bus is not None
+    assert wait_for(bus.listening.is_set) < BOUND_S
     tenant = first.create_tenant()
     agent = first.create_workload(tenant["id"], policy={"models": ["gpt-4o-mini"]})
     token = first.token(agent["client_id"], agent["client_secret"])

@@ -12,13 +12,17 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, insert
 
-from broker.revocation import revocation
-from broker.revocation.revocation import CATCHUP_OVERLAP_S, Denylist, Entry
+from broker.revocation import log as revocation_log
+from broker.revocation import sync
+from broker.revocation.denylist import Denylist
+from broker.revocation.log import Entry
+from broker.revocation.sync import CATCHUP_OVERLAP_S
+from broker.storage.bus import EventBus
 from broker.storage.db import Database, make_engine
-from broker.storage.propagation import Propagator
+from broker.storage.models import Revocation
 from broker.tokens.tokens import VerifiedToken
 
-_log = revocation.Revocation.__table__  # type: ignore[attr-defined]
+_log = Revocation.__table__  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -54,7 +58,7 @@ def _revoke(db: Database, jtis: list[str], now: int, ids: list[int] | None = Non
 
 
 def _catch_up(db: Database, denylist: Denylist, now: int) -> int:
-    return db.read_transaction(lambda c: revocation.catch_up(c, denylist, now))
+    return db.read_transaction(lambda c: sync.catch_up(c, denylist, now))
 
 
 def _live(denylist: Denylist, jti: str, now: int) -> bool:
@@ -69,7 +73,7 @@ def test_after_a_burst_the_catch_up_reads_whole_rows_only_for_entries_it_lacks(
     now = int(time.time())
     burst = _revoke(db, [f"burst{i}" for i in range(300)], now)
     denylist = Denylist()
-    db.read_transaction(lambda c: revocation.load(c, denylist, now))
+    db.read_transaction(lambda c: sync.load(c, denylist, now))
     assert sorted(materialised) == burst
     materialised.clear()
 
@@ -81,7 +85,7 @@ def test_after_a_burst_the_catch_up_reads_whole_rows_only_for_entries_it_lacks(
     # so the other three are numbered below the highest id applied.
     more = _revoke(db, [f"more{i}" for i in range(5)], now)
     for entry_id in (more[1], more[4]):
-        entry = db.read_transaction(lambda c, i=entry_id: revocation.read_entry(c, i))
+        entry = db.read_transaction(lambda c: revocation_log.read_entry(c, entry_id))
         assert entry is not None
         denylist.apply(entry)
     materialised.clear()
@@ -139,19 +143,20 @@ def test_a_notification_of_an_entry_already_applied_is_not_read_again(
     now = int(time.time())
     first, second = _revoke(db, ["seen", "unseen"], now)
     denylist = Denylist()
-    entry = db.read_transaction(lambda c: revocation.read_entry(c, first))
+    entry = db.read_transaction(lambda c: revocation_log.read_entry(c, first))
     assert entry is not None
     denylist.apply(entry)  # as the replica that made the change does at once
     reads: list[int] = []
-    original = revocation.read_entry
+    original = revocation_log.read_entry
 
     def counting(conn: Any, entry_id: int) -> Entry | None:
         reads.append(entry_id)
         return original(conn, entry_id)
 
-    monkeypatch.setattr(revocation, "read_entry", counting)
-    propagator = Propagator(db, denylist, interval_s=60)
+    monkeypatch.setattr(revocation_log, "read_entry", counting)
+    bus = EventBus(db, interval_s=60)
+    sync.follow(bus, db, denylist)
     for entry_id in (first, second):
-        propagator.dispatch(json.dumps({"type": "revocation", "id": entry_id}))
+        bus.dispatch(json.dumps({"type": "revocation", "id": entry_id}))
     assert reads == [second]
     assert not _live(denylist, "unseen", now)

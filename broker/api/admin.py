@@ -23,10 +23,12 @@ from broker.api.http import (
 from broker.api.oauth import bearer_token, services_of
 from broker.api.openapi import ApiRoute
 from broker.api.pagination import id_page_params
+from broker.api.views import tenant_view, workload_view
 from broker.identity import identities as ids
 from broker.identity.identities import Actor
-from broker.revocation import revocation
-from broker.revocation.revocation import Entry
+from broker.revocation import actions
+from broker.revocation.denylist import apply_here
+from broker.revocation.log import Entry
 from broker.services import Services
 from broker.storage.audit import record
 
@@ -59,23 +61,23 @@ async def create_tenant(request: Request, svc: Services, actor: Actor) -> Respon
     body = validate(ids.TenantCreate, await _body(request, svc))
     now = int(time.time())
 
-    def txn(conn: Connection) -> dict[str, Any]:
-        view = ids.create_tenant(conn, actor, body, now)
-        record(conn, actor.id, "tenant.create", view["id"], {"name": view["name"]}, now)
-        return view
+    def txn(conn: Connection) -> ids.TenantRecord:
+        tenant = ids.create_tenant(conn, actor, body, now)
+        record(conn, actor.id, "tenant.create", tenant.id, {"name": tenant.name}, now)
+        return tenant
 
-    return json_response(await svc.db.run(txn), status=201)
+    return json_response(tenant_view(await svc.db.run(txn)), status=201)
 
 
 async def list_tenants(request: Request, svc: Services, actor: Actor) -> Response:
     cursor, limit = id_page_params(request)
     data, nxt = await svc.db.read(lambda conn: ids.list_tenants(conn, actor, cursor, limit))
-    return json_response({"data": data, "next_cursor": nxt})
+    return json_response({"data": [tenant_view(t) for t in data], "next_cursor": nxt})
 
 
 async def get_tenant(request: Request, svc: Services, actor: Actor) -> Response:
     tid = path_id(request)
-    return json_response(await svc.db.read(lambda conn: ids.get_tenant(conn, actor, tid)))
+    return json_response(tenant_view(await svc.db.read(lambda conn: ids.get_tenant(conn, actor, tid))))
 
 
 async def patch_tenant(request: Request, svc: Services, actor: Actor) -> Response:
@@ -83,12 +85,12 @@ async def patch_tenant(request: Request, svc: Services, actor: Actor) -> Respons
     body = validate(ids.TenantPatch, await _body(request, svc))
     now = int(time.time())
 
-    def txn(conn: Connection) -> dict[str, Any]:
-        view = ids.patch_tenant(conn, actor, tid, body)
+    def txn(conn: Connection) -> ids.TenantRecord:
+        tenant = ids.patch_tenant(conn, actor, tid, body)
         record(conn, actor.id, "tenant.update", tid, body.model_dump(exclude_none=True), now)
-        return view
+        return tenant
 
-    return json_response(await svc.db.run(txn))
+    return json_response(tenant_view(await svc.db.run(txn)))
 
 
 async def delete_tenant(request: Request, svc: Services, actor: Actor) -> Response:
@@ -110,12 +112,14 @@ async def create_workload(request: Request, svc: Services, actor: Actor) -> Resp
     body = validate(ids.WorkloadCreate, await _body(request, svc))
     now = int(time.time())
 
-    def txn(conn: Connection) -> dict[str, Any]:
-        view = ids.create_workload(conn, actor, body, svc.pepper, now)
-        record(conn, actor.id, "workload.create", view["id"], {"kind": body.kind}, now)
-        return view
+    def txn(conn: Connection) -> ids.NewWorkload:
+        created = ids.create_workload(conn, actor, body, svc.pepper, now)
+        record(conn, actor.id, "workload.create", created.workload.id, {"kind": body.kind}, now)
+        return created
 
-    return json_response(await svc.db.run(txn), status=201, headers={"cache-control": "no-store"})
+    created = await svc.db.run(txn)
+    return json_response({**workload_view(created.workload), "client_secret": created.client_secret},
+                         status=201, headers={"cache-control": "no-store"})
 
 
 async def list_workloads(request: Request, svc: Services, actor: Actor) -> Response:
@@ -124,12 +128,12 @@ async def list_workloads(request: Request, svc: Services, actor: Actor) -> Respo
     data, nxt = await svc.db.read(
         lambda conn: ids.list_workloads(conn, actor, tenant_id, cursor, limit)
     )
-    return json_response({"data": data, "next_cursor": nxt})
+    return json_response({"data": [workload_view(w) for w in data], "next_cursor": nxt})
 
 
 async def get_workload(request: Request, svc: Services, actor: Actor) -> Response:
     wid = path_id(request)
-    return json_response(await svc.db.read(lambda conn: ids.get_workload(conn, actor, wid)))
+    return json_response(workload_view(await svc.db.read(lambda conn: ids.get_workload(conn, actor, wid))))
 
 
 async def patch_workload(request: Request, svc: Services, actor: Actor) -> Response:
@@ -137,23 +141,23 @@ async def patch_workload(request: Request, svc: Services, actor: Actor) -> Respo
     body = validate(ids.WorkloadPatch, await _body(request, svc))
     now = int(time.time())
 
-    def txn(conn: Connection) -> tuple[dict[str, Any], Entry | None]:
-        view, changed = ids.patch_workload(conn, actor, wid, body)
+    def txn(conn: Connection) -> tuple[ids.WorkloadRecord, Entry | None]:
+        workload, changed = ids.patch_workload(conn, actor, wid, body)
         record(conn, actor.id, "workload.update", wid, body.model_dump(exclude_none=True), now)
         entry = None
         if changed:
             # Tokens carry the identity they were minted for: a new one must not ride on them.
-            entry = revocation.cut_workload(conn, actor, wid, view["tenant_id"],
-                                            "roles or policy changed", now)
-        return view, entry
+            entry = actions.cut_workload(conn, actor, wid, workload.tenant_id,
+                                         "roles or policy changed", now)
+        return workload, entry
 
-    view, entry = await svc.db.run(txn)
-    revocation.apply_here(svc.token_gate, entry)
+    workload, entry = await svc.db.run(txn)
+    apply_here(svc.token_gate, entry)
     if entry is not None:
         # Tokens carry whole seconds and the cut-off kills those of its own second: answer
         # only once a token issued after this answer is sure to live.
         await anyio.sleep(max(0.0, now + 1 - time.time()))
-    return json_response(view)
+    return json_response(workload_view(workload))
 
 
 async def delete_workload(request: Request, svc: Services, actor: Actor) -> Response:
@@ -163,12 +167,12 @@ async def delete_workload(request: Request, svc: Services, actor: Actor) -> Resp
     def txn(conn: Connection) -> Entry | None:
         # Deleting is suspending for good: the identity's live tokens die with it, on every
         # replica, and their unspent slices return.
-        _view, entry = revocation.suspend_workload(conn, actor, wid, "workload deleted", now)
+        _view, entry = actions.suspend(conn, actor, "workload", wid, "workload deleted", now)
         ids.delete_workload(conn, actor, wid)
         record(conn, actor.id, "workload.delete", wid, {}, now)
         return entry
 
-    revocation.apply_here(svc.token_gate, await svc.db.run(txn))
+    apply_here(svc.token_gate, await svc.db.run(txn))
     return Response(status_code=204)
 
 

@@ -26,6 +26,16 @@ def id_page_params(request: Request) -> tuple[str | None, int]:
     return cursor, query_int(request, "limit", 100, 1, 1000)
 
 
+def decode_number_cursor(cursor: str, prefix: str) -> int:
+    """The number in a cursor that is an id of the form ``<prefix><digits>`` (the bare digits
+    are accepted too)."""
+    raw = cursor.removeprefix(prefix)
+    # ASCII only: str.isdigit() also takes digits such as "²" that int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise InvalidRequest("cursor is not valid")
+    return int(raw)
+
+
 def encode_position(ts: int, item_id: str) -> str:
     raw = json.dumps([ts, item_id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from broker.identity.identities import TenantRecord, WorkloadRecord
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -38,3 +40,18 @@ def event_view(row: Any) -> dict[str, Any]:
         "estimated": bool(row.estimated),
         "client_ip": row.client_ip,
     }
+
+
+def tenant_view(t: TenantRecord) -> dict[str, Any]:
+    return {"id": t.id, "name": t.name, "budgets": t.budgets, "created_at": iso(t.created_at),
+            "suspended": t.suspended}
+
+
+def workload_view(w: WorkloadRecord) -> dict[str, Any]:
+    return {"id": w.id, "tenant_id": w.tenant_id, "name": w.name, "kind": w.kind, "roles": w.roles,
+            "policy": w.policy, "client_id": w.client_id, "created_at": iso(w.created_at),
+            "suspended": w.suspended}
+
+
+def identity_view(identity: TenantRecord | WorkloadRecord) -> dict[str, Any]:
+    return tenant_view(identity) if isinstance(identity, TenantRecord) else workload_view(identity)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 import httpx
 
+from broker.money.outcome import Outcome
 from broker.plugin import EndReason, SseParser, StreamMeter
 
 GATE_INTERVAL_S = 0.5  # a revoked token's stream ends within this (plus one chunk)
@@ -55,7 +56,7 @@ class MeteredStream:
         deadline: float,
         drain_s: float,
         is_live: Callable[[], bool],
-        settle: Callable[[str, StreamMeter], Awaitable[None]],
+        settle: Callable[[Outcome, StreamMeter], Awaitable[None]],
     ) -> None:
         self.response = response
         self.meter = meter
@@ -65,11 +66,11 @@ class MeteredStream:
         self.drain_s = drain_s
         self._live = is_live
         self._settle = settle
-        self.status: str | None = None
+        self.status: Outcome | None = None
         self.end: EndReason | None = None
         self.client_gone = False
 
-    def _stop(self, status: str, end: EndReason | None) -> None:
+    def _stop(self, status: Outcome, end: EndReason | None) -> None:
         if self.status is None:
             self.status, self.end = status, end
 
@@ -92,19 +93,19 @@ class MeteredStream:
                         if self.meter.done:
                             # The answer was complete: a client that hangs up after the
                             # provider's last event (the SDKs close at [DONE]) received it all.
-                            self._stop("upstream_error" if self.meter.failed else "ok", None)
+                            self._stop(Outcome.UPSTREAM_ERROR if self.meter.failed else Outcome.OK, None)
                             tg.cancel_scope.cancel()
                             return
                         # Keep reading for the provider's own count, a bounded while.
                         await anyio.sleep(self.drain_s)
-                        self._stop("client_disconnected", None)
+                        self._stop(Outcome.CLIENT_DISCONNECTED, None)
                         tg.cancel_scope.cancel()
 
                     async def watch_gate() -> None:
                         while True:
                             await anyio.sleep(GATE_INTERVAL_S)
                             if not self._live():
-                                self._stop("revoked", "revoked")
+                                self._stop(Outcome.REVOKED, "revoked")
                                 tg.cancel_scope.cancel()
 
                     tg.start_soon(watch_client)
@@ -112,13 +113,13 @@ class MeteredStream:
                     await self._pump(send)
                     tg.cancel_scope.cancel()
             if clock.cancelled_caught:
-                self._stop("expired", "expired")
+                self._stop(Outcome.EXPIRED, "expired")
             if self.end is not None and not self.client_gone:
                 await send(self.meter.epilogue(self.end))
         finally:
             with anyio.CancelScope(shield=True):
                 await self.response.aclose()
-                await self._settle(self.status or "cancelled", self.meter)
+                await self._settle(self.status or Outcome.CANCELLED, self.meter)
 
     async def _pump(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         meter, wall = self.meter, self.wall
@@ -129,7 +130,7 @@ class MeteredStream:
                 for event in parser.feed(chunk):
                     forward = meter.read(event)
                     if meter.streamed_tokens > wall and not meter.done:
-                        self._stop("hold_exceeded", "limit")  # this event is past the wall
+                        self._stop(Outcome.HOLD_EXCEEDED, "limit")  # this event is past the wall
                         break
                     if forward:
                         out.append(event.raw)
@@ -138,19 +139,19 @@ class MeteredStream:
                 if self.status is not None:
                     return
                 if not self._live():
-                    self._stop("revoked", "revoked")
+                    self._stop(Outcome.REVOKED, "revoked")
                     return
         except httpx.TimeoutException:
-            self._stop("upstream_timeout", "upstream")
+            self._stop(Outcome.UPSTREAM_TIMEOUT, "upstream")
             return
         except httpx.HTTPError:
-            self._stop("stream_cut", "upstream")
+            self._stop(Outcome.STREAM_CUT, "upstream")
             return
         if self.client_gone:
-            self._stop("client_disconnected", None)  # drained to the provider's last event
+            self._stop(Outcome.CLIENT_DISCONNECTED, None)  # drained to the provider's last event
         elif meter.done:
-            self._stop("upstream_error" if meter.failed else "ok", None)
+            self._stop(Outcome.UPSTREAM_ERROR if meter.failed else Outcome.OK, None)
         elif meter.failed:
-            self._stop("upstream_error", None)  # the provider's error event reached the client
+            self._stop(Outcome.UPSTREAM_ERROR, None)  # the provider's error event reached the client
         else:
-            self._stop("stream_cut", "upstream")
+            self._stop(Outcome.STREAM_CUT, "upstream")

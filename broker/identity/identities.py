@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,6 +23,7 @@ from broker.identity.policy import Kind, Name, Policy, Role
 from broker.settings import BudgetLimit
 from broker.storage.db import Sql
 from broker.storage.models import Tenant, Workload
+from broker.storage.paging import page
 
 _tenant = Tenant.__table__  # type: ignore[attr-defined]
 _workload = Workload.__table__  # type: ignore[attr-defined]
@@ -105,43 +105,56 @@ class Actor:
             raise Forbidden("only an org-admin may do this")
 
 
-# --- rendering -----------------------------------------------------------------------------
+# --- records -------------------------------------------------------------------------------
 
 
-def _iso(ts: int | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+@dataclass(frozen=True)
+class TenantRecord:
+    id: str
+    name: str
+    budgets: list[dict[str, Any]]
+    created_at: int
+    suspended: bool
 
 
-def tenant_view(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "budgets": row.budgets,
-        "created_at": _iso(row.created_at),
-        "suspended": row.suspended_at is not None,
-    }
+@dataclass(frozen=True)
+class WorkloadRecord:
+    id: str
+    tenant_id: str
+    name: str
+    kind: str
+    roles: list[str]
+    policy: dict[str, Any]
+    client_id: str
+    created_at: int
+    suspended: bool
 
 
-def workload_view(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "tenant_id": row.tenant_id,
-        "name": row.name,
-        "kind": row.kind,
-        "roles": row.roles,
-        "policy": row.policy,
-        "client_id": row.client_id,
-        "created_at": _iso(row.created_at),
-        "suspended": row.suspended_at is not None,
-    }
+@dataclass(frozen=True)
+class NewWorkload:
+    """A workload just created, and its client secret: shown once, only its keyed hash is kept."""
+
+    workload: WorkloadRecord
+    client_secret: str = field(repr=False)
+
+
+def _tenant_record(row: Any) -> TenantRecord:
+    return TenantRecord(id=row.id, name=row.name, budgets=row.budgets,
+                        created_at=row.created_at, suspended=row.suspended_at is not None)
+
+
+def _workload_record(row: Any) -> WorkloadRecord:
+    return WorkloadRecord(
+        id=row.id, tenant_id=row.tenant_id, name=row.name, kind=row.kind,
+        roles=row.roles, policy=row.policy,
+        client_id=row.client_id, created_at=row.created_at,
+        suspended=row.suspended_at is not None)
 
 
 # --- tenants -------------------------------------------------------------------------------
 
 
-def create_tenant(conn: Connection, actor: Actor, body: TenantCreate, now: int) -> dict[str, Any]:
+def create_tenant(conn: Connection, actor: Actor, body: TenantCreate, now: int) -> TenantRecord:
     actor.require_org_admin()
     tid = new_id("tn")
     budgets = [b.model_dump() for b in body.budgets]
@@ -165,25 +178,25 @@ def _tenant_row(conn: Connection, actor: Actor, tenant_id: str) -> Any:
     return row
 
 
-def get_tenant(conn: Connection, actor: Actor, tenant_id: str) -> dict[str, Any]:
-    return tenant_view(_tenant_row(conn, actor, tenant_id))
+def get_tenant(conn: Connection, actor: Actor, tenant_id: str) -> TenantRecord:
+    return _tenant_record(_tenant_row(conn, actor, tenant_id))
 
 
 def list_tenants(
     conn: Connection, actor: Actor, cursor: str | None, limit: int
-) -> tuple[list[dict[str, Any]], str | None]:
+) -> tuple[list[TenantRecord], str | None]:
     stmt = select(_tenant).order_by(_tenant.c.id).limit(limit + 1)
     if cursor:
         stmt = stmt.where(_tenant.c.id > cursor)
     if not actor.org_wide:
         stmt = stmt.where(_tenant.c.id == actor.tenant_id)
-    rows = conn.execute(stmt).all()
-    return _page([tenant_view(r) for r in rows], limit)
+    rows, last = page(conn.execute(stmt).all(), limit)
+    return [_tenant_record(r) for r in rows], None if last is None else str(last.id)
 
 
 def patch_tenant(
     conn: Connection, actor: Actor, tenant_id: str, body: TenantPatch
-) -> dict[str, Any]:
+) -> TenantRecord:
     _tenant_row(conn, actor, tenant_id)
     actor.require_org_admin()
     values: dict[str, Any] = {}
@@ -225,7 +238,7 @@ def _check_roles_grantable(actor: Actor, roles: list[str]) -> None:
 
 def create_workload(
     conn: Connection, actor: Actor, body: WorkloadCreate, pepper: bytes, now: int
-) -> dict[str, Any]:
+) -> NewWorkload:
     actor.require_write()
     _tenant_row(conn, actor, body.tenant_id)
     _check_roles_grantable(actor, list(body.roles))
@@ -249,9 +262,7 @@ def create_workload(
             )
     except IntegrityError:
         raise Conflict("a workload with this name exists in the tenant") from None
-    view = get_workload(conn, actor, wid)
-    # The secret is shown here, once; only its keyed hash is stored.
-    return {**view, "client_secret": secret}
+    return NewWorkload(get_workload(conn, actor, wid), secret)
 
 
 def _workload_row(conn: Connection, actor: Actor, workload_id: str) -> Any:
@@ -261,13 +272,13 @@ def _workload_row(conn: Connection, actor: Actor, workload_id: str) -> Any:
     return row
 
 
-def get_workload(conn: Connection, actor: Actor, workload_id: str) -> dict[str, Any]:
-    return workload_view(_workload_row(conn, actor, workload_id))
+def get_workload(conn: Connection, actor: Actor, workload_id: str) -> WorkloadRecord:
+    return _workload_record(_workload_row(conn, actor, workload_id))
 
 
 def list_workloads(
     conn: Connection, actor: Actor, tenant_id: str | None, cursor: str | None, limit: int
-) -> tuple[list[dict[str, Any]], str | None]:
+) -> tuple[list[WorkloadRecord], str | None]:
     w = _workload.c
     stmt = select(_workload).order_by(w.id).limit(limit + 1)
     if cursor:
@@ -278,8 +289,8 @@ def list_workloads(
         stmt = stmt.where(w.tenant_id == tenant_id)
     elif not actor.org_wide:
         stmt = stmt.where(w.tenant_id == actor.tenant_id)
-    rows = conn.execute(stmt).all()
-    return _page([workload_view(r) for r in rows], limit)
+    rows, last = page(conn.execute(stmt).all(), limit)
+    return [_workload_record(r) for r in rows], None if last is None else str(last.id)
 
 
 def require_may_manage(actor: Actor, roles: list[str] | None) -> None:
@@ -291,7 +302,7 @@ def require_may_manage(actor: Actor, roles: list[str] | None) -> None:
 
 def patch_workload(
     conn: Connection, actor: Actor, workload_id: str, body: WorkloadPatch
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[WorkloadRecord, bool]:
     """Apply the patch; returns the workload and whether its identity changed (roles or
     policy), in which case the caller must cut its live tokens: they carry the old one."""
     row = _workload_row(conn, actor, workload_id)
@@ -415,9 +426,3 @@ def _insert_bootstrap_admin(conn: Connection, secret: str, pepper: bytes, now: i
             created_at=now,
         )
     )
-
-
-def _page(items: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], str | None]:
-    if len(items) > limit:
-        return items[:limit], str(items[limit - 1]["id"])
-    return items, None

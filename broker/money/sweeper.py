@@ -15,6 +15,7 @@ from sqlalchemy import Connection
 
 from broker.metrics import Metrics
 from broker.money import ledger
+from broker.money.outcome import Outcome
 from broker.settings import SweeperSettings
 from broker.storage.db import Database
 
@@ -30,7 +31,7 @@ def sweep_once(db: Database, settings: SweeperSettings, metrics: Metrics,
     for hold_id, _jti, amount in orphans:
         # The provider may have billed the whole request: charge the full hold, once.
         event = {"request_id": hold_id, "ts": now, "model": "", "provider": "",
-                 "status": "orphaned", "estimated": True}
+                 "status": Outcome.ORPHANED.value, "estimated": True}
 
         def settle(conn: Connection, hold_id: str = hold_id, amount: int = amount,
                    event: dict[str, Any] = event) -> bool:

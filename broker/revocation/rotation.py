@@ -17,18 +17,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from sqlalchemy import Connection, update
 
 from broker.errors import Conflict, NotFound, UpstreamError
 from broker.identity.credentials import hash_secret, new_client_secret
-from broker.identity.identities import Actor, get_workload, require_may_manage
+from broker.identity.identities import Actor, WorkloadRecord, get_workload, require_may_manage
 from broker.plugin import KeyAdmin, Provider
-from broker.revocation.revocation import notify
 from broker.services import Services
 from broker.settings import Settings
 from broker.storage.audit import record
+from broker.storage.bus import publish
 from broker.storage.models import Workload
 from broker.storage.vault import CasConflict, Vault
 from broker.tokens.keys import Keyring, SigningKey
@@ -38,24 +39,7 @@ log = logging.getLogger("broker.rotation")
 _workload = Workload.__table__  # type: ignore[attr-defined]
 
 # Announced after every signing-key change, so that every replica re-reads the keyring.
-KEYS_MESSAGE = {"type": "keys"}
-_STATE_ORDER = {"next": 0, "current": 1, "previous": 2}
-
-
-def _iso(ts: int | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def signing_keys(keyring: Keyring) -> list[dict[str, Any]]:
-    """Each key's id, state and times: never its material."""
-    keys = sorted(keyring.keys.values(), key=lambda k: (_STATE_ORDER.get(k.state, 3), -k.created_at))
-    return [
-        {"kid": k.kid, "state": k.state, "alg": k.alg, "created_at": _iso(k.created_at),
-         "retire_at": _iso(k.retire_at)}
-        for k in keys
-    ]
+KEYS_MESSAGE_TYPE = "keys"
 
 
 def _states(keyring: Keyring) -> dict[str, str]:
@@ -73,7 +57,7 @@ def rotate_signing_key(
 
     def txn(conn: Connection) -> None:
         record(conn, actor, "signing_key.rotate", key.kid, {"reason": reason, "keys": states}, now)
-        notify(conn, KEYS_MESSAGE)
+        publish(conn, KEYS_MESSAGE_TYPE)
 
     svc.db.transaction(txn)
     log.info("signing key rotated: current kid %s", key.kid)
@@ -91,17 +75,26 @@ def retire_signing_keys(svc: Services, actor: str = "scheduler", now: int | None
     def txn(conn: Connection) -> None:
         for kid in gone:
             record(conn, actor, "signing_key.retire", kid, {"reason": "its tokens have expired"}, now)
-        notify(conn, KEYS_MESSAGE)
+        publish(conn, KEYS_MESSAGE_TYPE)
 
     svc.db.transaction(txn)
     log.info("retired signing keys %s", ", ".join(gone))
     return gone
 
 
+@dataclass(frozen=True)
+class NewSecret:
+    """A workload's new secret, shown once, and when its old one stops working."""
+
+    workload: WorkloadRecord
+    client_secret: str
+    previous_expires_at: int
+
+
 def rotate_workload_secret(
     conn: Connection, actor: Actor, workload_id: str, pepper: bytes, grace_s: int,
     reason: str | None, now: int,
-) -> dict[str, Any]:
+) -> NewSecret:
     """Give a workload a new secret, shown once; the old one keeps working for ``grace_s``
     (0: it ends at once, for a secret known to have leaked).
 
@@ -110,7 +103,7 @@ def rotate_workload_secret(
     the first old secret at once (only one previous secret is kept).
     """
     view = get_workload(conn, actor, workload_id)
-    require_may_manage(actor, view["roles"])
+    require_may_manage(actor, view.roles)
     secret = new_client_secret()
     w = _workload.c
     conn.execute(
@@ -123,12 +116,8 @@ def rotate_workload_secret(
         )
     )
     record(conn, actor.id, "workload.rotate_secret", workload_id,
-           {"reason": reason, "grace_s": grace_s, "tenant_id": view["tenant_id"]}, now)
-    return {
-        **get_workload(conn, actor, workload_id),
-        "client_secret": secret,
-        "previous_secret_expires_at": _iso(now + grace_s),
-    }
+           {"reason": reason, "grace_s": grace_s, "tenant_id": view.tenant_id}, now)
+    return NewSecret(get_workload(conn, actor, workload_id), secret, now + grace_s)
 
 
 def rotate_signing_key_from_cli(settings: Settings) -> SigningKey:
@@ -148,7 +137,7 @@ def rotate_signing_key_from_cli(settings: Settings) -> SigningKey:
     def txn(conn: Connection) -> None:
         record(conn, "cli", "signing_key.rotate", key.kid, {"reason": "broker keys rotate",
                                                            "keys": states}, now)
-        notify(conn, KEYS_MESSAGE)
+        publish(conn, KEYS_MESSAGE_TYPE)
 
     db = Database(make_engine(settings.database.url, 1))
     try:
@@ -201,14 +190,27 @@ def _announce(svc: Services, actor: str, action: str, provider: str, detail: dic
 
     def txn(conn: Connection) -> None:
         record(conn, actor, action, provider, detail, now)
-        notify(conn, {"type": PROVIDER_MESSAGE_TYPE, "provider": provider})
+        publish(conn, PROVIDER_MESSAGE_TYPE, {"provider": provider})
 
     svc.db.transaction(txn)
 
 
+@dataclass(frozen=True)
+class ProviderKeyRotation:
+    """What a provider-key rotation did (never the key): ``reloaded`` when the provider has no
+    key admin API and every replica re-reads the key an operator wrote to Vault."""
+
+    provider: str
+    mode: Literal["reloaded", "rotated"]
+    version: int
+    key_id: str | None = None
+    previous_key_id: str | None = None
+    previous_key_revoke_at: int | None = None
+
+
 def rotate_provider_key(
     svc: Services, provider: str, actor: str, reason: str | None = None, now: int | None = None
-) -> dict[str, Any]:
+) -> ProviderKeyRotation:
     """Rotate a provider's key through its admin API; for a provider without one, make every
     replica re-read the key an operator wrote to Vault. Returns what happened (never a key)."""
     now = int(time.time()) if now is None else now
@@ -221,7 +223,7 @@ def rotate_provider_key(
     if admin is None:
         _announce(svc, actor, "provider_key.reload", provider,
                   {"reason": reason, "version": version}, now)
-        return {"provider": provider, "mode": "reloaded", "version": version}
+        return ProviderKeyRotation(provider, "reloaded", version)
     admin_key = doc.get("admin_key")
     if not isinstance(admin_key, str) or not admin_key:
         raise Conflict("no admin_key is stored in Vault for this provider")
@@ -245,8 +247,10 @@ def rotate_provider_key(
               {"reason": reason, "key_id": key_id, "previous_key_id": old_id,
                "version": new_version, "grace_s": grace}, now)
     log.info("provider %s: key rotated to version %d", provider, new_version)
-    return {"provider": provider, "mode": "rotated", "key_id": key_id, "version": new_version,
-            "previous_key_id": old_id, "previous_key_revoke_at": _iso(now + grace) if old_id else None}
+    return ProviderKeyRotation(
+        provider, "rotated", new_version, key_id, old_id if isinstance(old_id, str) else None,
+        now + grace if old_id else None,
+    )
 
 
 def revoke_retired_provider_keys(svc: Services, now: int | None = None) -> list[str]:

@@ -162,7 +162,7 @@ class AuditEvent(SQLModel, table=True):
 
 class Revocation(SQLModel, table=True):
     """One revocation, suspension or resume: the log every replica replays into its in-memory
-    denylist (see :mod:`broker.revocation.revocation`). Entries are pruned once they can change nothing."""
+    denylist (see :mod:`broker.revocation.log`). Entries are pruned once they can change nothing."""
 
     __tablename__ = "revocation"
 
