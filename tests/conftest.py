@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import psycopg
@@ -26,6 +26,8 @@ from broker.devvault import DevVault, free_port
 from broker.services import Services
 from broker.settings import Settings, load_settings
 from broker.storage.db import make_engine, migrate
+from tests.fake_provider import FakeProviderServer
+from tests.support import wait_for
 
 # Property tests search at random when asked (``HYPOTHESIS_PROFILE=explore``, with many more
 # examples); the default run replays a fixed sequence, so a CI verdict does not depend on luck.
@@ -148,6 +150,18 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+# --- the fake model provider ----------------------------------------------------------------
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProviderServer]:
+    """A fake model provider of its own for each test, on a real port: no fault, recorded
+    request or call still running can reach another test. A module that needs it configured
+    differently overrides this fixture by asking for it (``def fake(fake): ...``)."""
+    with FakeProviderServer() as server:
+        yield server
+
+
 # --- settings and brokers --------------------------------------------------------------------
 
 
@@ -165,6 +179,13 @@ def make_settings(db: str, dev_vault: DevVault, **sections: dict[str, Any]) -> S
     return load_settings(path=Path(__file__).parent / "data" / "test.toml", env={}, overrides=overrides)
 
 
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closeable)
+
+
 class Broker:
     """A broker under test: its settings, services and an HTTP client bound to it."""
 
@@ -174,6 +195,17 @@ class Broker:
         self.client = client
         self.url = url
         self._admin: tuple[str, float] | None = None
+        self._opened: list[Closeable] = []
+
+    def opened(self, client: C) -> C:
+        """``client`` (an SDK or HTTP client a test made for this broker), closed with the
+        broker: a client left to the garbage collector leaks its sockets (ResourceWarning)."""
+        self._opened.append(client)
+        return client
+
+    def close_opened(self) -> None:
+        while self._opened:
+            self._opened.pop().close()
 
     def admin_token(self) -> str:
         return self.token("admin", ADMIN_SECRET)
@@ -267,7 +299,9 @@ def make_broker(vault: DevVault) -> Iterator[BrokerFactory]:
         stack.callback(services.close)
         app = create_app(settings, services=services)
         client = stack.enter_context(TestClient(app, base_url="http://broker.test"))
-        return Broker(settings, services, _LoggingClient(client, RESPONSES))
+        broker = Broker(settings, services, _LoggingClient(client, RESPONSES))
+        stack.callback(broker.close_opened)
+        return broker
 
     yield factory
     stack.close()
@@ -298,11 +332,9 @@ class LiveServer:
 
     def start(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("live broker did not start")
-            time.sleep(0.02)
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), timeout=20,
+                 what="the live broker's start")
+        assert self.server.started, "the live broker's thread ended during its start"
         return self
 
     def stop(self) -> None:
@@ -324,7 +356,9 @@ def make_live_broker(vault: DevVault) -> Iterator[Callable[..., Broker]]:
         servers.append(server)
         client = httpx.Client(base_url=server.url, timeout=30)
         closers.append(client.close)
-        return Broker(settings, services, _LoggingClient(client, RESPONSES), url=server.url)
+        broker = Broker(settings, services, _LoggingClient(client, RESPONSES), url=server.url)
+        closers.append(broker.close_opened)
+        return broker
 
     yield factory
     for server in servers:

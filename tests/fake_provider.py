@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from types import TracebackType
 
 import uvicorn
 
 from plugins.mock_upstream import MockState, create_mock_upstream
+from tests.support import wait_for
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0
@@ -80,19 +80,24 @@ class FakeProviderServer:
 
     def _wait_until_serving(self) -> None:
         assert self._server is not None and self._thread is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not self._thread.is_alive():
+        server, thread = self._server, self._thread
+
+        def serving() -> bool:
+            if not thread.is_alive():
                 raise RuntimeError("the fake provider exited during start-up")
-            if self._server.started:
-                try:
-                    socket.create_connection((HOST, self.port), timeout=1).close()
-                    return
-                except OSError:
-                    pass
-            time.sleep(0.01)
-        self.stop()
-        raise RuntimeError(f"the fake provider did not start within {START_TIMEOUT_S}s")
+            if not server.started:
+                return False
+            try:
+                socket.create_connection((HOST, self.port), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        try:
+            wait_for(serving, START_TIMEOUT_S, what="the fake provider's start")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self._server is not None:

@@ -18,7 +18,7 @@ from broker.money.sweeper import sweep_once
 from tests.conftest import ADMIN_SECRET, SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
-from tests.support import wait_for
+from tests.support import assert_problem, wait_for
 
 
 def _sweep(broker: Broker, now: int | None = None) -> tuple[int, int]:
@@ -42,7 +42,9 @@ def test_a_tenant_admin_cannot_patch_an_org_admin_or_auditor_of_its_tenant(broke
     headers = {"authorization": f"Bearer {broker.token(ta['client_id'], ta['client_secret'])}"}
     for roles in (["org-admin"], ["auditor"]):
         above = broker.create_workload(tenant["id"], kind="admin", roles=roles)
-        for body in ({"roles": ["tenant-admin"]}, {"name": "renamed"}, {"policy": {}}):
+        changes: tuple[dict[str, Any], ...] = (
+            {"roles": ["tenant-admin"]}, {"name": "renamed"}, {"policy": {}})
+        for body in changes:
             resp = broker.client.patch(f"/v1/admin/workloads/{above['id']}", json=body,
                                        headers=headers)
             assert resp.status_code == 403, (roles, body, resp.text)
@@ -62,7 +64,9 @@ def test_a_tenant_admin_of_the_root_tenant_cannot_lock_out_the_bootstrap_admin(
     headers = {"authorization": f"Bearer {broker.token(ta['client_id'], ta['client_secret'])}"}
     resp = broker.client.patch("/v1/admin/workloads/wl_admin", json={"roles": ["tenant-admin"]},
                                headers=headers)
-    assert resp.status_code == 403
+    assert_problem(resp, 403, "forbidden")
+    admin = broker.client.get("/v1/admin/workloads/wl_admin", headers=broker.admin()).json()
+    assert admin["roles"] == ["org-admin"]
     assert broker.token("admin", ADMIN_SECRET)
 
 
@@ -73,19 +77,22 @@ def test_a_demoted_org_admin_loses_its_powers_at_once(broker: Broker) -> None:
     ops = broker.create_workload("tn_root", kind="admin", roles=["org-admin"])
     earlier = broker.token(ops["client_id"], ops["client_secret"])
     mine = {"authorization": f"Bearer {earlier}"}
-    assert broker.client.post("/v1/admin/tenants", json={"name": f"t-{secrets.token_hex(3)}"},
-                              headers=mine).status_code == 201
+    created = broker.client.post("/v1/admin/tenants", json={"name": f"t-{secrets.token_hex(3)}"},
+                                 headers=mine)
+    assert created.status_code == 201 and created.json()["id"].startswith("tn_"), created.text
     resp = broker.client.patch(f"/v1/admin/workloads/{ops['id']}",
                                json={"roles": ["tenant-admin"]}, headers=broker.admin())
-    assert resp.status_code == 200
-    assert broker.client.post("/v1/admin/tenants", json={"name": f"t-{secrets.token_hex(3)}"},
-                              headers=mine).status_code == 401
-    assert broker.client.post("/v1/admin/workloads/wl_admin/rotate-secret",
-                              headers=mine).status_code == 401
+    assert resp.status_code == 200 and resp.json()["roles"] == ["tenant-admin"], resp.text
+    # The token issued before the change is dead: not a tenant-admin's, not an org-admin's.
+    assert_problem(broker.client.post("/v1/admin/tenants", headers=mine,
+                                      json={"name": f"t-{secrets.token_hex(3)}"}),
+                   401, "invalid_token")
+    assert_problem(broker.client.post("/v1/admin/workloads/wl_admin/rotate-secret",
+                                      headers=mine), 401, "invalid_token")
     # A token issued after the change carries the new role, and lives.
     after = broker.token(ops["client_id"], ops["client_secret"])
-    assert broker.client.post("/v1/admin/tenants", json={"name": f"t-{secrets.token_hex(3)}"},
-                              headers={"authorization": f"Bearer {after}"}).status_code == 403
+    assert_problem(broker.client.post("/v1/admin/tenants", json={"name": f"t-{secrets.token_hex(3)}"},
+                                      headers={"authorization": f"Bearer {after}"}), 403, "forbidden")
 
 
 def test_a_policy_change_ends_live_tokens_and_returns_their_slices(broker: Broker) -> None:
@@ -355,4 +362,4 @@ def test_rotate_secret_with_no_grace_ends_the_old_secret_at_once(broker: Broker)
         agent, client_secret=new)).status_code == 200
     bad = broker.client.post(f"/v1/admin/workloads/{agent['id']}/rotate-secret",
                              json={"grace_s": -1}, headers=broker.admin())
-    assert bad.status_code == 422
+    assert "grace_s" in assert_problem(bad, 422, "validation_error")["detail"]

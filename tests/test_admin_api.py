@@ -23,6 +23,7 @@ from starlette.routing import Route
 from broker.devvault import DevVault
 from broker.services import Services
 from tests.conftest import ADMIN_SECRET, SECRETS, Broker, BrokerFactory, make_settings
+from tests.support import assert_oauth_error
 
 PROBLEM = "application/problem+json"
 
@@ -258,7 +259,7 @@ def test_bootstrap_admin_is_created_once_and_never_replaced(
     assert len(_admins(broker.services)) == 1
     resp = broker.client.post("/v1/token", data={"grant_type": "client_credentials",
                                                  "client_id": "admin", "client_secret": other})
-    assert resp.status_code == 401
+    assert_oauth_error(resp, 401, "invalid_client")
     assert broker.admin_token()
 
 
@@ -332,10 +333,14 @@ def test_tenant_admin_manages_workloads_of_its_own_tenant(org: Org) -> None:
     assert resp.status_code == 201, resp.text
     SECRETS.add(resp.json()["client_secret"])
     wid = resp.json()["id"]
-    assert c.patch(f"/v1/admin/workloads/{wid}", json={"name": "helper-2"},
-                   headers=h).status_code == 200
-    assert c.get(f"/v1/admin/tenants/{org.a['id']}", headers=h).status_code == 200
-    assert c.delete(f"/v1/admin/workloads/{wid}", headers=h).status_code == 204
+    assert resp.json()["tenant_id"] == org.a["id"] and resp.json()["kind"] == "service"
+    renamed = c.patch(f"/v1/admin/workloads/{wid}", json={"name": "helper-2"}, headers=h)
+    assert renamed.status_code == 200 and renamed.json()["name"] == "helper-2", renamed.text
+    own = c.get(f"/v1/admin/tenants/{org.a['id']}", headers=h)
+    assert own.status_code == 200 and own.json()["id"] == org.a["id"], own.text
+    gone = c.delete(f"/v1/admin/workloads/{wid}", headers=h)
+    assert gone.status_code == 204 and gone.content == b""
+    problem(c.get(f"/v1/admin/workloads/{wid}", headers=h), 404)
 
 
 def test_tenant_admin_cannot_touch_tenants_themselves(org: Org) -> None:

@@ -207,8 +207,8 @@ class World:
 
         def one(match: re.Match[str]) -> str:
             before = template[: match.start()].rstrip("/").rsplit("/", 1)[-1]
-            return {"tenants": self.tenant["id"], "workloads": self.agent["id"]}.get(
-                before, "zz_nothing")
+            named: dict[str, str] = {"tenants": self.tenant["id"], "workloads": self.agent["id"]}
+            return named.get(before, "zz_nothing")
 
         return re.sub(r"\{[^}]+\}", one, template)
 
@@ -339,7 +339,8 @@ def each_field(wrong: Callable[[Any], list[Any]]) -> Callable[[World, Target], l
 
 
 def _wrong_types(value: Any) -> list[Any]:
-    return [bad for bad in (5, True, [], {}, "text", 1.5) if type(bad) is not type(value)]
+    candidates: tuple[Any, ...] = (5, True, [], {}, "text", 1.5)
+    return [bad for bad in candidates if type(bad) is not type(value)]
 
 
 def _str_fields(with_: str) -> Callable[[Any], list[Any]]:
@@ -371,6 +372,9 @@ DEEP = b'{"name":' + b"[" * 30_000 + b"]" * 30_000 + b"}"
 NESTED = b'{"policy":{"models":' + b"[" * 100 + b"]" * 100 + b"}}"
 BAD_REQUEST = {"problem": {400}, "oauth": {400}}
 INVALID = {"problem": {422}, "oauth": {400}}
+WRONG_POLICIES: tuple[dict[str, Any], ...] = (
+    {"models": "gpt-4o"}, {"rate": {"rpm": "60"}}, {"token_ttl_s": "300"}, {"budgets": {}},
+    {"rate": []}, {"burst": {"window_s": 1.5, "limit_micros": 1}})
 
 BODY_ATTACKS = [
     pytest.param(Row(raw_body(b'{"name": '), BAD_REQUEST), id="malformed-json"),
@@ -416,8 +420,7 @@ BODY_ATTACKS = [
     pytest.param(Row(body_of(each_field(_wrong_types)), INVALID), id="wrong-types"),
     pytest.param(Row(body_of(lambda w, t: [
         json.dumps({**(w.base_body(t) or {}), "policy": bad}).encode()
-        for bad in ({"models": "gpt-4o"}, {"rate": {"rpm": "60"}}, {"token_ttl_s": "300"},
-                    {"budgets": {}}, {"rate": []}, {"burst": {"window_s": 1.5, "limit_micros": 1}})
+        for bad in WRONG_POLICIES
     ] if t.template.startswith("/v1/admin/workloads") else []), INVALID), id="policy-wrong-types"),
     pytest.param(Row(body_of(money("-1")), INVALID), id="negative-money"),
     pytest.param(Row(body_of(money(str(10**30))), INVALID), id="money-10e30"),
@@ -641,6 +644,8 @@ def test_hand_built_tokens_are_accepted_when_nothing_is_wrong(world: World) -> N
     for token in (forge.token(), forge.sized(8192)):
         resp = world.client.get("/v1/admin/tenants", headers={"authorization": f"Bearer {token}"})
         assert resp.status_code == 200, resp.text
+        # The admin's own view of the tenants: the world's tenant among them.
+        assert world.tenant["id"] in {t["id"] for t in resp.json()["data"]}, resp.text
 
 
 def test_introspecting_garbage_answers_inactive(world: World) -> None:

@@ -95,9 +95,9 @@ class Hostile:
     payloads: set[str] = field(default_factory=set)
     media_tokens: int = 0
 
-_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=80)
+_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=80)
 _cjk = st.text(st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), max_size=80)
-_key = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12)
+_key = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12)
 _leaf = st.one_of(_text, _cjk, st.integers(-10**12, 10**12), st.booleans(), st.none(),
                   st.floats(allow_nan=False, allow_infinity=False))
 _json = st.recursive(_leaf, lambda inner: st.one_of(

@@ -9,7 +9,6 @@ non-ASCII character. `MockState.bills` records what the fake billed for each req
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,34 +17,49 @@ import httpx
 import httpx2
 import openai
 import pytest
+from anthropic.types import CacheControlEphemeralParam, TextBlockParam
 
 from plugins.mock_billing import CJK_WORDS, Bill, _prompt_tokens, text_tokens, tokenizer_tokens
 from plugins.mock_upstream import MockState
 from tests.fake_provider import FakeProviderServer
+from tests.support import wait_for
 
 SIXTEEN_WORDS = " ".join(f"w{i}" for i in range(16))
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[FakeProviderServer]:
+    """One fake for the module (these tests talk to it alone, and never leave a call running),
+    unlike the shared ``fake`` fixture's server of its own per test."""
     with FakeProviderServer() as fake:
         yield fake
 
 
+# The SDK clients a test made, closed after it (a client left to the garbage collector leaks
+# its sockets).
+_CLIENTS: list[openai.OpenAI | anthropic.Anthropic] = []
+
+
 @pytest.fixture
-def fake(server: FakeProviderServer) -> FakeProviderServer:
+def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
     server.reset()
     server.state.valid_keys = None
     server.state.admin_keys.clear()
-    return server
+    yield server
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 def openai_client(fake: FakeProviderServer, key: str = "sk-openai-test") -> openai.OpenAI:
-    return openai.OpenAI(api_key=key, base_url=f"{fake.url}/v1", max_retries=0)
+    client = openai.OpenAI(api_key=key, base_url=f"{fake.url}/v1", max_retries=0)
+    _CLIENTS.append(client)
+    return client
 
 
 def anthropic_client(fake: FakeProviderServer, key: str = "sk-ant-test") -> anthropic.Anthropic:
-    return anthropic.Anthropic(api_key=key, base_url=fake.url, max_retries=0)
+    client = anthropic.Anthropic(api_key=key, base_url=fake.url, max_retries=0)
+    _CLIENTS.append(client)
+    return client
 
 
 # --- OpenAI -------------------------------------------------------------------------------------
@@ -293,24 +307,24 @@ def test_omit_usage_drops_usage_everywhere(fake: FakeProviderServer) -> None:
 
 
 def test_admin_keys_rotate_the_accepted_keys(fake: FakeProviderServer) -> None:
-    admin = httpx.Client(base_url=fake.url, headers={"x-admin-key": fake.state.admin_key})
-    assert httpx.post(f"{fake.url}/admin/keys", headers={"x-admin-key": "wrong"}).status_code == 401
+    with httpx.Client(base_url=fake.url, headers={"x-admin-key": fake.state.admin_key}) as admin:
+        assert httpx.post(f"{fake.url}/admin/keys", headers={"x-admin-key": "wrong"}).status_code == 401
 
-    created = admin.post("/admin/keys").json()
-    assert admin.get("/admin/keys").json() == {"data": [{"id": created["id"]}]}
-    assert openai_client(fake, created["key"]).models.list().data
-    # Once a key exists, only the issued keys are accepted, in each provider's error format.
-    with pytest.raises(openai.AuthenticationError):
-        openai_client(fake, "sk-not-issued").models.list()
-    with pytest.raises(anthropic.AuthenticationError):
-        anthropic_client(fake, "sk-not-issued").messages.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1
-        )
+        created = admin.post("/admin/keys").json()
+        assert admin.get("/admin/keys").json() == {"data": [{"id": created["id"]}]}
+        assert openai_client(fake, created["key"]).models.list().data
+        # Once a key exists, only the issued keys are accepted, in each provider's error format.
+        with pytest.raises(openai.AuthenticationError):
+            openai_client(fake, "sk-not-issued").models.list()
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic_client(fake, "sk-not-issued").messages.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+            )
 
-    assert admin.delete(f"/admin/keys/{created['id']}").status_code == 200
-    assert admin.delete(f"/admin/keys/{created['id']}").status_code == 404
-    with pytest.raises(openai.AuthenticationError):
-        openai_client(fake, created["key"]).models.list()
+        assert admin.delete(f"/admin/keys/{created['id']}").status_code == 200
+        assert admin.delete(f"/admin/keys/{created['id']}").status_code == 404
+        with pytest.raises(openai.AuthenticationError):
+            openai_client(fake, created["key"]).models.list()
     assert fake.state.received_keys == [
         created["key"],
         "sk-not-issued",
@@ -340,13 +354,10 @@ def sse_data(fake: FakeProviderServer, path: str, body: dict[str, Any]) -> list[
 
 
 def only_bill(fake: FakeProviderServer, timeout_s: float = 5.0) -> Bill:
-    """The one bill, once the provider stopped adding to it (bounded poll)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(fake.state.bills) == 1 and fake.state.bills[0].ended:
-            return fake.state.bills[0]
-        time.sleep(0.01)
-    raise AssertionError(f"no ended bill within {timeout_s}s: {fake.state.bills}")
+    """The one bill, once the provider stopped adding to it."""
+    wait_for(lambda: len(fake.state.bills) == 1 and fake.state.bills[0].ended, timeout_s,
+             what=lambda: f"one ended bill (bills: {fake.state.bills})")
+    return fake.state.bills[0]
 
 
 def reference_count(value: object) -> int:
@@ -647,14 +658,15 @@ def test_a_cut_stream_bills_only_what_was_sent_before_the_cut(fake: FakeProvider
     ],
 )
 def test_cache_control_reports_the_prompt_as_cache_writes(
-    fake: FakeProviderServer, cache_control: dict[str, str], field_5m: int, field_1h: int
+    fake: FakeProviderServer, cache_control: CacheControlEphemeralParam, field_5m: int,
+    field_1h: int,
 ) -> None:
-    system = [
+    system: list[TextBlockParam] = [
         {"type": "text", "text": "x" * 20},  # 5 tokens
         {"type": "text", "text": "y" * 20, "cache_control": cache_control},  # 5 tokens
     ]
     message = anthropic_client(fake).messages.create(
-        model="claude-test", system=system,  # type: ignore[arg-type]
+        model="claude-test", system=system,
         messages=[{"role": "user", "content": ""}], max_tokens=3,
     )
     usage = message.usage

@@ -4,15 +4,18 @@ by its token's slice, and only the provider key from Vault ever reaches the prov
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
 import httpx
 import openai
 import pytest
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from broker.errors import ConfigError
+from broker.gateway.provider_keys import FRESH_S, ProviderKeys
 from broker.plugin import ProviderConfig, SseParser
 from broker.registry import build_providers, load_provider_plugins
 from broker.settings import ProviderSettings
@@ -21,14 +24,11 @@ from plugins.provider_openai import OpenAIWire
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import PIN, POUT, Env, make_env, price
+from tests.support import Clock
 
-PROMPT = [{"role": "user", "content": "Say something short, please."}]
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as server:
-        yield server
+# One prompt, typed for each SDK (their message types differ though the JSON is the same).
+PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something short, please."}]
+CLAUDE_PROMPT: list[MessageParam] = [{"role": "user", "content": "Say something short, please."}]
 
 
 @pytest.fixture
@@ -51,12 +51,14 @@ def zero_input(make_live_broker: Callable[..., Broker], sqlite_url: str,
 
 def _openai(env: Env, token: str) -> openai.OpenAI:
     assert env.broker.url
-    return openai.OpenAI(base_url=env.broker.url + "/v1", api_key=token, max_retries=0)
+    return env.broker.opened(
+        openai.OpenAI(base_url=env.broker.url + "/v1", api_key=token, max_retries=0))
 
 
 def _anthropic(env: Env, token: str) -> anthropic.Anthropic:
     assert env.broker.url
-    return anthropic.Anthropic(base_url=env.broker.url, api_key=token, max_retries=0)
+    return env.broker.opened(
+        anthropic.Anthropic(base_url=env.broker.url, api_key=token, max_retries=0))
 
 
 # --- the happy paths, with the money checked to the micro --------------------------------
@@ -91,9 +93,10 @@ def test_anthropic_message_is_paid_with_the_vault_key(live_sqlite: Env) -> None:
     env = live_sqlite
     token = env.token()
     raw = _anthropic(env, token).messages.with_raw_response.create(
-        model="claude-test", max_tokens=5, messages=PROMPT)
+        model="claude-test", max_tokens=5, messages=CLAUDE_PROMPT)
     message = raw.parse()
-    assert message.content[0].text == "w0 w1 w2 w3 w4"  # type: ignore[union-attr]
+    [block] = message.content
+    assert isinstance(block, anthropic.types.TextBlock) and block.text == "w0 w1 w2 w3 w4"
     assert int(raw.headers["x-broker-cost-micros"]) == price(message.usage.input_tokens, 5)
     assert env.fake.state.received_keys == [env.key]
     assert env.fake.state.requests[0]["max_tokens"] == 5
@@ -150,7 +153,7 @@ def test_openai_stream_keeps_the_usage_chunk_the_client_asked_for(live_sqlite: E
 def test_anthropic_stream_is_metered(live_sqlite: Env) -> None:
     env = live_sqlite
     with _anthropic(env, env.token()).messages.stream(
-            model="claude-test", max_tokens=4, messages=PROMPT) as stream:
+            model="claude-test", max_tokens=4, messages=CLAUDE_PROMPT) as stream:
         final = stream.get_final_message()
     assert final.usage.output_tokens == 4
     [event] = env.wait_for_events(1)
@@ -195,7 +198,7 @@ def test_mock_provider_answers_in_process(live_sqlite: Env) -> None:
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "w0 w1"
     message = _anthropic(env, env.token()).messages.create(
-        model="mock-claude", max_tokens=2, messages=PROMPT)
+        model="mock-claude", max_tokens=2, messages=CLAUDE_PROMPT)
     assert message.usage.output_tokens == 2
     assert env.fake.state.requests == []  # never left the process
     assert [e["status"] for e in env.wait_for_events(3)] == ["ok", "ok", "ok"]
@@ -220,7 +223,7 @@ def test_model_outside_the_token_is_refused(live_sqlite: Env) -> None:
         _openai(env, token).chat.completions.create(model="gpt-other", messages=PROMPT)
     assert info.value.code == "model_not_allowed"
     with pytest.raises(anthropic.PermissionDeniedError):
-        _anthropic(env, token).messages.create(model="gpt-other", max_tokens=5, messages=PROMPT)
+        _anthropic(env, token).messages.create(model="gpt-other", max_tokens=5, messages=CLAUDE_PROMPT)
     assert env.fake.state.requests == [] and env.events() == []
     assert env.slice_of(token)["held_micros"] == 0
 
@@ -308,7 +311,7 @@ def test_output_limit_is_set_when_the_client_sent_none(zero_input: Env) -> None:
     _openai(env, token).chat.completions.create(model="gpt-test", messages=PROMPT)
     assert env.fake.state.requests[0]["max_completion_tokens"] == 3
     _anthropic(env, env.token(budget=7)).messages.create(
-        model="claude-test", max_tokens=4000, messages=PROMPT)
+        model="claude-test", max_tokens=4000, messages=CLAUDE_PROMPT)
     assert env.fake.state.requests[1]["max_tokens"] == 7
 
 
@@ -327,7 +330,7 @@ def test_a_slice_that_cannot_pay_for_one_token_is_refused(live_sqlite: Env) -> N
         _openai(env, token).chat.completions.create(model="gpt-test", messages=PROMPT)
     assert info.value.code == "insufficient_quota"
     with pytest.raises(anthropic.RateLimitError):
-        _anthropic(env, token).messages.create(model="claude-test", max_tokens=1, messages=PROMPT)
+        _anthropic(env, token).messages.create(model="claude-test", max_tokens=1, messages=CLAUDE_PROMPT)
     assert env.fake.state.requests == [] and env.events() == []
 
 
@@ -371,20 +374,26 @@ def test_gateway_routes_are_in_the_openapi_document(live_sqlite: Env) -> None:
 
 
 def test_a_new_key_version_is_used_without_restart(live_sqlite: Env) -> None:
+    """A key written to Vault is used once the cached one is ``FRESH_S`` old. The gateway's
+    key cache runs on a clock the test moves, instead of the test waiting on the real one."""
     env = live_sqlite
-    env.gateway.keys.fresh_s = 0.2
+    svc, clock = env.broker.services, Clock()
+    env.gateway.keys = ProviderKeys(
+        svc.vault, {name: p.vault_path for name, p in svc.settings.providers.items()},
+        max_stale_s=svc.settings.vault.max_stale_s, clock=clock)
     client = _openai(env, env.token())
     client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=1)
     old = env.key
     env.write_key("sk-fake-rotated-" + old[-6:])
     env.fake.state.valid_keys = {old, env.key}
-    deadline = 200
-    while env.fake.state.received_keys[-1] != env.key and deadline:
-        client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=1)
-        deadline -= 1
-    assert env.fake.state.received_keys[-1] == env.key
-    env.fake.state.valid_keys = {env.key}
     client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=1)
+    assert env.fake.state.received_keys[-1] == old  # still fresh: the cached key
+    clock.advance(FRESH_S)
+    client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=1)
+    assert env.fake.state.received_keys[-1] == env.key
+    env.fake.state.valid_keys = {env.key}  # the old key is not needed any more
+    client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=1)
+    assert env.fake.state.received_keys[-1] == env.key
 
 
 # --- configuration and plugins -----------------------------------------------------------

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
@@ -17,13 +18,7 @@ from tests.gateway_support import Env, make_env
 CALLS = 200
 PAID_CALLS = 10
 TOKENS_PER_CALL = 4  # the fake answers exactly max_tokens words below 16
-PROMPT = [{"role": "user", "content": "Count to four."}]
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as server:
-        yield server
+PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count to four."}]
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ import httpx
 import jwt
 import openai
 import pytest
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from broker.errors import LedgerUnavailable
 from broker.gateway.calls import Gateway
@@ -27,7 +29,10 @@ from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer, free_port
 from tests.gateway_support import Env, make_env, price
 
-PROMPT = [{"role": "user", "content": "Tell me a long story about failures."}]
+# One prompt, typed for each SDK (their message types differ though the JSON is the same).
+PROMPT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Tell me a long story about failures."}]
+CLAUDE_PROMPT: list[MessageParam] = [{"role": "user", "content": "Tell me a long story about failures."}]
 
 
 @pytest.fixture
@@ -48,7 +53,13 @@ def per_token(make_live_broker: Callable[..., Broker], sqlite_url: str,
 
 
 def _openai(env: Env, token: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{env.broker.url}/v1", api_key=token, max_retries=0)
+    return env.broker.opened(
+        openai.OpenAI(base_url=f"{env.broker.url}/v1", api_key=token, max_retries=0))
+
+
+def _anthropic(env: Env, token: str) -> anthropic.Anthropic:
+    return env.broker.opened(
+        anthropic.Anthropic(base_url=env.broker.url or "", api_key=token, max_retries=0))
 
 
 def _content(line: str) -> str:
@@ -100,9 +111,9 @@ def test_provider_5xx_costs_nothing(both: Env) -> None:
 def test_provider_5xx_before_a_stream_costs_nothing(env: Env) -> None:
     env.fake.state.faults.status = 529
     token = env.token()
-    client = anthropic.Anthropic(base_url=env.broker.url or "", api_key=token, max_retries=0)
+    client = _anthropic(env, token)
     with (pytest.raises(anthropic.APIStatusError) as info,
-          client.messages.stream(model="claude-test", max_tokens=5, messages=PROMPT) as s):
+          client.messages.stream(model="claude-test", max_tokens=5, messages=CLAUDE_PROMPT) as s):
         s.get_final_message()
     assert info.value.status_code == 502
     assert isinstance(info.value.body, dict)
@@ -117,7 +128,7 @@ def test_connection_refused_costs_nothing(make_live_broker: Callable[..., Broker
     token = env.token()
     with pytest.raises(openai.InternalServerError) as info:
         _openai(env, token).chat.completions.create(model="gpt-test", messages=PROMPT, stream=True)
-    assert info.value.status_code == 502
+    assert info.value.status_code == 502 and info.value.code == "upstream_error"
     event = _only_event(env, token)
     assert (event["status"], event["cost_micros"], event["prompt_tokens"]) == (
         "upstream_error", 0, 0)
@@ -128,7 +139,7 @@ def test_provider_refusing_the_broker_key_is_an_upstream_error(env: Env) -> None
     token = env.token()
     with pytest.raises(openai.InternalServerError) as info:
         _openai(env, token).chat.completions.create(model="gpt-test", messages=PROMPT)
-    assert info.value.status_code == 502
+    assert info.value.status_code == 502 and info.value.code == "upstream_error"
     assert env.key not in str(info.value.body)
     assert _only_event(env, token)["cost_micros"] == 0
 
@@ -215,9 +226,9 @@ def test_stream_cut_midway_pays_what_was_streamed(both: Env) -> None:
 def test_anthropic_stream_cut_pays_the_reported_input(env: Env) -> None:
     env.fake.state.faults.cut_after_chunks = 5  # start, block start, ping, two words
     token = env.token()
-    client = anthropic.Anthropic(base_url=env.broker.url or "", api_key=token, max_retries=0)
+    client = _anthropic(env, token)
     with (pytest.raises(anthropic.APIStatusError),
-          client.messages.stream(model="claude-test", max_tokens=10, messages=PROMPT) as s):
+          client.messages.stream(model="claude-test", max_tokens=10, messages=CLAUDE_PROMPT) as s):
         s.get_final_message()
     event = _only_event(env, token)
     assert event["status"] == "stream_cut" and event["estimated"]
@@ -342,7 +353,7 @@ def test_a_ledger_that_cannot_hold_refuses_before_any_provider_call(
     monkeypatch.setattr(env.broker.services.db, "transaction", down)
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=1)
-    assert info.value.status_code == 503
+    assert info.value.status_code == 503 and info.value.code == "service_unavailable"
     assert len(env.fake.state.requests) == 1
 
 
@@ -375,10 +386,11 @@ def test_anthropic_stream_of_a_provider_ignoring_the_limit_ends_cleanly(per_toke
     env = per_token
     env.fake.state.faults.ignore_max_tokens = True
     token = env.token(budget=10)
-    client = anthropic.Anthropic(base_url=env.broker.url or "", api_key=token, max_retries=0)
-    with client.messages.stream(model="claude-test", max_tokens=500, messages=PROMPT) as stream:
+    client = _anthropic(env, token)
+    with client.messages.stream(model="claude-test", max_tokens=500, messages=CLAUDE_PROMPT) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "max_tokens"
-    assert 10 <= len(final.content[0].text.split()) <= 13  # type: ignore[union-attr]
+    [block] = final.content
+    assert isinstance(block, anthropic.types.TextBlock) and 10 <= len(block.text.split()) <= 13
     event = _only_event(env, token)
     assert (event["status"], event["cost_micros"]) == ("hold_exceeded", 10)

@@ -60,7 +60,7 @@ def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> N
         jti = f"j{who}"
         if op == "issue" and jti not in slices:
             try:
-                db.transaction(lambda c, jti=jti, amount=amount: ledger.reserve_slice(
+                db.transaction(lambda c: ledger.reserve_slice(
                     c, jti=jti, workload_id="wl_p", tenant_id="tn_p", amount=amount,
                     budgets=budget, issued_at=NOW, expires_at=NOW + 60))
                 slices[jti] = amount
@@ -69,7 +69,7 @@ def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> N
         elif op == "hold" and jti in slices:
             hid = f"h{i}"
             try:
-                db.transaction(lambda c, hid=hid, jti=jti, amount=amount: ledger.place_hold(
+                db.transaction(lambda c: ledger.place_hold(
                     c, hold_id=hid, jti=jti, amount=amount, now=NOW))
                 holds[hid] = (jti, amount)
             except InsufficientQuota:
@@ -78,14 +78,14 @@ def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> N
             hid = sorted(holds)[who % len(holds)]
             event: dict[str, Any] = {"request_id": hid, "ts": NOW, "model": "m", "provider": "p",
                                      "status": "ok"}
-            out = db.transaction(lambda c, hid=hid, amount=amount, event=event: ledger.settle_hold(
+            out = db.transaction(lambda c: ledger.settle_hold(
                 c, hold_id=hid, cost=amount, event=event))
             assert out is not None
             held_jti, held = holds.pop(hid)
             assert out.excess == max(0, amount - held)
             excess[held_jti] = excess.get(held_jti, 0) + out.excess
         elif op == "release" and jti in slices:
-            db.transaction(lambda c, jti=jti: ledger.release_slice(c, jti, NOW + 61))
+            db.transaction(lambda c: ledger.release_slice(c, jti, NOW + 61))
 
         def check(c: Connection) -> None:
             reserved, spent = _totals(c)
@@ -165,7 +165,8 @@ def test_settlements_lock_budgets_in_the_order_issuance_reserves_them(db: Databa
 
     def scopes(c: Connection) -> list[str]:
         ids = ledger._counter_ids(c, "j_new")
-        by_id = dict(c.execute(text("SELECT id, scope FROM budget_counter")).all())
+        by_id: dict[int, str] = {int(row[0]): str(row[1]) for row in
+                                 c.execute(text("SELECT id, scope FROM budget_counter"))}
         return [by_id[i] for i in ids]
 
     assert db.transaction(scopes) == ["tenant", "workload"]

@@ -3,6 +3,7 @@ Retry-After that names the moment a refused request would fit. Time is injected:
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass
 
@@ -36,9 +37,13 @@ def _settle(limiter: Limiter, policy: Policy, now: float, *, key: str = "wl_a", 
                    held_micros=held_micros, used_micros=used_micros, now=now)
 
 
-def test_in_memory_limiter_satisfies_the_protocol() -> None:
-    limiter: Limiter = InMemoryLimiter()
-    limiter.admit("wl_a", Policy(), tokens=10**9, cost_micros=10**9, now=0.0)
+def test_in_memory_limiter_takes_exactly_the_protocols_arguments() -> None:
+    """The gateway calls only what :class:`Limiter` declares, by keyword: a limiter whose
+    methods drifted from it (a renamed, added or re-defaulted argument) fails here at run time,
+    not only under mypy."""
+    for name in ("admit", "settle"):
+        declared = inspect.signature(getattr(Limiter, name))
+        assert inspect.signature(getattr(InMemoryLimiter, name)) == declared, name
 
 
 # --- requests per minute -------------------------------------------------------------------

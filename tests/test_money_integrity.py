@@ -14,26 +14,28 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
 from broker.gateway import calls as gateway_module
+from broker.money.limits import InMemoryLimiter
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import PIN, POUT, Env, make_env, price
+from tests.support import wait_for
 
 PROMPT = [{"role": "user", "content": "Write something long."}]
 ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as server:
-        server.state.billing = "tokenizer"
-        yield server
+def fake(fake: FakeProviderServer) -> FakeProviderServer:
+    """The shared fake provider, billing like a real tokenizer (see above)."""
+    fake.state.billing = "tokenizer"
+    return fake
 
 
 @pytest.fixture
@@ -48,14 +50,13 @@ def both(make_live_broker: Callable[..., Broker], db_url: str, fake: FakeProvide
 
 def _settled(env: Env, calls: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     """The usage events of ``calls`` calls, once the provider has stopped billing them all."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        events = env.events()
-        bills = list(env.fake.state.bills)
-        if len(events) >= calls and all(b.ended for b in bills):
-            return events
-        assert time.monotonic() < deadline, (len(events), [b.ended for b in bills])
-        time.sleep(0.02)
+
+    def settled() -> bool:
+        return len(env.events()) >= calls and all(b.ended for b in list(env.fake.state.bills))
+
+    wait_for(settled, timeout_s, what=lambda: f"{calls} settled calls (events: "
+             f"{len(env.events())}, bills ended: {[b.ended for b in env.fake.state.bills]})")
+    return env.events()
 
 
 def _openai(env: Env, token: str, body: dict[str, Any]) -> httpx.Response:
@@ -234,10 +235,12 @@ def test_a_provider_billing_above_the_hold_is_charged_in_full_alerted_audited_an
     metrics = env.broker.client.get("/metrics").text
     assert 'broker_overruns_total{provider="fake-openai"} 1.0' in metrics
     again = _openai(env, token, {"model": "gpt-test", "messages": PROMPT})
-    assert again.status_code == 401 and len(env.fake.state.requests) == 1
+    assert again.status_code == 401 and again.json()["error"]["code"] == "invalid_api_key"
+    assert len(env.fake.state.requests) == 1
     # The rate limiter learned the real tokens, not the hold's.
-    usage = env.gateway.limiter.usage(agent["id"], asyncio.run(env.gateway.policy(agent["id"])),
-                                      time.time())
+    limiter = env.gateway.limiter
+    assert isinstance(limiter, InMemoryLimiter)  # the default: it can tell what it counted
+    usage = limiter.usage(agent["id"], asyncio.run(env.gateway.policy(agent["id"])), time.time())
     assert usage.tokens >= 1000
 
 

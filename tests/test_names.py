@@ -248,6 +248,12 @@ def test_workload_names_are_unique_per_tenant_after_normalisation(broker: Broker
 # --- the migration that added the keys -------------------------------------------------------
 
 
+def _name_keys(conn: sa.Connection, table: str) -> dict[str, str]:
+    """Each row's id and stored ``name_key``."""
+    rows = conn.execute(sa.text(f"SELECT id, name_key FROM {table}"))
+    return {str(row[0]): str(row[1]) for row in rows}
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_db(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     if request.param == "sqlite":
@@ -290,8 +296,8 @@ def test_the_upgrade_keys_existing_names_and_never_fails(empty_db: str) -> None:
                 conn.execute(insert_workload, {"id": wid, "tenant": tid, "name": name, "at": at})
         alembic(command.upgrade, "head")
         with engine.connect() as conn:
-            keys = dict(conn.execute(sa.text("SELECT id, name_key FROM tenant")).all())
-            wkeys = dict(conn.execute(sa.text("SELECT id, name_key FROM workload")).all())
+            keys = _name_keys(conn, "tenant")
+            wkeys = _name_keys(conn, "workload")
         # tn_c's suffixed key would be tn_f's own key: it gets a second suffix.
         assert keys == {"tn_a": CAFE_NFC, "tn_b": CAFE_NFC + "~tn_b", "tn_c": CAFE_NFC + "~tn_c~1",
                         "tn_d": "evil\u202egpj", "tn_e": "ss" * 128, "tn_f": CAFE_NFC + "~tn_c"}
@@ -302,7 +308,7 @@ def test_the_upgrade_keys_existing_names_and_never_fails(empty_db: str) -> None:
             assert "name_key" not in {c["name"] for c in sa.inspect(conn).get_columns("tenant")}
         alembic(command.upgrade, "head")
         with engine.connect() as conn:
-            again = dict(conn.execute(sa.text("SELECT id, name_key FROM tenant")).all())
+            again = _name_keys(conn, "tenant")
         assert again == keys
     finally:
         engine.dispose()

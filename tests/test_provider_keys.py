@@ -3,6 +3,7 @@ the cache (for at most ``max_stale_s``) while Vault does not answer (decision 4)
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any
 
@@ -11,17 +12,10 @@ import pytest
 
 from broker.devvault import DevVault, free_port
 from broker.errors import Unavailable, VaultUnavailable
-from broker.gateway.provider_keys import ProviderKeys
+from broker.gateway.provider_keys import REFRESH_AHEAD, ProviderKeys
 from broker.settings import VaultSettings
 from broker.storage.vault import Vault
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import Clock
 
 
 class Switch:
@@ -74,6 +68,51 @@ def test_a_new_version_is_used_once_the_cache_is_stale(real: Vault, switch: Swit
     assert _get(keys) == "sk-one"  # still fresh
     clock.now += 5
     assert _get(keys) == "sk-two" and keys.version("p") == 2
+
+
+def test_near_the_end_of_its_freshness_the_key_is_read_again_behind_the_call(
+        real: Vault, switch: Switch) -> None:
+    """Past ``REFRESH_AHEAD`` of ``fresh_s`` a call still gets the cached key at once, and a
+    background read brings the new version: under steady traffic no call waits for Vault."""
+    path, clock = _path(), Clock()
+    real.write(path, {"api_key": "sk-one"})
+    keys = ProviderKeys(switch, {"p": path}, max_stale_s=300, fresh_s=5, clock=clock)
+
+    async def scenario() -> list[str]:
+        served = [await keys.get("p")]
+        real.write(path, {"api_key": "sk-two"})
+        clock.advance(5 * REFRESH_AHEAD)  # still fresh, but due for a read
+        served.append(await keys.get("p"))
+        with anyio.fail_after(10):  # the background read, on this event loop
+            while keys.version("p") != 2:
+                await anyio.sleep(0.01)
+        served.append(await keys.get("p"))
+        return served
+
+    assert anyio.run(scenario) == ["sk-one", "sk-one", "sk-two"]
+    assert switch.reads == 2  # the first read and the one behind the second call, no more
+
+
+def test_a_failed_read_behind_a_call_keeps_the_cached_key(
+        real: Vault, switch: Switch, caplog: pytest.LogCaptureFixture) -> None:
+    path, clock = _path(), Clock()
+    real.write(path, {"api_key": "sk-one"})
+    keys = ProviderKeys(switch, {"p": path}, max_stale_s=0, fresh_s=5, clock=clock)
+
+    async def scenario() -> list[str]:
+        served = [await keys.get("p")]
+        switch.target = switch.down
+        clock.advance(5 * REFRESH_AHEAD)
+        served.append(await keys.get("p"))
+        with anyio.fail_after(10):
+            while "background key read failed" not in caplog.text:
+                await anyio.sleep(0.01)
+        served.append(await keys.get("p"))  # still fresh: the cached key, no new read
+        return served
+
+    with caplog.at_level(logging.WARNING, logger="broker.provider_keys"):
+        assert anyio.run(scenario) == ["sk-one", "sk-one", "sk-one"]
+    assert "sk-one" not in caplog.text and keys.version("p") == 1
 
 
 def test_invalidate_reads_vault_on_the_next_call(real: Vault, switch: Switch) -> None:

@@ -280,6 +280,7 @@ def test_a_lost_notification_is_caught_up_by_the_periodic_read(
     agent = first.create_workload(tenant["id"], policy={"models": ["gpt-4o-mini"]})
     token = first.token(agent["client_id"], agent["client_secret"])
     gate = second.services.token_gate
+    assert gate is not None
     verified = _verified(second, token)
     assert gate.is_live(verified)
 
@@ -303,6 +304,7 @@ def test_every_replica_listens_and_applies_notifications(
     agent = first.create_workload(tenant["id"], policy={"models": ["gpt-4o-mini"]})
     token = first.token(agent["client_id"], agent["client_secret"])
     gate = second.services.token_gate
+    assert gate is not None
     verified = _verified(second, token)
     first.client.post(f"/v1/admin/workloads/{agent['id']}/suspend", headers=first.admin())
     took = wait_for(lambda: not gate.is_live(verified))

@@ -26,7 +26,7 @@ from broker.tokens.issuance import authenticate_client
 from tests.conftest import SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
-from tests.support import wait_for
+from tests.support import assert_problem, wait_for
 
 
 def _states(broker: Broker, headers: dict[str, str] | None = None) -> dict[str, str]:
@@ -120,12 +120,15 @@ def test_signing_key_listing_never_shows_material(sqlite_broker: Broker) -> None
 def test_only_an_org_admin_rotates_signing_keys(sqlite_broker: Broker) -> None:
     broker = sqlite_broker
     tenant = broker.create_tenant()
+    before = _states(broker)
     for role in ("tenant-admin", "auditor"):
         ident = broker.create_workload(tenant["id"], kind="admin", roles=[role])
         headers = {"authorization": f"Bearer {broker.token(ident['client_id'], ident['client_secret'])}"}
-        assert broker.client.post("/v1/admin/keys/signing/rotate", headers=headers).status_code == 403
-        assert broker.client.get("/v1/admin/keys/signing", headers=headers).status_code == 200
-    assert broker.client.post("/v1/admin/keys/signing/rotate").status_code == 401
+        assert_problem(broker.client.post("/v1/admin/keys/signing/rotate", headers=headers),
+                       403, "forbidden")
+        assert _states(broker, headers) == before  # they may read the key list, not change it
+    assert_problem(broker.client.post("/v1/admin/keys/signing/rotate"), 401, "invalid_token")
+    assert _states(broker) == before and _audit(broker, "signing_key.rotate") == []
 
 
 def test_signing_keys_rotate_on_the_configured_interval(make_broker: Any, sqlite_url: str) -> None:
@@ -162,7 +165,8 @@ def test_broker_keys_rotate_is_picked_up_by_a_running_broker(
 def _exchange(broker: Broker, client_id: str, secret: str) -> int:
     resp = broker.client.post("/v1/token", data={
         "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret})
-    return resp.status_code
+    status: int = resp.status_code
+    return status
 
 
 def _authenticates(broker: Broker, client_id: str, secret: str, now: int) -> bool:
@@ -377,15 +381,17 @@ def test_provider_rotation_refusals(make_live_broker: Callable[..., Broker], sql
                                    fake: FakeProviderServer) -> None:
     env = _provider_env(make_live_broker, sqlite_url, fake)
     broker = env.broker
-    assert broker.client.post("/v1/admin/providers/nope/rotate",
-                              headers=broker.admin()).status_code == 404
-    assert broker.client.post("/v1/admin/providers/mock/rotate",
-                              headers=broker.admin()).status_code == 409  # takes no key
+    before = _vault_doc(env)
+    assert_problem(broker.client.post("/v1/admin/providers/nope/rotate", headers=broker.admin()),
+                   404, "not_found")
+    refused = broker.client.post("/v1/admin/providers/mock/rotate", headers=broker.admin())
+    assert assert_problem(refused, 409, "conflict")["detail"] == "this provider takes no key"
     tenant = broker.create_tenant()
     ident = broker.create_workload(tenant["id"], kind="admin", roles=["tenant-admin"])
     headers = {"authorization": f"Bearer {broker.token(ident['client_id'], ident['client_secret'])}"}
-    assert broker.client.post("/v1/admin/providers/fake-openai/rotate",
-                              headers=headers).status_code == 403
+    assert_problem(broker.client.post("/v1/admin/providers/fake-openai/rotate", headers=headers),
+                   403, "forbidden")
+    assert _vault_doc(env) == before  # no refusal touched the stored key
 
 
 def test_provider_keys_rotate_on_the_configured_interval(

@@ -76,13 +76,18 @@ def test_a_failing_job_is_recorded_and_does_not_stop_the_others(sqlite_url: str)
         db.dispose()
 
 
+def _scheduler(broker: Broker) -> Scheduler:
+    scheduler = broker.services.scheduler
+    assert scheduler is not None, "the app starts a scheduler"
+    return scheduler
+
+
 def test_only_one_of_two_replicas_runs_a_scheduled_job(
     make_broker: Any, pg_url: str, replicas: contextlib.ExitStack,  # noqa: F811
 ) -> None:
     first: Broker = make_broker(pg_url, scheduler={"tick_s": 0.05})
     second = start_replica(replicas, first.settings)
-    schedulers: list[Scheduler] = [first.services.scheduler,
-                                   second.services.scheduler]
+    schedulers = [_scheduler(first), _scheduler(second)]
     counts = [0, 0]
 
     def counter(i: int) -> Any:

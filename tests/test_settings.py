@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ from broker.devvault import DevVault, free_port
 from broker.errors import ConfigError
 from broker.settings import load_settings
 from tests.conftest import LOGS
+from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "config" / "broker.toml"
@@ -80,8 +80,17 @@ def test_defaults_apply_without_a_file(tmp_path: Path, monkeypatch: pytest.Monke
     assert settings.issuer.audience == "ai-broker"
 
 
-def test_the_shipped_configuration_is_valid() -> None:
-    settings = load_settings(SHIPPED, env={})
+def test_the_shipped_configuration_and_its_commented_examples_are_valid(tmp_path: Path) -> None:
+    """The file loads as shipped (with no provider: ``broker dev`` brings its own), and once its
+    provider and model examples are uncommented too, each model naming a configured provider."""
+    assert load_settings(SHIPPED, env={}).models == {}
+    text = SHIPPED.read_text()
+    start = text.index("# [providers.")
+    examples = [re.sub(r"^# (?=\[|[a-z_]+ = )", "", line) for line in text[start:].splitlines()]
+    uncommented = tmp_path / "broker.toml"
+    uncommented.write_text(text[:start] + "\n".join(examples) + "\n")
+    settings = load_settings(uncommented, env={})
+    assert set(settings.models) == {"gpt-4o-mini", "claude-haiku"}
     for name, model in settings.models.items():
         assert model.provider in settings.providers, name
 
@@ -251,16 +260,14 @@ def _serve_until_healthy(args: list[str], env: dict[str, str], cwd: Path) -> Non
                             env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def healthy() -> bool:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
             except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "broker serve did not become healthy"
-            time.sleep(0.2)
+                return False
+
+        wait_for(healthy, timeout=60, interval=0.2, what="broker serve becoming healthy")
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
         jwks = httpx.get(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=10).json()
         assert jwks["keys"]

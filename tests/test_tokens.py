@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import base64
-import json
+import hashlib
+from typing import Any
 
 import jwt
 import pytest
 
+from broker.identity.credentials import hash_secret
 from tests.conftest import Broker
 
 SPEC_CLAIMS = {"iss", "aud", "sub", "tenant", "kind", "jti", "iat", "nbf", "exp", "models",
                "budget_micros"}
 
 
-def _agent(broker: Broker, **policy: object) -> dict[str, object]:
+def _agent(broker: Broker, **policy: Any) -> dict[str, Any]:
     tenant = broker.create_tenant()
     return broker.create_workload(
         tenant["id"], policy={"models": ["gpt-4o-mini", "claude-*"], "token_budget_micros": 500_000,
@@ -120,7 +122,9 @@ def test_client_secret_is_stored_as_keyed_hash(broker: Broker) -> None:
         stored = conn.execute(text("SELECT secret_hash FROM workload WHERE id = :id"),
                               {"id": agent["id"]}).scalar_one()
     assert agent["client_secret"] not in stored
-    assert len(stored) == 64
+    # HMAC-SHA-256 keyed with the pepper, not a bare digest a stolen table could be tested with.
+    assert stored == hash_secret(broker.services.pepper, agent["client_secret"])
+    assert stored != hashlib.sha256(agent["client_secret"].encode()).hexdigest()
     raw = agent["client_secret"].removeprefix("bks_")
     assert len(base64.urlsafe_b64decode(raw + "==")) >= 32  # 256 bits
 
@@ -145,12 +149,22 @@ def test_introspection_reports_claims_and_remaining_budget(broker: Broker) -> No
     assert resp.status_code == 401 and resp.json()["error"] == "invalid_client"
 
 
-def test_metadata_document(broker: Broker) -> None:
-    meta = broker.client.get("/.well-known/oauth-authorization-server").json()
-    assert meta["issuer"] == "http://broker.test"
-    assert meta["jwks_uri"] == "http://broker.test/.well-known/jwks.json"
-    assert "client_credentials" in meta["grant_types_supported"]
-    assert json.dumps(meta)
+def test_metadata_document_names_the_issuer_endpoints_and_methods(broker: Broker) -> None:
+    """RFC 8414 metadata: every endpoint under the issuer, and only what the broker supports."""
+    resp = broker.client.get("/.well-known/oauth-authorization-server")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    assert resp.json() == {
+        "issuer": "http://broker.test",
+        "token_endpoint": "http://broker.test/v1/token",
+        "introspection_endpoint": "http://broker.test/v1/introspect",
+        "jwks_uri": "http://broker.test/.well-known/jwks.json",
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "bearer"],
+        "response_types_supported": [],
+        "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+        "access_token_signing_alg_values_supported": ["EdDSA"],
+    }
 
 
 def test_verified_cache_rechecks_expiry_and_the_signing_key(broker: Broker) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import insert
 
 from broker.storage.models import UsageEvent
 from tests.conftest import Broker
+from tests.support import assert_problem
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
 MODELS = ("gpt-4o-mini", "claude-3-5-haiku")
@@ -77,7 +78,7 @@ def _expected_totals(events: list[dict[str, Any]], column: str) -> list[dict[str
     return [{"key": k, **v} for k, v in sorted(sums.items())]
 
 
-def _get(broker: Broker, path: str, headers: dict[str, str] | None = None,
+def _get(broker: Broker, path: str, headers: dict[str, str] | None = None, /,
          **params: Any) -> Any:
     resp = broker.client.get(path, params=params, headers=headers or broker.admin())
     assert resp.status_code == 200, resp.text
@@ -228,9 +229,8 @@ def test_an_agent_token_is_refused_and_no_token_is_unauthorized(broker: Broker) 
     headers = {"authorization": f"Bearer {broker.token(agent['client_id'], agent['client_secret'])}"}
     for path in ("/v1/admin/usage", "/v1/admin/usage/events"):
         resp = broker.client.get(path, headers=headers)
-        assert resp.status_code == 403, resp.text
-        assert resp.headers["content-type"].startswith("application/problem+json")
-        assert broker.client.get(path).status_code == 401
+        assert_problem(resp, 403, "forbidden")
+        assert_problem(broker.client.get(path), 401, "invalid_token")
 
 
 # --- bad input ------------------------------------------------------------------------------

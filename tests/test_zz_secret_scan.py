@@ -24,6 +24,7 @@ import contextlib
 import re
 import secrets
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import hvac
@@ -171,7 +172,7 @@ def vault_secrets(vault: DevVault) -> set[str]:
 # --- the scan ------------------------------------------------------------------------------
 
 
-def _where(text: str, secret: str, others: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+def _where(text: str, secret: str, others: AbstractSet[str] = frozenset()) -> str:
     """Where ``secret`` is, with it and every other known secret blanked out of the excerpt."""
     at = text.index(secret)
     excerpt = text[max(0, at - 120):at] + "<SECRET>" + text[at + len(secret):at + len(secret) + 60]
