@@ -23,6 +23,7 @@ from starlette.testclient import TestClient
 from broker.api.app import create_app
 from broker.api.server import uvicorn_config
 from broker.devvault import DevVault, free_port
+from broker.money.sweeper import sweep_once
 from broker.services import Services
 from broker.settings import Settings, load_settings
 from broker.storage.db import make_engine, migrate
@@ -206,6 +207,11 @@ class Broker:
     def close_opened(self) -> None:
         while self._opened:
             self._opened.pop().close()
+
+    def sweep(self, now: int | None = None) -> tuple[int, int]:
+        """One sweeper pass, as the scheduler runs it: (slices released, orphaned holds settled)."""
+        svc = self.services
+        return sweep_once(svc.db, svc.settings.sweeper, svc.metrics, now=now)
 
     def admin_token(self) -> str:
         return self.token("admin", ADMIN_SECRET)

@@ -14,16 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.money.sweeper import sweep_once
 from tests.conftest import ADMIN_SECRET, SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
 from tests.support import assert_problem, wait_for
-
-
-def _sweep(broker: Broker, now: int | None = None) -> tuple[int, int]:
-    svc = broker.services
-    return sweep_once(svc.db, svc.settings.sweeper, svc.metrics, now=now)
 
 PROMPT = [{"role": "user", "content": "hi"}]
 
@@ -228,9 +222,9 @@ def test_released_slices_are_pruned_after_the_retention(
             return int(conn.execute(text("SELECT count(*) FROM token_slice WHERE workload_id = :w"),
                                     {"w": agent["id"]}).scalar_one())
 
-    _sweep(broker, now=now + 5)  # expired: released, kept for the retention
+    broker.sweep(now=now + 5)  # expired: released, kept for the retention
     assert count() == 3
-    _sweep(broker, now=now + 5 + 11)
+    broker.sweep(now=now + 5 + 11)
     assert count() == 0
     # The live-token counter came back down with the releases.
     assert broker.client.post("/v1/token", data=_token_form(agent)).status_code == 200

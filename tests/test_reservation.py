@@ -11,13 +11,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from broker.money.sweeper import sweep_once
 from tests.conftest import Broker
-
-
-def _sweep(broker: Broker, now: int | None = None) -> tuple[int, int]:
-    svc = broker.services
-    return sweep_once(svc.db, svc.settings.sweeper, svc.metrics, now=now)
 
 SLICE = 100_000
 
@@ -57,10 +51,10 @@ def test_200_concurrent_requests_reserve_exactly_ten_slices(make_live_broker: An
     assert ("tenant", 10 * SLICE, 0) in _counters(broker)
 
     # Once the slices expire the sweeper returns them, and the budget is whole again.
-    released, _ = _sweep(broker, now=int(time.time()) + 61)
+    released, _ = broker.sweep(now=int(time.time()) + 61)
     assert released == 10
     assert [(s, r) for s, r, _ in _counters(broker)] == [("tenant", 0), ("workload", 0)]
-    assert _sweep(broker, now=int(time.time()) + 61) == (0, 0)  # never twice
+    assert broker.sweep(now=int(time.time()) + 61) == (0, 0)  # never twice
     again = asyncio.run(_race(broker.url, agent, 20))
     assert again == Counter({"ok": 10, "403 budget_exhausted": 10})
 

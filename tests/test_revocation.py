@@ -16,7 +16,6 @@ from sqlalchemy import text
 
 from broker.identity.identities import Actor
 from broker.money import ledger
-from broker.money.sweeper import sweep_once
 from broker.revocation import actions
 from broker.revocation.denylist import Denylist
 from broker.revocation.log import MAX_TOKEN_LIFETIME_S, Entry
@@ -27,11 +26,6 @@ from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
 from tests.support import assert_problem, wait_for
 from tests.test_replicas import start_replica
-
-
-def _sweep(broker: Broker, now: int | None = None) -> tuple[int, int]:
-    svc = broker.services
-    return sweep_once(svc.db, svc.settings.sweeper, svc.metrics, now=now)
 
 SLICE = 200_000
 POLICY = {"models": ["gpt-4o-mini"], "token_budget_micros": SLICE,
@@ -139,13 +133,13 @@ def test_a_slice_with_an_open_hold_returns_once_the_hold_closes(broker: Broker) 
     resp = _post(broker, f"/v1/admin/tokens/{jti}/revoke")
     assert resp.json()["returned_micros"] == 0  # the running request still holds money
     assert _reserved(broker, agent["id"]) == SLICE
-    _sweep(broker)
+    broker.sweep()
     assert _reserved(broker, agent["id"]) == SLICE  # not while the hold is open
 
     event = {"request_id": "r1", "ts": now, "model": "gpt-4o-mini", "provider": "mock",
              "status": "ok"}
     db.transaction(lambda c: ledger.settle_hold(c, hold_id="h_rev_1", cost=30_000, event=event))
-    _sweep(broker)
+    broker.sweep()
     # Only what was spent stays reserved-as-spent; the rest is back.
     assert _reserved(broker, agent["id"]) == 0
     with db.engine.connect() as conn:
