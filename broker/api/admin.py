@@ -14,13 +14,14 @@ from starlette.routing import Route
 
 from broker.api.auth import authenticate_admin
 from broker.api.http import (
+    bearer_token,
     json_object,
     json_response,
     path_id,
     query_str,
+    services_of,
     validate,
 )
-from broker.api.oauth import bearer_token, services_of
 from broker.api.openapi import ApiRoute
 from broker.api.pagination import id_page_params
 from broker.api.views import tenant_view, workload_view

@@ -14,8 +14,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from broker.api.auth import verify_bearer
-from broker.api.http import json_object, json_response, request_id
-from broker.api.oauth import bearer_token, client_address, services_of
+from broker.api.http import bearer_token, client_address, json_object, json_response, request_id, services_of
 from broker.api.openapi import ApiRoute
 from broker.gateway.calls import Gateway, Reply
 from broker.gateway.stream import MeteredStream

@@ -22,6 +22,7 @@ from broker.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from broker.services import Services
 
 log = logging.getLogger("broker.http")
 
@@ -31,6 +32,22 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
 # --- request ids ---------------------------------------------------------------------------
+
+
+def services_of(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is not None and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
 
 
 def request_id(request: Request) -> str:

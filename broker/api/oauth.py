@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broker.api.auth import authenticate_admin, verify_bearer
-from broker.api.http import form_or_json, json_response
+from broker.api.http import bearer_token, client_address, form_or_json, json_response, services_of
 from broker.api.openapi import INTROSPECT_FORM, TOKEN_FORM, ApiRoute
 from broker.errors import (
     InvalidClient,
@@ -34,15 +34,6 @@ from broker.tokens.issuance import JWT_TOKEN_TYPE, TokenRequest
 from broker.tokens.tokens import VerifiedToken
 
 _NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
-
-
-def services_of(request: Request) -> Services:
-    svc: Services = request.app.state.services
-    return svc
-
-
-def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
 
 
 def basic_credentials(request: Request) -> tuple[str, str] | None:
@@ -65,13 +56,6 @@ def basic_credentials(request: Request) -> tuple[str, str] | None:
     ):
         raise InvalidClient()
     return client_id, secret
-
-
-def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if header is not None and header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return None
 
 
 # --- the token request (RFC 6749 §4.4, RFC 8693, RFC 8707) -----------------------------------
