@@ -23,7 +23,7 @@ from starlette.routing import Route
 from broker.devvault import DevVault
 from broker.services import Services
 from tests.conftest import ADMIN_SECRET, SECRETS, Broker, BrokerFactory, make_settings
-from tests.support import assert_oauth_error
+from tests.support import assert_oauth_error, assert_problem
 
 PROBLEM = "application/problem+json"
 
@@ -59,13 +59,6 @@ def fill(template: str, ids: dict[str, str]) -> str | None:
     url = re.sub(r"\{[^}]+\}", one, template)
     return None if missing else url
 
-
-def problem(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith(PROBLEM), resp.headers["content-type"]
-    body: dict[str, Any] = resp.json()
-    assert body["status"] == status and {"type", "title", "detail"} <= set(body)
-    return body
 
 
 def request(broker: Broker, method: str, url: str, token: str | None) -> Any:
@@ -141,8 +134,8 @@ def test_org_admin_creates_reads_updates_and_deletes_a_tenant(broker: Broker) ->
     assert resp.json()["budgets"] == [] and resp.json()["name"] == "acme-2"
 
     assert c.delete(f"/v1/admin/tenants/{tenant['id']}", headers=h).status_code == 204
-    problem(c.get(f"/v1/admin/tenants/{tenant['id']}", headers=h), 404)
-    problem(c.delete(f"/v1/admin/tenants/{tenant['id']}", headers=h), 404)
+    assert_problem(c.get(f"/v1/admin/tenants/{tenant['id']}", headers=h), 404)
+    assert_problem(c.delete(f"/v1/admin/tenants/{tenant['id']}", headers=h), 404)
 
 
 def test_org_admin_creates_reads_updates_and_deletes_a_workload(broker: Broker) -> None:
@@ -181,7 +174,7 @@ def test_org_admin_creates_reads_updates_and_deletes_a_workload(broker: Broker) 
     assert resp.json()["name"] == "bot"
 
     assert c.delete(f"/v1/admin/workloads/{created['id']}", headers=h).status_code == 204
-    problem(c.get(f"/v1/admin/workloads/{created['id']}", headers=h), 404)
+    assert_problem(c.get(f"/v1/admin/workloads/{created['id']}", headers=h), 404)
     # A deleted workload's secret no longer gets a token.
     resp = c.post("/v1/token", data={"grant_type": "client_credentials",
                                      "client_id": created["client_id"],
@@ -192,7 +185,7 @@ def test_org_admin_creates_reads_updates_and_deletes_a_workload(broker: Broker) 
 def test_deleting_a_tenant_with_workloads_conflicts(broker: Broker) -> None:
     tenant = broker.create_tenant()
     agent = broker.create_workload(tenant["id"])
-    body = problem(broker.client.delete(f"/v1/admin/tenants/{tenant['id']}",
+    body = assert_problem(broker.client.delete(f"/v1/admin/tenants/{tenant['id']}",
                                         headers=broker.admin()), 409)
     assert "workloads" in body["detail"]
     assert broker.client.delete(f"/v1/admin/workloads/{agent['id']}",
@@ -204,23 +197,23 @@ def test_deleting_a_tenant_with_workloads_conflicts(broker: Broker) -> None:
 def test_names_are_unique_where_the_spec_scopes_them(broker: Broker) -> None:
     c, h = broker.client, broker.admin()
     a = broker.create_tenant("same")
-    problem(c.post("/v1/admin/tenants", json={"name": "same"}, headers=h), 409)
+    assert_problem(c.post("/v1/admin/tenants", json={"name": "same"}, headers=h), 409)
     b = broker.create_tenant()
-    problem(c.patch(f"/v1/admin/tenants/{b['id']}", json={"name": "same"}, headers=h), 409)
+    assert_problem(c.patch(f"/v1/admin/tenants/{b['id']}", json={"name": "same"}, headers=h), 409)
     broker.create_workload(a["id"], name="bot")
-    problem(c.post("/v1/admin/workloads", json={"tenant_id": a["id"], "name": "bot",
+    assert_problem(c.post("/v1/admin/workloads", json={"tenant_id": a["id"], "name": "bot",
                                                 "kind": "agent"}, headers=h), 409)
     broker.create_workload(b["id"], name="bot")  # another tenant may reuse the name
 
 
 def test_an_admin_cannot_delete_itself(broker: Broker) -> None:
-    problem(broker.client.delete("/v1/admin/workloads/wl_admin", headers=broker.admin()), 409)
+    assert_problem(broker.client.delete("/v1/admin/workloads/wl_admin", headers=broker.admin()), 409)
 
 
 def test_creating_a_workload_in_an_unknown_tenant_is_not_found(broker: Broker) -> None:
     resp = broker.client.post("/v1/admin/workloads", headers=broker.admin(), json={
         "tenant_id": "tn_nothing", "name": "bot", "kind": "agent"})
-    problem(resp, 404)
+    assert_problem(resp, 404)
 
 
 # --- the bootstrap admin -------------------------------------------------------------------
@@ -281,7 +274,7 @@ def test_tenant_admin_gets_404_for_every_object_of_another_tenant(org: Org) -> N
         if url is None:
             continue  # names nothing a tenant owns (a provider, a key)
         resp = request(broker, method, url, org.tenant_admin)
-        problem(resp, 404)
+        assert_problem(resp, 404)
         # The same answer as for an id that does not exist at all: nothing is learned.
         unknown = re.sub(r"/(tn|wl)_[0-9a-f]+", r"/\1_0000000000000000", url).replace(
             org.jti_b, "nonexistentjti")
@@ -293,7 +286,7 @@ def test_tenant_admin_gets_404_for_every_object_of_another_tenant(org: Org) -> N
     # Naming B in a body or a filter is not found either, and nothing of B changed.
     resp = broker.client.post("/v1/admin/workloads", headers=bearer(org.tenant_admin), json={
         "tenant_id": org.b["id"], "name": "intruder", "kind": "agent"})
-    problem(resp, 404)
+    assert_problem(resp, 404)
     resp = broker.client.get(f"/v1/admin/workloads?tenant_id={org.b['id']}",
                              headers=bearer(org.tenant_admin))
     assert resp.status_code == 200 and resp.json()["data"] == []
@@ -340,14 +333,14 @@ def test_tenant_admin_manages_workloads_of_its_own_tenant(org: Org) -> None:
     assert own.status_code == 200 and own.json()["id"] == org.a["id"], own.text
     gone = c.delete(f"/v1/admin/workloads/{wid}", headers=h)
     assert gone.status_code == 204 and gone.content == b""
-    problem(c.get(f"/v1/admin/workloads/{wid}", headers=h), 404)
+    assert_problem(c.get(f"/v1/admin/workloads/{wid}", headers=h), 404)
 
 
 def test_tenant_admin_cannot_touch_tenants_themselves(org: Org) -> None:
     c, h = org.broker.client, bearer(org.tenant_admin)
-    problem(c.post("/v1/admin/tenants", json={"name": "mine"}, headers=h), 403)
-    problem(c.patch(f"/v1/admin/tenants/{org.a['id']}", json={"name": "renamed"}, headers=h), 403)
-    problem(c.delete(f"/v1/admin/tenants/{org.a['id']}", headers=h), 403)
+    assert_problem(c.post("/v1/admin/tenants", json={"name": "mine"}, headers=h), 403)
+    assert_problem(c.patch(f"/v1/admin/tenants/{org.a['id']}", json={"name": "renamed"}, headers=h), 403)
+    assert_problem(c.delete(f"/v1/admin/tenants/{org.a['id']}", headers=h), 403)
 
 
 @pytest.mark.parametrize("roles", [["org-admin"], ["auditor"], ["tenant-admin", "auditor"],
@@ -357,13 +350,13 @@ def test_tenant_admin_cannot_grant_wider_roles(org: Org, roles: list[str]) -> No
     resp = c.post("/v1/admin/workloads", headers=h, json={
         "tenant_id": org.a["id"], "name": f"boss-{secrets.token_hex(3)}", "kind": "admin",
         "roles": roles})
-    problem(resp, 403)
+    assert_problem(resp, 403)
     created = c.post("/v1/admin/workloads", headers=h, json={
         "tenant_id": org.a["id"], "name": f"peer-{secrets.token_hex(3)}", "kind": "admin",
         "roles": ["tenant-admin"]})
     assert created.status_code == 201, created.text
     SECRETS.add(created.json()["client_secret"])
-    problem(c.patch(f"/v1/admin/workloads/{created.json()['id']}", json={"roles": roles},
+    assert_problem(c.patch(f"/v1/admin/workloads/{created.json()['id']}", json={"roles": roles},
                     headers=h), 403)
     assert c.get(f"/v1/admin/workloads/{created.json()['id']}", headers=h).json()["roles"] == \
         ["tenant-admin"]
@@ -388,10 +381,10 @@ def test_auditor_reads_every_tenant_and_writes_nothing(org: Org) -> None:
         if method == "GET":
             continue
         url = fill(template, org.others()) or template.replace("{", "").replace("}", "")
-        problem(request(broker, method, url, org.auditor), 403)
+        assert_problem(request(broker, method, url, org.auditor), 403)
         writes += 1
     assert writes >= 6
-    problem(broker.client.post("/v1/admin/tenants", json={"name": "x"}, headers=h), 403)
+    assert_problem(broker.client.post("/v1/admin/tenants", json={"name": "x"}, headers=h), 403)
     assert broker.client.get("/v1/admin/workloads?limit=1000",
                              headers=broker.admin()).json() == snapshot
 
@@ -409,13 +402,13 @@ def test_non_admin_tokens_are_refused_on_every_admin_route(org: Org) -> None:
         url = fill(template, {"tenants": org.a["id"], "workloads": org.agent_a["id"],
                               "tokens": "x"}) or template
         for kind, token in tokens.items():
-            problem(request(broker, method, url, token), 403)
+            assert_problem(request(broker, method, url, token), 403)
         # No token, an empty one, garbage, another scheme: 401 with a challenge.
         for headers in ({}, {"authorization": "Bearer "}, {"authorization": "Bearer abc.def.ghi"},
                         {"authorization": f"Basic {ADMIN_SECRET}"},
                         {"authorization": broker.cached_admin_token()}):
             resp = broker.client.request(method, url, headers=headers)
-            problem(resp, 401)
+            assert_problem(resp, 401)
             assert resp.headers["www-authenticate"].lower().startswith("bearer")
 
 
@@ -497,7 +490,7 @@ def test_workload_bodies_are_strict(broker: Broker, change: dict[str, Any], name
     body = {"tenant_id": tenant["id"], "name": "bot", "kind": "agent", **change}
     body = {k: v for k, v in body.items() if v is not None}
     resp = broker.client.post("/v1/admin/workloads", json=body, headers=broker.admin())
-    assert named in problem(resp, 422)["detail"]
+    assert named in assert_problem(resp, 422)["detail"]
 
 
 PATCH_422 = [
@@ -514,7 +507,7 @@ def test_workload_patches_are_strict(broker: Broker, change: dict[str, Any], nam
     agent = broker.create_workload(broker.create_tenant()["id"])
     resp = broker.client.patch(f"/v1/admin/workloads/{agent['id']}", json=change,
                                headers=broker.admin())
-    assert named in problem(resp, 422)["detail"]
+    assert named in assert_problem(resp, 422)["detail"]
     after = broker.client.get(f"/v1/admin/workloads/{agent['id']}", headers=broker.admin()).json()
     assert after == {k: v for k, v in agent.items() if k != "client_secret"}
 
@@ -536,4 +529,4 @@ TENANT_422 = [
 @pytest.mark.parametrize(("body", "named"), TENANT_422)
 def test_tenant_bodies_are_strict(broker: Broker, body: dict[str, Any], named: str) -> None:
     resp = broker.client.post("/v1/admin/tenants", json=body, headers=broker.admin())
-    assert named in problem(resp, 422)["detail"]
+    assert named in assert_problem(resp, 422)["detail"]

@@ -22,6 +22,7 @@ from alembic import command
 from broker.identity.names import name_key, normalize_name
 from broker.storage.db import _alembic_config, make_engine
 from tests.conftest import PG_ADMIN_URL, Broker, _pg_admin
+from tests.support import assert_problem
 
 PROBLEM = "application/problem+json"
 
@@ -165,13 +166,6 @@ def test_normalising_is_idempotent_on_random_text() -> None:
 # --- through the admin API, on both backends ---------------------------------------------------
 
 
-def problem(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith(PROBLEM), resp.headers["content-type"]
-    body: dict[str, Any] = resp.json()
-    assert body["status"] == status and {"type", "title", "detail"} <= set(body)
-    return body
-
 
 def post_tenant(broker: Broker, name: str) -> Any:
     return broker.client.post("/v1/admin/tenants", json={"name": name}, headers=broker.admin())
@@ -186,11 +180,11 @@ def test_tenant_names_are_unique_after_normalisation(broker: Broker) -> None:
     tenant = broker.create_tenant(CAFE_NFC)
     assert tenant["name"] == CAFE_NFC
     for same in (CAFE_NFD, CAFE_FULLWIDTH, CAFE_NFC + " ", " " + CAFE_NFC, "CAF\u00c9", "Caf\u00e9"):
-        assert "exists" in problem(post_tenant(broker, same), 409)["detail"]
+        assert "exists" in assert_problem(post_tenant(broker, same), 409)["detail"]
     for bad in (CAFE_CYRILLIC, "   ", "caf\u00e9\u200b", "caf\u00e9\u202e", "e" + "\u0301" * 10):
-        assert "name" in problem(post_tenant(broker, bad), 422)["detail"]
+        assert "name" in assert_problem(post_tenant(broker, bad), 422)["detail"]
     # The bootstrap admin's tenant holds its key like any other.
-    problem(post_tenant(broker, "ROOT"), 409)
+    assert_problem(post_tenant(broker, "ROOT"), 409)
     listed = broker.client.get("/v1/admin/tenants", headers=broker.admin()).json()
     assert [t["name"] for t in listed["data"]].count(CAFE_NFC) == 1
 
@@ -200,7 +194,7 @@ def test_a_decomposed_name_is_stored_composed(broker: Broker) -> None:
     assert tenant["name"] == CAFE_NFC + " noir"
     got = broker.client.get(f"/v1/admin/tenants/{tenant['id']}", headers=broker.admin()).json()
     assert got["name"] == CAFE_NFC + " noir"
-    problem(post_tenant(broker, CAFE_NFC + " NOIR"), 409)
+    assert_problem(post_tenant(broker, CAFE_NFC + " NOIR"), 409)
     workload = broker.create_workload(tenant["id"], name=CAFE_FULLWIDTH)
     assert workload["name"] == CAFE_NFC
 
@@ -210,10 +204,10 @@ def test_renaming_to_a_name_taken_after_normalisation_is_409(broker: Broker) -> 
     broker.create_tenant(CAFE_NFC)
     other = broker.create_tenant("other")
     url = f"/v1/admin/tenants/{other['id']}"
-    problem(c.patch(url, json={"name": CAFE_NFD}, headers=h), 409)
-    problem(c.patch(url, json={"name": CAFE_FULLWIDTH.upper()}, headers=h), 409)
-    problem(c.patch(url, json={"name": CAFE_CYRILLIC}, headers=h), 422)
-    problem(c.patch(url, json={"name": " \t "}, headers=h), 422)
+    assert_problem(c.patch(url, json={"name": CAFE_NFD}, headers=h), 409)
+    assert_problem(c.patch(url, json={"name": CAFE_FULLWIDTH.upper()}, headers=h), 409)
+    assert_problem(c.patch(url, json={"name": CAFE_CYRILLIC}, headers=h), 422)
+    assert_problem(c.patch(url, json={"name": " \t "}, headers=h), 422)
     assert c.get(url, headers=h).json()["name"] == "other"
     # A tenant may change the case of its own name: the key is its own.
     resp = c.patch(url, json={"name": "OTHER"}, headers=h)
@@ -225,18 +219,18 @@ def test_workload_names_are_unique_per_tenant_after_normalisation(broker: Broker
     a, b = broker.create_tenant(), broker.create_tenant()
     bot = broker.create_workload(a["id"], name="Bot")
     for same in ("bot", "BOT ", "\uff42\uff4f\uff54", "bot\u3000"):
-        assert "exists" in problem(post_workload(broker, a["id"], same), 409)["detail"]
-    problem(post_workload(broker, a["id"], "b\u043et"), 422)  # Cyrillic o
-    problem(post_workload(broker, a["id"], "\u00a0"), 422)
+        assert "exists" in assert_problem(post_workload(broker, a["id"], same), 409)["detail"]
+    assert_problem(post_workload(broker, a["id"], "b\u043et"), 422)  # Cyrillic o
+    assert_problem(post_workload(broker, a["id"], "\u00a0"), 422)
     # Another tenant may use the name, in any form.
     in_b = broker.create_workload(b["id"], name="bot")
     broker.create_workload(b["id"], name=CAFE_NFD)
-    problem(post_workload(broker, b["id"], CAFE_NFC), 409)
+    assert_problem(post_workload(broker, b["id"], CAFE_NFC), 409)
     # Renaming: into a name taken in the same tenant is 409, not in another tenant's.
     helper = broker.create_workload(a["id"], name="helper")
     url = f"/v1/admin/workloads/{helper['id']}"
-    problem(c.patch(url, json={"name": "BOT"}, headers=h), 409)
-    problem(c.patch(url, json={"name": "bo\u0442"}, headers=h), 422)
+    assert_problem(c.patch(url, json={"name": "BOT"}, headers=h), 409)
+    assert_problem(c.patch(url, json={"name": "bo\u0442"}, headers=h), 422)
     resp = c.patch(url, json={"name": "Caf\u00e9"}, headers=h)
     assert resp.status_code == 200 and resp.json()["name"] == "Caf\u00e9"
     resp = c.patch(f"/v1/admin/workloads/{in_b['id']}", json={"name": "\uff22\uff2f\uff34"},
