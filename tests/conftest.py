@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 import psycopg
@@ -29,6 +29,9 @@ from broker.settings import Settings, load_settings
 from broker.storage.db import make_engine, migrate
 from tests.fake_provider import FakeProviderServer
 from tests.support import wait_for
+
+if TYPE_CHECKING:  # gateway_support imports this module
+    from tests.gateway_support import Env
 
 # Property tests search at random when asked (``HYPOTHESIS_PROFILE=explore``, with many more
 # examples); the default run replays a fixed sequence, so a CI verdict does not depend on luck.
@@ -371,3 +374,22 @@ def make_live_broker(vault: DevVault) -> Iterator[Callable[..., Broker]]:
         server.stop()
     for close in closers:
         close()
+
+
+# --- a live broker with its fake provider -----------------------------------------------------
+
+
+@pytest.fixture
+def env(make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer) -> Env:
+    """A live broker on SQLite in front of this test's fake provider, with an agent and a key."""
+    from tests.gateway_support import make_env
+
+    return make_env(make_live_broker, sqlite_url, fake)
+
+
+@pytest.fixture
+def both(make_live_broker: Callable[..., Broker], db_url: str, fake: FakeProviderServer) -> Env:
+    """The same on each backend (SQLite and PostgreSQL)."""
+    from tests.gateway_support import make_env
+
+    return make_env(make_live_broker, db_url, fake)

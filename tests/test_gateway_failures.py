@@ -36,16 +36,6 @@ CLAUDE_PROMPT: list[MessageParam] = [{"role": "user", "content": "Tell me a long
 
 
 @pytest.fixture
-def env(make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer) -> Env:
-    return make_env(make_live_broker, sqlite_url, fake)
-
-
-@pytest.fixture
-def both(make_live_broker: Callable[..., Broker], db_url: str, fake: FakeProviderServer) -> Env:
-    return make_env(make_live_broker, db_url, fake)
-
-
-@pytest.fixture
 def per_token(make_live_broker: Callable[..., Broker], sqlite_url: str,
               fake: FakeProviderServer) -> Env:
     """Input is free and an output token costs one micro."""

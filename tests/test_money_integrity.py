@@ -38,16 +38,6 @@ def fake(fake: FakeProviderServer) -> FakeProviderServer:
     return fake
 
 
-@pytest.fixture
-def env(make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer) -> Env:
-    return make_env(make_live_broker, sqlite_url, fake)
-
-
-@pytest.fixture
-def both(make_live_broker: Callable[..., Broker], db_url: str, fake: FakeProviderServer) -> Env:
-    return make_env(make_live_broker, db_url, fake)
-
-
 def _settled(env: Env, calls: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     """The usage events of ``calls`` calls, once the provider has stopped billing them all."""
 
