@@ -18,12 +18,17 @@ _CURSOR = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
 _MAX_TS = 2**62
 
 
+def page_limit(request: Request) -> int:
+    """``limit``: how many items a page holds, 100 unless asked (1 to 1000)."""
+    return query_int(request, "limit", 100, 1, 1000)
+
+
 def id_page_params(request: Request) -> tuple[str | None, int]:
     """``cursor`` (the last id of the page before) and ``limit`` of a list ordered by id."""
     cursor = query_str(request, "cursor", 64)
     if cursor is not None and not ID_PATTERN.match(cursor):
         raise InvalidRequest("cursor is not valid")
-    return cursor, query_int(request, "limit", 100, 1, 1000)
+    return cursor, page_limit(request)
 
 
 def decode_number_cursor(cursor: str, prefix: str) -> int:
@@ -64,4 +69,4 @@ def position_page_params(request: Request) -> tuple[tuple[int, str] | None, int]
     """``cursor`` (decoded) and ``limit`` of a list ordered by ``(ts, id)``."""
     cursor = query_str(request, "cursor", 256)
     position = decode_position(cursor) if cursor is not None else None
-    return position, query_int(request, "limit", 100, 1, 1000)
+    return position, page_limit(request)

@@ -16,9 +16,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broker.api.admin import admin
-from broker.api.http import json_object, json_response, path_id, query_int, query_str, validate
+from broker.api.http import json_object, json_response, path_id, query_str, validate
 from broker.api.openapi import ApiRoute
-from broker.api.pagination import decode_number_cursor
+from broker.api.pagination import decode_number_cursor, page_limit
 from broker.api.views import identity_view, iso, iso_or_none, workload_view
 from broker.identity.identities import Actor
 from broker.revocation import actions, rotation, sync
@@ -192,7 +192,7 @@ async def resume_tenant(request: Request, svc: Services, actor: Actor) -> Respon
 async def list_revocations(request: Request, svc: Services, actor: Actor) -> Response:
     """Revocations, suspensions and resumes, newest first."""
     cursor = query_str(request, "cursor", 64)
-    limit = query_int(request, "limit", 100, 1, 1000)
+    limit = page_limit(request)
     tenant_id = query_str(request, "tenant_id", 64)
     kind = query_str(request, "kind", 16)
     before = None if cursor is None else decode_number_cursor(cursor, _ENTRY_PREFIX)
