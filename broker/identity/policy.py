@@ -7,13 +7,14 @@ because a typo in a policy must never silently weaken it.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from broker.identity.names import normalize_name
-from broker.settings import MAX_MICROS, BudgetLimit
+from broker.settings import MAX_MICROS, BudgetLimit, MonitorAction
 
 Kind = Literal["agent", "service", "interactive", "admin"]
 Role = Literal["org-admin", "tenant-admin", "auditor"]
@@ -48,6 +49,29 @@ class Burst(_Strict):
     limit_micros: Micros
 
 
+def _check_cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError("must be an IP network (CIDR)") from None
+
+
+Cidr = Annotated[StrictStr, AfterValidator(_check_cidr)]
+
+
+class MonitoringPolicy(_Strict):
+    """Per-workload overrides of what each detector does (``monitoring.actions`` by kind when
+    unset; ``off`` silences a detector for this workload), and the networks it calls from."""
+
+    velocity: MonitorAction | None = None
+    failures: MonitorAction | None = None
+    new_model: MonitorAction | None = None
+    origin: MonitorAction | None = None
+    loop: MonitorAction | None = None
+    # Calls from outside these networks raise ``origin`` from the first call, without learning.
+    cidrs: list[Cidr] = Field(default_factory=list, max_length=64)
+
+
 class Policy(_Strict):
     models: list[ModelPattern] = Field(default_factory=list, max_length=256)
     approval_models: list[ModelPattern] = Field(default_factory=list, max_length=256)
@@ -59,6 +83,7 @@ class Policy(_Strict):
     # Tokens of the workload alive at once, and its gateway calls running at once.
     max_live_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     max_concurrent: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+    monitoring: MonitoringPolicy | None = None
 
 
 # Autonomous agents get the strictest defaults: short tokens, small slices, tight rates.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -73,12 +73,16 @@ class BudgetCounter(SQLModel, table=True):
 
 
 class TokenSlice(SQLModel, table=True):
-    """One issued token and the budget slice it reserved."""
+    """One issued token and the budget slice it reserved; or a grant's extra budget (``kind``
+    ``grant``, ``jti`` the grant's id), which the slices of the tokens it funds are carved
+    from (their ``parent_jti``)."""
 
     __tablename__ = "token_slice"
     __table_args__ = (Index("ix_token_slice_open", "released_at", "expires_at"),)
 
     jti: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(default="token", max_length=8)  # token | grant
+    parent_jti: str | None = Field(default=None, max_length=64)
     workload_id: str = Field(index=True, max_length=40)
     tenant_id: str = Field(index=True, max_length=40)
     budget_micros: int = Field(sa_type=BigInteger)
@@ -192,3 +196,107 @@ class ScheduledJob(SQLModel, table=True):
     last_status: str = Field(default="", max_length=32)
     last_runner: str = Field(default="", max_length=64)
     last_duration_ms: int = Field(default=0, sa_type=BigInteger)
+
+
+class Alert(SQLModel, table=True):
+    """What a detector found about a workload, and what the broker did about it. An open
+    ``throttle`` alert cuts the workload's rates until an admin clears it."""
+
+    __tablename__ = "alert"
+    __table_args__ = (
+        Index("ix_alert_workload_status", "workload_id", "status"),
+        Index("ix_alert_tenant_ts", "tenant_id", "ts"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    ts: int = Field(sa_type=BigInteger)
+    tenant_id: str = Field(max_length=40)
+    workload_id: str = Field(max_length=40)
+    detector: str = Field(max_length=16)
+    severity: str = Field(max_length=16)  # info | warning | critical
+    action: str = Field(max_length=16)  # suspend | throttle | alert
+    summary: str = Field(max_length=512)
+    evidence: dict[str, Any] = _json()
+    status: str = Field(default="open", max_length=16)  # open | cleared
+    cleared_at: int | None = Field(default=None, sa_type=BigInteger)
+    cleared_by: str | None = Field(default=None, max_length=64)
+
+
+class AlertOutbox(SQLModel, table=True):
+    """One alert to deliver to one configured webhook: written in the alert's transaction, so
+    a restart loses none; delivered at least once, in order per (webhook, workload)."""
+
+    __tablename__ = "alert_outbox"
+    __table_args__ = (Index("ix_alert_outbox_pending", "delivered_at", "target", "workload_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    alert_id: str = Field(max_length=40)
+    # Which configured webhook: a digest of its URL. The URL itself is only ever read from
+    # configuration, never from here.
+    target: str = Field(max_length=64)
+    workload_id: str = Field(max_length=40)
+    body: str = Field(sa_column=Column(Text, nullable=False))  # the exact JSON posted
+    created_at: int = Field(sa_type=BigInteger)
+    attempts: int = Field(default=0, sa_type=BigInteger)
+    next_attempt_ms: int = Field(default=0, sa_type=BigInteger)
+    delivered_at: int | None = Field(default=None, sa_type=BigInteger)
+    last_error: str | None = Field(default=None, max_length=128)
+
+
+class MonitorState(SQLModel, table=True):
+    """A workload's detector baselines (constant size), so a restart does not forget them."""
+
+    __tablename__ = "monitor_state"
+
+    workload_id: str = Field(primary_key=True, max_length=40)
+    state: dict[str, Any] = _json()
+    updated_at: int = Field(sa_type=BigInteger)
+
+
+class Approval(SQLModel, table=True):
+    """A workload's request for a model that needs approval, or for burst capacity."""
+
+    __tablename__ = "approval"
+    __table_args__ = (Index("ix_approval_status_created", "status", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    workload_id: str = Field(index=True, max_length=40)
+    model: str | None = Field(default=None, max_length=256)
+    budget_micros: int = Field(default=0, sa_type=BigInteger)
+    rpm: int | None = Field(default=None, sa_type=BigInteger)
+    tpm: int | None = Field(default=None, sa_type=BigInteger)
+    ttl_s: int = Field(sa_type=BigInteger)
+    reason: str | None = Field(default=None, max_length=512)
+    status: str = Field(default="pending", max_length=16)  # pending | approved | denied | expired
+    created_at: int = Field(sa_type=BigInteger)
+    expires_at: int = Field(sa_type=BigInteger)  # while pending
+    decided_at: int | None = Field(default=None, sa_type=BigInteger)
+    decided_by: str | None = Field(default=None, max_length=64)
+    decision_reason: str | None = Field(default=None, max_length=512)
+    grant_id: str | None = Field(default=None, max_length=40)
+
+
+class AccessGrant(SQLModel, table=True):
+    """A time-bound grant: a model beyond approval, extra budget (a ``grant`` token slice of
+    the same id, reserved from the tenant and organisation budgets), higher rates."""
+
+    __tablename__ = "access_grant"
+    __table_args__ = (Index("ix_access_grant_workload", "workload_id", "expires_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    workload_id: str = Field(max_length=40)
+    approval_id: str | None = Field(default=None, max_length=40)
+    model: str | None = Field(default=None, max_length=256)
+    budget_micros: int = Field(default=0, sa_type=BigInteger)
+    rpm: int | None = Field(default=None, sa_type=BigInteger)
+    tpm: int | None = Field(default=None, sa_type=BigInteger)
+    created_at: int = Field(sa_type=BigInteger)
+    expires_at: int = Field(sa_type=BigInteger)
+    created_by: str = Field(max_length=64)
+    reason: str | None = Field(default=None, max_length=512)
+    revoked_at: int | None = Field(default=None, sa_type=BigInteger)
+    revoked_by: str | None = Field(default=None, max_length=64)
+    # Set once its end was recorded and its unspent budget went back (it is then history).
+    ended_at: int | None = Field(default=None, sa_type=BigInteger)
