@@ -170,3 +170,91 @@ def test_settlements_lock_budgets_in_the_order_issuance_reserves_them(db: Databa
         return [by_id[i] for i in ids]
 
     assert db.transaction(scopes) == ["tenant", "workload"]
+
+
+# --- grant slices: children carved out of a parent ------------------------------------------
+
+
+def _grant_and_child(db: Database, grant: int, child: int) -> None:
+    db.transaction(_wipe)
+    db.transaction(lambda c: ledger.reserve_slice(
+        c, jti="gr_1", workload_id="wl_p", tenant_id="tn_p", amount=grant,
+        budgets=[BudgetRef("tenant", "tn_p", "total", LIMIT)], issued_at=NOW,
+        expires_at=NOW + 600, kind="grant"))
+    assert db.transaction(lambda c: ledger.reserve_child_slice(
+        c, jti="jc", parent="gr_1", workload_id="wl_p", tenant_id="tn_p", amount=child,
+        issued_at=NOW, expires_at=NOW + 900))
+
+
+def _slice(db: Database, jti: str) -> dict[str, Any]:
+    row = db.transaction(lambda c: c.execute(text(
+        "SELECT budget_micros, spent_micros, held_micros, released_at, expires_at, kind "
+        "FROM token_slice WHERE jti = :j"), {"j": jti}).one())
+    return dict(row._mapping)
+
+
+def test_a_child_slice_is_held_in_its_parent_and_its_spend_reaches_the_budgets(
+        db: Database) -> None:
+    _grant_and_child(db, grant=800, child=300)
+    # The grant holds the child's whole slice; the tenant budget holds the grant's.
+    assert _slice(db, "gr_1")["held_micros"] == 300
+    assert _slice(db, "jc")["expires_at"] == NOW + 600  # never past its parent
+    assert db.transaction(_totals) == (800, 0)
+    # The grant is not a token: it takes no live-token place.
+    assert db.transaction(lambda c: c.execute(text("SELECT count FROM live_slices")).scalar()) == 1
+    db.transaction(lambda c: ledger.place_hold(c, hold_id="h1", jti="jc", amount=200, now=NOW))
+    event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "ok"}
+    db.transaction(lambda c: ledger.settle_hold(c, hold_id="h1", cost=120, event=event))
+    assert (_slice(db, "gr_1")["spent_micros"], _slice(db, "gr_1")["held_micros"]) == (120, 180)
+    assert db.transaction(_totals) == (680, 120)
+    # The parent cannot be released while a child lives; the child returns its rest to it.
+    assert db.transaction(lambda c: ledger.release_slice(c, "gr_1", NOW + 601)) == 0
+    assert db.transaction(lambda c: ledger.release_slice(c, "jc", NOW + 601)) == 180
+    assert _slice(db, "gr_1")["held_micros"] == 0
+    assert db.transaction(lambda c: ledger.release_slice(c, "gr_1", NOW + 601)) == 680
+    assert db.transaction(_totals) == (0, 120)
+    assert db.transaction(lambda c: c.execute(text("SELECT count FROM live_slices")).scalar()) == 0
+
+
+def test_a_child_cannot_be_carved_beyond_its_parent_nor_from_an_ended_one(db: Database) -> None:
+    _grant_and_child(db, grant=500, child=400)
+
+    def carve(amount: int, now: int = NOW) -> bool:
+        return db.transaction(lambda c: ledger.reserve_child_slice(
+            c, jti=f"j{amount}-{now}", parent="gr_1", workload_id="wl_p", tenant_id="tn_p",
+            amount=amount, issued_at=now, expires_at=now + 60))
+
+    assert not carve(101)
+    assert carve(100)
+    assert not carve(1)
+    db.transaction(_wipe)
+    _grant_and_child(db, grant=500, child=100)
+    assert not carve(10, now=NOW + 600)  # the grant has expired
+    db.transaction(lambda c: c.execute(text(
+        "UPDATE token_slice SET revoked_at = :n WHERE jti = 'gr_1'"), {"n": NOW}))
+    assert not carve(10)
+
+
+def test_many_simultaneous_carves_never_pass_the_grant(db_url: str) -> None:
+    import concurrent.futures
+
+    engine = make_engine(db_url)
+    database = Database(engine)
+    try:
+        database.transaction(lambda c: ledger.reserve_slice(
+            c, jti="gr_race", workload_id="wl_r", tenant_id="tn_r", amount=100_000, budgets=[],
+            issued_at=NOW, expires_at=NOW + 600, kind="grant"))
+
+        def carve(n: int) -> bool:
+            return database.transaction(lambda c: ledger.reserve_child_slice(
+                c, jti=f"jr{n}", parent="gr_race", workload_id="wl_r", tenant_id="tn_r",
+                amount=7_000, issued_at=NOW, expires_at=NOW + 60))
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            won = sum(pool.map(carve, range(64)))
+        assert won == 100_000 // 7_000
+        held = database.transaction(lambda c: c.execute(text(
+            "SELECT held_micros FROM token_slice WHERE jti = 'gr_race'")).scalar())
+        assert held == won * 7_000
+    finally:
+        engine.dispose()

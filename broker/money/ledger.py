@@ -7,6 +7,12 @@ Three layers hold money:
 * token slices: ``spent + held <= budget`` of the slice;
 * holds: the worst-case cost of one running gateway request, inside its token's slice.
 
+A grant's extra budget is a slice too (``kind`` ``grant``), reserved from the tenant and
+organisation budgets when granted. The slices of the tokens it funds are carved out of it
+instead of the budgets (their ``parent_jti``): the parent holds each child's whole slice in its
+``held`` while the child lives, moves what the child spends from held to spent, and can only be
+released once every child is.
+
 A hold is a proven upper bound on what the provider can bill (:mod:`broker.money.bounds`), so a
 settlement normally charges at most the hold. If a provider ever bills more, the broker charges
 what was billed: the slice's ``spent`` and the budgets' ``spent`` then pass their limits (an
@@ -67,9 +73,16 @@ def window_start(period: str, now: int) -> int:
 
 
 _INSERT_SLICE = Sql("""
-    INSERT INTO token_slice (jti, workload_id, tenant_id, budget_micros, spent_micros,
-                             held_micros, issued_at, expires_at)
-    VALUES (:jti, :workload_id, :tenant_id, :amount, 0, 0, :issued_at, :expires_at)""")
+    INSERT INTO token_slice (jti, kind, parent_jti, workload_id, tenant_id, budget_micros,
+                             spent_micros, held_micros, issued_at, expires_at)
+    VALUES (:jti, :kind, :parent, :workload_id, :tenant_id, :amount, 0, 0, :issued_at,
+            :expires_at)""")
+# A child's slice is held inside its parent's, like a gateway hold inside a token's slice.
+_CARVE = Sql("""
+    UPDATE token_slice SET held_micros = held_micros + :amount
+    WHERE jti = :parent AND released_at IS NULL AND revoked_at IS NULL AND expires_at > :now
+      AND spent_micros + held_micros + :amount <= budget_micros
+    RETURNING expires_at""")
 _RESERVE = Sql("""
     UPDATE budget_counter SET reserved_micros = reserved_micros + :amount
     WHERE scope = :scope AND scope_id = :scope_id AND period = :period
@@ -93,7 +106,14 @@ _COUNTER_IDS = Sql("""
 _RELEASE = Sql("""
     UPDATE token_slice SET released_at = :now
     WHERE jti = :jti AND released_at IS NULL AND held_micros = 0
-    RETURNING budget_micros, spent_micros, workload_id""")
+    RETURNING budget_micros, spent_micros, workload_id, kind, parent_jti""")
+_UNHOLD_PARENT = Sql("""
+    UPDATE token_slice SET held_micros = held_micros - :amount WHERE jti = :parent""")
+_SPEND_PARENT = Sql("""
+    UPDATE token_slice
+    SET held_micros = held_micros - :within, spent_micros = spent_micros + :cost
+    WHERE jti = :parent
+    RETURNING budget_micros, spent_micros""")
 _ENSURE_LIVE = Sql("""
     INSERT INTO live_slices (workload_id, count) VALUES (:workload_id, 0)
     ON CONFLICT DO NOTHING""")
@@ -131,7 +151,7 @@ _SETTLE_SLICE = Sql("""
     UPDATE token_slice
     SET held_micros = held_micros - :held, spent_micros = spent_micros + :cost
     WHERE jti = :jti
-    RETURNING budget_micros, spent_micros, held_micros, workload_id, tenant_id""")
+    RETURNING budget_micros, spent_micros, held_micros, workload_id, tenant_id, parent_jti""")
 _USAGE_COLUMNS = (
     "id", "request_id", "ts", "tenant_id", "workload_id", "jti", "model", "provider",
     "prompt_tokens", "completion_tokens", "cost_micros", "status", "latency_ms", "stream",
@@ -168,19 +188,54 @@ def reserve_slice(
     expires_at: int,
     max_live: int | None = None,
     retry_after_s: int = 10,
+    kind: str = "token",
 ) -> None:
     """Record a token and reserve ``amount`` from every budget above it, or raise
     :class:`BudgetExhausted` (the caller's transaction then rolls back every partial step).
 
     ``max_live`` caps the workload's slices not yet released (a conditional update, so
     concurrent issuances cannot pass it): one workload cannot pin the budgets above it with a
-    flood of tokens. Beyond it, :class:`SlowDown`.
+    flood of tokens. Beyond it, :class:`SlowDown`. A grant's slice (``kind`` ``grant``) is not
+    a token and does not count.
 
     Lock order, everywhere: budget counters (in a fixed order) before the live-slice row."""
-    _INSERT_SLICE.run(conn, jti=jti, workload_id=workload_id, tenant_id=tenant_id,
-                      amount=amount, issued_at=issued_at, expires_at=expires_at)
+    _INSERT_SLICE.run(conn, jti=jti, kind=kind, parent=None, workload_id=workload_id,
+                      tenant_id=tenant_id, amount=amount, issued_at=issued_at,
+                      expires_at=expires_at)
     if amount:
         _reserve_in_budgets(conn, jti, amount, budgets, issued_at)
+    if kind == "token":
+        _count_live(conn, workload_id, max_live, retry_after_s)
+
+
+def reserve_child_slice(
+    conn: Connection,
+    *,
+    jti: str,
+    parent: str,
+    workload_id: str,
+    tenant_id: str,
+    amount: int,
+    issued_at: int,
+    expires_at: int,
+    max_live: int | None = None,
+    retry_after_s: int = 10,
+) -> bool:
+    """Record a token whose slice is carved out of ``parent``'s (a grant's) remaining budget,
+    instead of the budgets above: False, with nothing written, when the parent is gone,
+    expired, revoked or has no room for ``amount``. The child never outlives the parent."""
+    row = _CARVE.run(conn, amount=amount, parent=parent, now=issued_at).first()
+    if row is None:
+        return False
+    _INSERT_SLICE.run(conn, jti=jti, kind="token", parent=parent, workload_id=workload_id,
+                      tenant_id=tenant_id, amount=amount, issued_at=issued_at,
+                      expires_at=min(expires_at, int(row[0])))
+    _count_live(conn, workload_id, max_live, retry_after_s)
+    return True
+
+
+def _count_live(conn: Connection, workload_id: str, max_live: int | None,
+                retry_after_s: int) -> None:
     _ENSURE_LIVE.run(conn, workload_id=workload_id)
     cap = max_live if max_live is not None else 2**62
     if _LIVE_UP.run(conn, workload_id=workload_id, cap=cap).first() is None:
@@ -218,10 +273,14 @@ def release_slice(conn: Connection, jti: str, now: int) -> int:
         return 0
     # After an overrun the slice spent more than its budget: nothing returns.
     unspent = max(0, int(row[0]) - int(row[1]))
+    parent = row[4]
     if unspent > 0:
+        if parent is not None:
+            _UNHOLD_PARENT.run(conn, amount=unspent, parent=parent)
         for counter_id in _counter_ids(conn, jti):
             _UNRESERVE.run(conn, amount=unspent, id=counter_id)
-    _LIVE_DOWN.run(conn, workload_id=row[2])
+    if row[3] == "token":
+        _LIVE_DOWN.run(conn, workload_id=row[2])
     return unspent
 
 
@@ -291,20 +350,33 @@ def settle_hold(conn: Connection, *, hold_id: str, cost: int, event: dict[str, A
         return None
     jti, held = str(row[0]), int(row[1])
     cost = max(0, cost)
-    budget, spent, held_left, workload_id, tenant_id = _SETTLE_SLICE.run(
+    budget, spent, held_left, workload_id, tenant_id, parent = _SETTLE_SLICE.run(
         conn, held=held, cost=cost, jti=jti
     ).one()
-    # What the slice still had reserved before this charge (its budget minus what it spent).
-    reserved_before = max(0, int(budget) - (int(spent) - cost))
-    within = min(cost, reserved_before)
     if cost:
-        for counter_id in _counter_ids(conn, jti):
-            _SPEND.run(conn, reserved=within, amount=cost, id=counter_id)
+        _spend_above(conn, jti, parent, cost, _within(int(budget), int(spent), cost))
     values = {**_USAGE_DEFAULTS, "workload_id": workload_id, "tenant_id": tenant_id, **event,
               "id": hold_id, "jti": jti, "cost_micros": cost}
     _INSERT_USAGE.run(conn, **{c: values[c] for c in _USAGE_COLUMNS})
     remaining = int(budget) - int(spent) - int(held_left)
     return Settlement(remaining, max(0, cost - held), str(workload_id), str(tenant_id), jti)
+
+
+def _within(budget: int, spent_after: int, cost: int) -> int:
+    """The part of ``cost`` that the slice still had reserved before this charge (its budget
+    minus what it had spent): the rest of an overrun was never reserved above."""
+    return min(cost, max(0, budget - (spent_after - cost)))
+
+
+def _spend_above(conn: Connection, jti: str, parent: str | None, cost: int, within: int) -> None:
+    """Charge ``cost`` to what a slice was reserved from: its budget counters, or its parent
+    slice (and then the parent's counters)."""
+    if parent is not None:
+        budget, spent = _SPEND_PARENT.run(conn, within=within, cost=cost, parent=parent).one()
+        _spend_above(conn, parent, None, cost, _within(int(budget), int(spent), cost))
+        return
+    for counter_id in _counter_ids(conn, jti):
+        _SPEND.run(conn, reserved=within, amount=cost, id=counter_id)
 
 
 def orphaned_holds(conn: Connection, older_than: int, limit: int = 500) -> list[tuple[str, str, int]]:

@@ -48,8 +48,8 @@ def _revoke_slices(conn: Connection, column: str, ident: str, cutoff: int, now: 
     s = _slice.c
     jtis = conn.execute(
         update(_slice)
-        .where(s[column] == ident, s.released_at.is_(None), s.revoked_at.is_(None),
-               s.issued_at <= cutoff)
+        .where(s[column] == ident, s.kind == "token", s.released_at.is_(None),
+               s.revoked_at.is_(None), s.issued_at <= cutoff)
         .values(revoked_at=now)
         .returning(s.jti)
     ).all()
