@@ -41,6 +41,22 @@ class Metrics:
             "broker_budget_released_micros_total", "Unspent micro-dollars returned by the sweeper",
             registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "broker_alert_webhook_deliveries_total",
+            "Alert webhook deliveries, by result (delivered, failed, dropped)",
+            ["result"], registry=self.registry,
+        )
+
+        # Labels are bounded: a detector and an action, never a workload.
+        self.alerts = Counter(
+            "broker_alerts_total", "Alerts raised by the monitor, by detector and action",
+            ["detector", "action"], registry=self.registry,
+        )
+        self.monitor_dropped = Counter(
+            "broker_monitor_dropped_total",
+            "Observations the monitor could not queue (its thread far behind)",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

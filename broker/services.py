@@ -25,6 +25,7 @@ from broker.tokens.tokens import TokenGate, VerifiedCache
 
 if TYPE_CHECKING:
     from broker.gateway.calls import Gateway
+    from broker.monitoring.monitor import Monitor
 
 log = logging.getLogger("broker")
 
@@ -65,6 +66,8 @@ class Services:
     # every verified token is taken as live.
     token_gate: TokenGate | None = None
     gateway: Gateway | None = None
+    # Watches usage and refusals; None while monitoring is off (or not yet started).
+    monitor: Monitor | None = None
     # Messages between replicas; started by the revocation extension, which subscribes first.
     bus: EventBus | None = None
     scheduler: Scheduler | None = None

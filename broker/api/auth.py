@@ -20,6 +20,11 @@ def verify_bearer(svc: Services, bearer: str | None) -> VerifiedToken:
     )
     gate = svc.token_gate
     if gate is not None and not gate.is_live(verified):
+        if svc.monitor is not None:
+            # Signed by us, so it is this workload's own token; but it died of an admin's (or
+            # the monitor's) decision, and a client still retrying it must not turn a tenant's
+            # kill switch into suspensions of its own: it can only alert.
+            svc.monitor.refusal(verified.sub, "refused_token", authenticated=False)
         raise InvalidToken()
     return verified
 

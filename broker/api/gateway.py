@@ -16,6 +16,8 @@ from starlette.types import Receive, Scope, Send
 from broker.api.auth import verify_bearer
 from broker.api.http import bearer_token, client_address, json_object, json_response, request_id, services_of
 from broker.api.openapi import ApiRoute
+from broker.approvals.grants import LIMITS_MESSAGE
+from broker.errors import BrokerError
 from broker.gateway.calls import Gateway, Reply
 from broker.gateway.stream import MeteredStream
 from broker.plugin import Operation
@@ -39,6 +41,11 @@ _MESSAGES_BODY: dict[str, Any] = {
     "properties": {"model": {"type": "string"}, "messages": {"type": "array"},
                    "max_tokens": {"type": "integer"}, "stream": {"type": "boolean"}},
 }
+
+
+# Refusals of a verified token's call that the monitor counts: forbidden models, rate and
+# quota limits (a malformed body is the client's bug, not a burst of refusals).
+_WATCHED_REFUSALS = frozenset({403, 429})
 
 
 class _StreamResponse(Response):
@@ -109,9 +116,16 @@ class GatewayRoutes:
         svc = self.gateway.svc
         token = _token(request)
         body = await json_object(request, svc.settings.server.max_body_bytes)
-        call = await self.gateway.begin(token, op, body, request.headers,
-                                        request_id=request_id(request),
-                                        client_ip=client_address(request))
+        try:
+            call = await self.gateway.begin(token, op, body, request.headers,
+                                            request_id=request_id(request),
+                                            client_ip=client_address(request))
+        except BrokerError as exc:
+            if svc.monitor is not None and exc.status in _WATCHED_REFUSALS:
+                svc.monitor.refusal(token.sub, exc.code, authenticated=True,
+                                    tenant_id=token.tenant, kind=token.kind,
+                                    client_ip=client_address(request))
+            raise
         result = await self.gateway.forward(call, request.headers)
         if isinstance(result, Reply):
             return Response(result.content, status_code=result.status, headers=result.headers)
@@ -123,6 +137,10 @@ def gateway_extension(svc: Services) -> list[BaseRoute]:
     gateway = Gateway(svc)
     svc.gateway = gateway
     svc.closers.append(gateway.aclose)
+    if svc.bus is not None:
+        # A grant, a throttle or its clearing changed a workload's limits on some replica.
+        svc.bus.on(LIMITS_MESSAGE, lambda message: gateway.forget_policy(
+            message.get_str("workload_id")))
     routes = GatewayRoutes(gateway)
     return [
         Route("/v1/models", routes.models, methods=["GET"]),

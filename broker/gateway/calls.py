@@ -44,6 +44,8 @@ import anyio
 import httpx
 from sqlalchemy import Connection, select
 
+from broker.approvals import grants
+from broker.approvals.grants import GrantRecord
 from broker.errors import (
     ApprovalRequired,
     InsufficientQuota,
@@ -64,6 +66,8 @@ from broker.money.bounds import BoundContext
 from broker.money.limits import InMemoryLimiter, Limiter
 from broker.money.outcome import Outcome
 from broker.money.pricing import NOTHING, Usage
+from broker.monitoring import alerts
+from broker.monitoring.detectors import Observation
 from broker.plugin import Operation, Provider, StreamMeter
 from broker.revocation import actions
 from broker.revocation.denylist import Denylist, apply_here
@@ -81,6 +85,11 @@ POLICY_CACHE_S = 5.0
 POLICY_CACHE_MAX = 10_000
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 HOLD_ATTEMPTS = 3
+
+
+# Outcomes the monitor's ``failures`` detector counts (with the gateway's own refusals).
+_FAILED_UPSTREAM = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT,
+                              Outcome.UPSTREAM_RATE_LIMITED})
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,9 @@ class Call:
     request_id: str
     client_ip: str | None
     started: float
+    # The request as the client sent it (a shallow copy taken before the broker changed it):
+    # what the monitor's loop fingerprint is made of.
+    original: dict[str, Any] | None = None
     settled: bool = False
 
 
@@ -163,6 +175,8 @@ class Gateway:
     def _forget_policy(self, entry: Entry) -> None:
         if entry.kind == "workload":
             self._policies.pop(entry.target, None)
+        elif entry.kind == "grant":
+            self._policies.clear()  # the entry names the grant, not its workload; rare
 
     async def aclose(self) -> None:
         await self.pools.aclose()
@@ -172,23 +186,41 @@ class Gateway:
     def visible_models(self, token: VerifiedToken) -> list[tuple[str, ModelSettings]]:
         return [(n, m) for n, m in self.settings.models.items() if model_allowed(n, token.models)]
 
+    def forget_policy(self, workload_id: str) -> None:
+        """Drop a workload's cached policy: its limits changed (a grant, a throttle)."""
+        self._policies.pop(workload_id, None)
+
     async def policy(self, workload_id: str) -> Policy:
-        """The workload's effective policy, cached briefly to keep the hot path off the database
-        (and dropped at once when the workload's tokens are cut or it is suspended)."""
+        """The workload's effective policy (its rates raised by its live grants, then cut by an
+        open throttle), cached briefly to keep the hot path off the database: dropped at once
+        when the workload's tokens are cut, it is suspended or its limits change, and never
+        kept past a grant's expiry."""
         now = time.monotonic()
         hit = self._policies.get(workload_id)
         if hit is not None and hit[0] > now:
             return hit[1]
         w = _workload.c
-        row = await self.svc.db.read(
-            lambda conn: conn.execute(select(w.policy, w.kind).where(w.id == workload_id)).first()
-        )
-        if row is None:
+        wall = int(time.time())
+
+        def read(conn: Connection) -> tuple[Any, list[GrantRecord], bool] | None:
+            row = conn.execute(select(w.policy, w.kind).where(w.id == workload_id)).first()
+            if row is None:
+                return None
+            return row, grants.live_for(conn, workload_id, wall), alerts.throttled(conn, workload_id)
+
+        found = await self.svc.db.read(read)
+        if found is None:
             raise InvalidToken()  # the identity is gone: its tokens are dead
-        policy = effective(Policy.model_validate(row[0]), str(row[1]))
+        row, live, throttled = found
+        policy = grants.raise_rates(effective(Policy.model_validate(row[0]), str(row[1])), live)
+        if throttled:
+            policy = alerts.throttle(policy, self.settings.monitoring.throttle_factor)
+        keep = POLICY_CACHE_S
+        if live:
+            keep = min(keep, max(0.0, min(g.expires_at for g in live) - time.time()))
         if len(self._policies) >= POLICY_CACHE_MAX:
             self._policies.clear()
-        self._policies[workload_id] = (now + POLICY_CACHE_S, policy)
+        self._policies[workload_id] = (now + keep, policy)
         return policy
 
     async def begin(
@@ -204,22 +236,27 @@ class Gateway:
         """Check the call, bound it, admit it, hold its worst case; the caller must then
         settle it."""
         started = time.perf_counter()
+        original = dict(body) if self.svc.monitor is not None else None
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model is required", param="model")
         spec = self.settings.models.get(model)
         if spec is None:
             raise ModelNotFound(f"the model {model[:200]!r} does not exist")
-        if not model_allowed(model, token.models):
+        granted = model_allowed(model, token.grant_models)
+        if not (granted or model_allowed(model, token.models)):
             raise ModelNotAllowed(f"this token may not use the model {model!r}")
         provider = self.providers[spec.provider]
         if op not in provider.operations:
             raise InvalidRequest(f"the model {model!r} is not served on this route", param="model")
         policy = await self.policy(token.sub)
-        if not model_allowed(model, policy.models):
-            raise ModelNotAllowed(f"the policy no longer allows the model {model!r}")
         if model_allowed(model, policy.approval_models):
-            raise ApprovalRequired(f"the model {model!r} needs an approval")
+            # Only a live grant for it lets a token call it (the gate refused the token if
+            # one of its grants was revoked or has expired).
+            if not granted:
+                raise ApprovalRequired(f"the model {model!r} needs an approval")
+        elif not model_allowed(model, policy.models):
+            raise ModelNotAllowed(f"the policy no longer allows the model {model!r}")
         stream = body.get("stream", False)
         if not isinstance(stream, bool) or (stream and op == "embeddings"):
             raise InvalidRequest("stream must be a boolean (and is not supported for embeddings)",
@@ -246,7 +283,7 @@ class Gateway:
             token=token, op=op, model=model, provider=provider, policy=policy, body=body,
             stream=stream, client_wants_usage=client_wants_usage, quote=held, admitted=admitted,
             hold_id=hold_id, remaining=remaining, request_id=request_id, client_ip=client_ip,
-            started=started,
+            started=started, original=original,
         )
         try:
             if op != "embeddings":
@@ -337,6 +374,8 @@ class Gateway:
         gateway = self.settings.gateway
         # The stream may not outlive its token (plus the leeway), nor the broker's own cap.
         lifetime = min(call.token.exp + LEEWAY_S - time.time(), float(gateway.max_stream_s))
+        if call.token.grant_exp is not None:
+            lifetime = min(lifetime, call.token.grant_exp - time.time())  # a grant ends exactly
         meter = call.provider.stream_meter(call.op, client_wants_usage=call.client_wants_usage)
         return MeteredStream(response, meter, limit=call.quote.answer_tokens,
                              remaining=call.remaining, deadline=time.monotonic() + lifetime,
@@ -379,7 +418,22 @@ class Gateway:
                 log.error("settling hold %s failed: %s", call.hold_id, type(exc).__name__)
             finally:
                 self._unadmit(call.token, call.policy, call.admitted, usage, cost, now)
+        self._observe(call, usage, cost, status, now)
         return cost, remaining
+
+    def _observe(self, call: Call, usage: Usage, cost: int, status: Outcome, now: float) -> None:
+        monitor = self.svc.monitor
+        if monitor is None:
+            return
+        token = call.token
+        monitor.observe(Observation(
+            ts=now, workload_id=token.sub, tenant_id=token.tenant, kind=token.kind,
+            signal="usage", model=call.model, cost_micros=cost, tokens=usage.tokens,
+            price_micros_per_mtok=self.settings.models[call.model].output_micros_per_mtok,
+            client_ip=call.client_ip), call.original)
+        if status in _FAILED_UPSTREAM:
+            monitor.refusal(token.sub, "upstream_error", authenticated=True,
+                            tenant_id=token.tenant, kind=token.kind, client_ip=call.client_ip)
 
     def _unadmit(self, token: VerifiedToken, policy: Policy, admitted: Quote, used: Usage,
                  cost: int, now: float) -> None:
