@@ -1,13 +1,15 @@
-"""The background jobs of a broker: sweeping, retiring signing keys, pruning the revocation log,
-and scheduled rotation. :class:`broker.storage.scheduler.Scheduler` runs each once across every
-replica."""
+"""The background jobs of a broker: sweeping, ending grants, retiring signing keys, pruning the
+revocation log, and scheduled rotation. :class:`broker.storage.scheduler.Scheduler` runs each
+once across every replica."""
 
 from __future__ import annotations
 
 import functools
 import time
 
+from broker.approvals import grants, requests
 from broker.money.sweeper import sweep_once
+from broker.monitoring import webhooks
 from broker.revocation import log as revocation_log
 from broker.revocation import rotation
 from broker.services import Services
@@ -17,6 +19,8 @@ from broker.storage.scheduler import Job
 RETIRE_INTERVAL_S = 60.0
 PRUNE_INTERVAL_S = 3600.0
 PROVIDER_REVOKE_INTERVAL_S = 30.0
+# Delivered webhook rows are kept this long (for an operator looking into a delivery).
+OUTBOX_RETENTION_S = 7 * 86_400
 
 
 def scheduled_jobs(svc: Services) -> list[Job]:
@@ -26,6 +30,9 @@ def scheduled_jobs(svc: Services) -> list[Job]:
             functools.partial(sweep_once, svc.db, settings.sweeper, svc.metrics)),
         Job("signing_key.retire", RETIRE_INTERVAL_S,
             functools.partial(rotation.retire_signing_keys, svc)),
+        Job("grants.end", settings.sweeper.interval_s, functools.partial(end_grants, svc)),
+        Job("alerts.prune_outbox", PRUNE_INTERVAL_S, lambda: svc.db.transaction(
+            lambda conn: webhooks.prune_delivered(conn, int(time.time()) - OUTBOX_RETENTION_S))),
         Job("revocation.prune_log", PRUNE_INTERVAL_S,
             lambda: svc.db.transaction(lambda conn: revocation_log.prune_log(conn, int(time.time())))),
     ]
@@ -41,3 +48,11 @@ def scheduled_jobs(svc: Services) -> list[Job]:
             functools.partial(rotation.rotate_signing_key, svc, "scheduler", "scheduled"),
         ))
     return jobs
+
+
+def end_grants(svc: Services) -> None:
+    """Record the end of expired and revoked grants (their unspent budget back), and expire
+    the approval requests nobody answered."""
+    now = int(time.time())
+    svc.db.transaction(lambda conn: grants.end_finished(conn, now))
+    svc.db.transaction(lambda conn: requests.expire_pending(conn, now))

@@ -132,8 +132,13 @@ class Target:
 
     @property
     def takes_bearer(self) -> bool:
-        return self.admin or self.template == "/v1/introspect" or self.dialect in (
-            "openai", "anthropic")
+        return self.admin or self.template == "/v1/introspect" or self.workload_route or (
+            self.dialect in ("openai", "anthropic"))
+
+    @property
+    def workload_route(self) -> bool:
+        """An identity route a workload calls with its own broker token."""
+        return self.template.startswith("/v1/approvals")
 
 
 @dataclass
@@ -155,7 +160,7 @@ class World:
             return {"authorization": f"Bearer {self.admin_token}"}
         if target.template == "/v1/introspect":
             return {"authorization": basic(self.agent["client_id"], self.agent["client_secret"])}
-        if target.dialect in ("openai", "anthropic"):
+        if target.dialect in ("openai", "anthropic") or target.workload_route:
             return {"authorization": f"Bearer {self.agent_token}"}
         return {}
 
@@ -174,6 +179,11 @@ class World:
                     "client_secret": self.agent["client_secret"]}
         if key == ("POST", "/v1/introspect"):
             return {"token": self.agent_token}
+        if key == ("POST", "/v1/approvals"):
+            return {"budget_micros": 1000, "rpm": 100, "ttl_s": 60}
+        if key == ("POST", "/v1/admin/grants"):
+            return {"workload_id": self.agent["id"], "budget_micros": 0, "rpm": 100,
+                    "ttl_s": 60}
         return None
 
     def money_slots(self, target: Target) -> list[Callable[[Any], dict[str, Any]]]:
@@ -192,7 +202,7 @@ class World:
                 lambda v: {**base(), "policy": {"budgets": [{"period": "day", "limit_micros": v}]}},
                 lambda v: {**base(), "policy": {"burst": {"window_s": 60, "limit_micros": v}}},
             ]
-        if target.template == "/v1/token":
+        if target.template in ("/v1/token", "/v1/approvals", "/v1/admin/grants"):
             return [lambda v: {**base(), "budget_micros": v}]
         return []
 
@@ -851,6 +861,9 @@ def test_valid_bodies_are_accepted(broker: Broker) -> None:
     for t in world.targets:
         if world.base_body(t) is None:
             continue
+        if t.workload_route:
+            # The policy edits above ended the agent's tokens (a changed identity): a new one.
+            world.agent_token = broker.token(world.agent["client_id"], world.agent["client_secret"])
         probes = [world.base_body(t)]
         probes += [slot(v) for slot in world.money_slots(t) for v in (0, 1000)]
         probes += [slot(next(letters)) for slot in world.name_slots(t)]

@@ -31,6 +31,7 @@ class Denylist:
         # gateway's policies) drop what a change of that identity made stale.
         self.listeners: list[Callable[[Entry], None]] = []
         self._tokens: dict[str, int] = {}  # jti -> relevant until
+        self._grants: dict[str, int] = {}  # revoked grant id -> relevant until
         self._cutoffs: dict[tuple[str, str], tuple[int, int]] = {}  # key -> (cutoff, until)
         self._suspended: set[tuple[str, str]] = set()
         self._last_change: dict[tuple[str, str], int] = {}  # key -> id of the newest entry applied
@@ -46,6 +47,8 @@ class Denylist:
     def is_live(self, token: VerifiedToken) -> bool:
         if token.jti in self._tokens:
             return False
+        if token.grants and not self._grants_live(token):
+            return False
         if not self._cutoffs and not self._suspended:
             return True
         for key in (("workload", token.sub), ("tenant", token.tenant)):
@@ -56,8 +59,15 @@ class Denylist:
                 return False
         return True
 
+    def _grants_live(self, token: VerifiedToken) -> bool:
+        # A grant ends at its expiry exactly, without the clock leeway of token expiry: the
+        # admin chose that moment, and a stream under it must end then.
+        if token.grant_exp is not None and time.time() >= token.grant_exp:
+            return False
+        return not any(grant in self._grants for grant in token.grants)
+
     def __len__(self) -> int:
-        return len(self._tokens) + len(self._cutoffs) + len(self._suspended)
+        return len(self._tokens) + len(self._grants) + len(self._cutoffs) + len(self._suspended)
 
     def apply(self, entry: Entry) -> None:
         """Idempotent: applying an entry twice, or an older entry after a newer one for the
@@ -73,11 +83,10 @@ class Denylist:
                 self._recent.add(entry.id)
                 self._recent_by_second.setdefault(entry.created_at, []).append(entry.id)
                 self._recent_sum += entry.id
-            if entry.kind == "token":
+            if entry.kind in ("token", "grant"):
                 if entry.relevant_until > int(time.time()):
-                    self._tokens[entry.target] = max(
-                        self._tokens.get(entry.target, 0), entry.relevant_until
-                    )
+                    held = self._tokens if entry.kind == "token" else self._grants
+                    held[entry.target] = max(held.get(entry.target, 0), entry.relevant_until)
                 return
             key = (entry.kind, entry.target)
             if entry.cutoff is not None:
@@ -126,6 +135,10 @@ class Denylist:
             gone = [jti for jti, until in self._tokens.items() if until <= now]
             for jti in gone:
                 del self._tokens[jti]
+            ended = [g for g, until in self._grants.items() if until <= now]
+            for grant in ended:
+                del self._grants[grant]
+            gone += ended
             old = [k for k, (_c, until) in self._cutoffs.items()
                    if until <= now and k not in self._suspended]
             for key in old:

@@ -27,7 +27,7 @@ MESSAGE_TYPE = "revocation"
 # cut-off older than this plus the clock leeway can no longer refuse anything.
 MAX_TOKEN_LIFETIME_S = 900
 LOG_RETENTION_S = 86_400
-KINDS = ("token", "workload", "tenant")
+KINDS = ("token", "workload", "tenant", "grant")
 
 
 def cutoff_relevant_until(cutoff: int) -> int:
@@ -40,7 +40,7 @@ class Entry:
     """One row of the revocation log."""
 
     id: int
-    kind: str  # token | workload | tenant
+    kind: str  # token | workload | tenant | grant
     action: str  # revoke | suspend | resume | cut (tokens ended, identity not suspended)
     target: str
     tenant_id: str
@@ -108,7 +108,7 @@ def list_entries(
         stmt = stmt.where(c.tenant_id == actor.tenant_id)
     if kind is not None:
         if kind not in KINDS:
-            raise InvalidRequest("kind must be token, workload or tenant")
+            raise InvalidRequest("kind must be token, workload, tenant or grant")
         stmt = stmt.where(c.kind == kind)
     entries = [Entry.from_row(r) for r in conn.execute(stmt).all()]
     return entries[:limit], len(entries) > limit

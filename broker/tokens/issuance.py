@@ -14,7 +14,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from broker.approvals import grants as grants_store
+from broker.approvals.grants import GrantRecord
 from broker.errors import (
+    BudgetExhausted,
     InvalidClient,
     InvalidRequest,
     InvalidScope,
@@ -22,7 +25,7 @@ from broker.errors import (
 )
 from broker.identity.credentials import secret_matches
 from broker.identity.identities import Client, find_by_client_id
-from broker.identity.policy import Policy, effective, scope_within
+from broker.identity.policy import Policy, effective, model_allowed, scope_within
 from broker.money import ledger
 from broker.money.ledger import BudgetRef
 from broker.plugin import AuthMethod, ClientCredentials, Identity
@@ -58,11 +61,15 @@ class _Context:
         self._now = now
 
         self._vouched: list[Client] = []
+        # The workload a failed check was for, when the client id named one.
+        self.failed_workload: str | None = None
 
     def check_client_secret(self, client_id: str, secret: str) -> Client | None:
-        client = authenticate_client(self._services, self._conn, client_id, secret, self._now)
+        client, known = check_client(self._services, self._conn, client_id, secret, self._now)
         if client is not None:
             self._vouched.append(client)
+        elif known is not None:
+            self.failed_workload = known
         return client
 
     def vouched_for(self, identity: Identity | None) -> Client | None:
@@ -97,22 +104,33 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
     now = int(time.time())
     jti = tokens.new_jti()
 
+    failed: list[str] = []
+
     def txn(conn: Connection) -> dict[str, Any] | None:
         ctx = _Context(services, conn, now)
         row = ctx.vouched_for(req.method.authenticate(ctx, req.creds))
         if row is None:
+            failed[:] = [ctx.failed_workload] if ctx.failed_workload else []
             return None
         policy = _effective_policy(row.kind, row.policy_key)
+        live = grants_store.live_for(conn, row.id, now)
+        # Tokens carry (and die with) the grants that give them something: a model or money.
+        # A grant of rates alone acts on the workload's limits, not on its tokens.
+        grants = [g for g in live if g.model is not None or g.budget_micros > 0]
+        granted = [g.model for g in grants if g.model is not None]
+        allowed = [*policy.models, *granted]
         if req.scope is not None:
             for entry in req.scope:
-                if not scope_within(entry, policy.models):
+                if not scope_within(entry, allowed):
                     raise InvalidScope(f"scope {entry!r} is not allowed by policy"[:200])
             models = list(dict.fromkeys(req.scope))
         else:
-            models = list(policy.models)
+            models = list(dict.fromkeys(allowed))
         # ``ttl_s`` only narrows: never past the policy's lifetime (RFC 8693 lets the server
-        # issue a shorter one than asked; ``expires_in`` says which).
+        # issue a shorter one than asked; ``expires_in`` says which), nor past a grant's.
         longest = min(policy.token_ttl_s or settings.tokens.default_ttl_s, settings.tokens.max_ttl_s)
+        if grants:
+            longest = min(longest, min(g.expires_at for g in grants) - now)
         ttl = min(req.ttl_s or longest, longest)
         wait = services.issuance.take((row.client_id, ""))
         if wait:
@@ -120,23 +138,14 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
                 f"this client may obtain {settings.auth.issuance_rpm} tokens per minute",
                 headers={"retry-after": str(wait)})
         per_token = policy.token_budget_micros or 0
-        if req.budget_micros is not None and req.budget_micros > per_token:
+        funding = [g for g in grants if g.budget_micros > 0]
+        if req.budget_micros is not None and req.budget_micros > per_token and not funding:
             raise InvalidRequest(f"budget_micros exceeds the policy's per-token slice of {per_token}")
         amount = per_token if req.budget_micros is None else req.budget_micros
         if not models:
             amount = 0  # a token that can call no model needs no money
-        ledger.reserve_slice(
-            conn,
-            jti=jti,
-            workload_id=row.id,
-            tenant_id=row.tenant_id,
-            amount=amount,
-            budgets=_budget_refs(services, row, policy),
-            issued_at=now,
-            expires_at=now + ttl,
-            max_live=policy.max_live_tokens,
-            retry_after_s=max(1, math.ceil(settings.sweeper.interval_s)),
-        )
+        _reserve(conn, services, row, policy, jti=jti, amount=amount, per_token=per_token,
+                 funding=funding, now=now, ttl=ttl)
         claims: dict[str, Any] = {
             "iss": settings.issuer.url,
             "aud": settings.issuer.audience,
@@ -154,17 +163,61 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
         }
         if row.roles:
             claims["roles"] = list(row.roles)
+        if grants:
+            claims["grants"] = [g.id for g in grants]
+            # A scope that left a granted model out narrows the grant too.
+            claims["grant_models"] = [m for m in granted if model_allowed(m, models)]
+            claims["grant_exp"] = min(g.expires_at for g in grants)
         return claims
 
     claims = await services.db.run(txn)
     if claims is None:
         services.failures.record_failure(req.client_id, req.source)
+        if services.monitor is not None and failed:
+            # Anyone who knows a client id can cause this: it never suspends by itself. An
+            # unknown client id names nobody to watch, and is not queued at all.
+            services.monitor.refusal(failed[0], "bad_secret", authenticated=False,
+                                     client_ip=req.source)
         raise InvalidClient()
     token = tokens.sign(services.keyring, claims)
     services.metrics.tokens_issued.labels(claims["kind"]).inc()
     services.metrics.reserved.inc(claims["budget_micros"])
     return Issued(access_token=token, expires_in=claims["exp"] - claims["iat"],
                   scope=claims["scope"], budget_micros=claims["budget_micros"])
+
+
+def _reserve(conn: Connection, services: Services, client: Client, policy: Policy, *, jti: str,
+             amount: int, per_token: int, funding: list[GrantRecord], now: int,
+             ttl: int) -> None:
+    """Reserve the token's slice from the budgets above the workload; or, when they cannot
+    hold it (or it is larger than the policy's per-token slice), carve it out of a live grant's
+    extra budget, the soonest to expire first."""
+    settings = services.settings
+    retry_after = max(1, math.ceil(settings.sweeper.interval_s))
+
+    def regular() -> None:
+        ledger.reserve_slice(
+            conn, jti=jti, workload_id=client.id, tenant_id=client.tenant_id, amount=amount,
+            budgets=_budget_refs(services, client, policy), issued_at=now, expires_at=now + ttl,
+            max_live=policy.max_live_tokens, retry_after_s=retry_after)
+
+    if not funding:
+        regular()
+        return
+    if amount <= per_token:
+        try:
+            with conn.begin_nested():
+                regular()
+            return
+        except BudgetExhausted:
+            pass
+    for grant in funding:
+        if ledger.reserve_child_slice(
+                conn, jti=jti, parent=grant.id, workload_id=client.id,
+                tenant_id=client.tenant_id, amount=amount, issued_at=now, expires_at=now + ttl,
+                max_live=policy.max_live_tokens, retry_after_s=retry_after):
+            return
+    raise BudgetExhausted("neither the budgets nor a live grant can hold this slice")
 
 
 def authenticate_client(
@@ -175,17 +228,26 @@ def authenticate_client(
     Unknown client, wrong secret and suspended identity all return None, after the same work.
     The previous secret still counts during its rotation grace.
     """
+    return check_client(services, conn, client_id, secret, now)[0]
+
+
+def check_client(
+    services: Services, conn: Connection, client_id: str, secret: str, now: int
+) -> tuple[Client | None, str | None]:
+    """:func:`authenticate_client`, and the id of the workload the client id names (None
+    when it names none), for the monitor's count of wrong secrets."""
     client = find_by_client_id(conn, client_id)
+    known = client.id if client is not None else None
     hashes: list[str | None] = []
     if client is not None:
         hashes.append(client.secret_hash)
         if client.prev_secret_hash and (client.prev_secret_expires_at or 0) > now:
             hashes.append(client.prev_secret_hash)
     if not secret_matches(services.pepper, secret, hashes):
-        return None
+        return None, known
     if client is None or client.suspended_at is not None or client.tenant_suspended_at is not None:
-        return None
-    return client
+        return None, None  # a suspended identity is not guessing: its secret was right
+    return client, known
 
 
 @functools.lru_cache(maxsize=4096)

@@ -43,6 +43,11 @@ class VerifiedToken:
     roles: tuple[str, ...]
     act: dict[str, Any] | None
     claims: dict[str, Any] = field(repr=False)
+    # Grants the token was issued under (:mod:`broker.approvals.grants`): it dies with any of
+    # them, and at ``grant_exp`` (the soonest to expire) at the latest.
+    grants: tuple[str, ...] = ()
+    grant_models: tuple[str, ...] = ()
+    grant_exp: int | None = None
 
 
 def sign(keyring: Keyring, claims: dict[str, Any]) -> str:
@@ -122,6 +127,9 @@ def verify(token: str, keyring: Keyring, *, issuer: str, audience: str) -> Verif
             roles=tuple(_str(r) for r in _list(claims.get("roles", []))),
             act=claims.get("act") if isinstance(claims.get("act"), dict) else None,
             claims=claims,
+            grants=tuple(_str(g) for g in _list(claims.get("grants", []))),
+            grant_models=tuple(_str(m) for m in _list(claims.get("grant_models", []))),
+            grant_exp=_int(claims["grant_exp"]) if "grant_exp" in claims else None,
         )
     except (TypeError, ValueError):
         raise InvalidToken() from None
