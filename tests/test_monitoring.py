@@ -23,9 +23,10 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.devvault import DevVault
 from broker.monitoring.monitor import Monitor, fingerprint_key
 from broker.revocation.denylist import apply_here
-from tests.conftest import Broker
+from tests.conftest import SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
 from tests.support import Clock, assert_oauth_error, assert_problem, wait_for
@@ -725,3 +726,39 @@ def test_calls_never_wait_for_a_monitor_that_is_behind(make_menv: EnvFactory) ->
     assert _metric(env, "broker_monitor_dropped_total") == 3
 
 
+
+
+# --- alerts reach the configured webhook ---------------------------------------------------------
+
+
+def test_an_alert_reaches_the_configured_webhook_signed(
+        make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer,
+        vault: DevVault) -> None:
+    from broker.monitoring.webhooks import SIGNATURE_HEADER, verify
+    from broker.storage.vault import Vault
+    from tests.test_webhooks import Receiver
+
+    secret = "whsec-" + secrets.token_hex(16)
+    path = f"hooks-{secrets.token_hex(4)}/alerts"
+    receiver = Receiver().start()
+    try:
+        def adjust(sections: Sections) -> None:
+            _monitoring()(sections)
+            sections["alerts"] = {"webhooks": [
+                {"url": receiver.url, "secret_vault_path": path, "min_severity": "warning"}]}
+
+        env = make_env(make_live_broker, sqlite_url, fake, adjust=adjust)
+        Vault(env.broker.settings.vault).write(path, {"secret": SECRETS.add(secret)})
+        receiver.fail_next(2)  # the receiver is down a moment: the outbox retries
+        agent = env.agent()
+        _loop(_openai(env, _token(env, agent)))
+        alert = _only_alert(env, agent)
+        wait_for(lambda: receiver.delivered(agent["id"]) == [alert["id"]], 20,
+                 what="the alert's delivery")
+        got = next(r for r in receiver.requests if r.status == 200)
+        assert verify(secret.encode(), got.headers[SIGNATURE_HEADER], got.body,
+                      now=int(time.time()))
+        assert got.alert["detector"] == "loop" and got.alert["action"] == "suspend"
+        assert secret not in json.dumps(got.alert)
+    finally:
+        receiver.stop()
