@@ -208,16 +208,20 @@ Severity = Literal["info", "warning", "critical"]
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 
 
-class LoopSettings(_Section):
-    # The same request fingerprint this many times within the window is a loop.
+class _CountInWindow(_Section):
+    """A detector that fires when ``threshold`` events fall within ``window_s``."""
+
     threshold: StrictInt = Field(default=20, ge=2, le=1_000_000)
     window_s: StrictInt = Field(default=60, ge=1, le=86_400)
 
 
-class FailureSettings(_Section):
-    # Refusals (wrong secrets, refused tokens, rate-limit hits, upstream errors) in the window.
-    threshold: StrictInt = Field(default=20, ge=1, le=1_000_000)
-    window_s: StrictInt = Field(default=60, ge=1, le=86_400)
+class LoopSettings(_CountInWindow):
+    """The same request fingerprint ``threshold`` times within the window is a loop."""
+
+
+class FailureSettings(_CountInWindow):
+    """Refusals (wrong secrets, refused tokens, rate-limit hits, upstream errors) in the
+    window."""
 
 
 class VelocitySettings(_Section):

@@ -4,6 +4,7 @@ decide and grant (``/v1/admin/approvals``, ``/v1/admin/grants``). Errors are pro
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -65,11 +66,24 @@ async def _admin_body(request: Request, svc: Services, *, empty: dict[str, Any] 
     return await json_object(request, svc.settings.server.admin_max_body_bytes, empty=empty)
 
 
-def _status(request: Request, allowed: tuple[str, ...]) -> str | None:
+@dataclass(frozen=True)
+class _ListQuery:
+    """What a list of approvals or grants is asked for: a page, a status, an owner."""
+
+    cursor: str | None
+    limit: int
+    status: str | None
+    tenant_id: str | None
+    workload_id: str | None
+
+
+def _list_query(request: Request, statuses: tuple[str, ...]) -> _ListQuery:
+    cursor, limit = id_page_params(request)
     status = query_str(request, "status", 16)
-    if status is not None and status not in allowed:
-        raise InvalidRequest(f"status must be one of {', '.join(allowed)}")
-    return status
+    if status is not None and status not in statuses:
+        raise InvalidRequest(f"status must be one of {', '.join(statuses)}")
+    return _ListQuery(cursor, limit, status, query_str(request, "tenant_id", 64),
+                      query_str(request, "workload_id", 64))
 
 
 # --- the workload asks ------------------------------------------------------------------------
@@ -101,14 +115,11 @@ async def get_own_approval(request: Request) -> Response:
 
 async def list_approvals(request: Request, svc: Services, actor: Actor) -> Response:
     """Requests, by id; ``status=pending`` is the queue."""
-    cursor, limit = id_page_params(request)
-    status = _status(request, requests.STATUSES)
-    tenant_id = query_str(request, "tenant_id", 64)
-    workload_id = query_str(request, "workload_id", 64)
+    q = _list_query(request, requests.STATUSES)
     now = int(time.time())
     data, nxt = await svc.db.read(lambda conn: requests.list_approvals(
-        conn, actor, status=status, tenant_id=tenant_id, workload_id=workload_id,
-        cursor=cursor, limit=limit, now=now))
+        conn, actor, status=q.status, tenant_id=q.tenant_id, workload_id=q.workload_id,
+        cursor=q.cursor, limit=q.limit, now=now))
     return json_response({"data": [approval_view(a, now) for a in data], "next_cursor": nxt})
 
 
@@ -152,14 +163,11 @@ async def create_grant(request: Request, svc: Services, actor: Actor) -> Respons
 
 
 async def list_grants(request: Request, svc: Services, actor: Actor) -> Response:
-    cursor, limit = id_page_params(request)
-    status = _status(request, grants.GRANT_STATUSES)
-    tenant_id = query_str(request, "tenant_id", 64)
-    workload_id = query_str(request, "workload_id", 64)
+    q = _list_query(request, grants.GRANT_STATUSES)
     now = int(time.time())
     data, nxt = await svc.db.read(lambda conn: grants.list_grants(
-        conn, actor, tenant_id=tenant_id, workload_id=workload_id, status=status,
-        cursor=cursor, limit=limit, now=now))
+        conn, actor, tenant_id=q.tenant_id, workload_id=q.workload_id, status=q.status,
+        cursor=q.cursor, limit=q.limit, now=now))
     return json_response({"data": [grant_view(g, now) for g in data], "next_cursor": nxt})
 
 

@@ -242,12 +242,7 @@ def list_grants(conn: Connection, actor: Actor, *, tenant_id: str | None,
     stmt = select(_grant).order_by(g.id).limit(limit + 1)
     if cursor:
         stmt = stmt.where(g.id > cursor)
-    if tenant_id is not None:
-        if not actor.sees_tenant(tenant_id):
-            return [], None
-        stmt = stmt.where(g.tenant_id == tenant_id)
-    elif not actor.org_wide:
-        stmt = stmt.where(g.tenant_id == actor.tenant_id)
+    stmt = stmt.where(actor.scope(g.tenant_id, tenant_id))
     if workload_id is not None:
         stmt = stmt.where(g.workload_id == workload_id)
     if status == "live":

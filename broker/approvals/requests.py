@@ -140,12 +140,7 @@ def list_approvals(conn: Connection, actor: Actor, *, status: str | None,
     stmt = select(_approval).order_by(a.id).limit(limit + 1)
     if cursor:
         stmt = stmt.where(a.id > cursor)
-    if tenant_id is not None:
-        if not actor.sees_tenant(tenant_id):
-            return [], None
-        stmt = stmt.where(a.tenant_id == tenant_id)
-    elif not actor.org_wide:
-        stmt = stmt.where(a.tenant_id == actor.tenant_id)
+    stmt = stmt.where(actor.scope(a.tenant_id, tenant_id))
     if workload_id is not None:
         stmt = stmt.where(a.workload_id == workload_id)
     if status == "pending":

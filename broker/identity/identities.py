@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    delete,
+    false,
+    func,
+    insert,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from broker.errors import Conflict, Forbidden, NotFound, ValidationFailed
@@ -103,6 +114,14 @@ class Actor:
     def require_org_admin(self) -> None:
         if "org-admin" not in self.roles:
             raise Forbidden("only an org-admin may do this")
+
+    def scope(self, column: ColumnElement[Any], tenant_id: str | None) -> ColumnElement[bool]:
+        """The ``WHERE`` clause that keeps a list to what this actor may see, and to
+        ``tenant_id`` when one is asked for: a tenant out of its sight gives an empty list
+        (never 403, so ids cannot be probed)."""
+        if tenant_id is not None:
+            return column == tenant_id if self.sees_tenant(tenant_id) else false()
+        return true() if self.org_wide else column == self.tenant_id
 
 
 # --- records -------------------------------------------------------------------------------
@@ -283,12 +302,7 @@ def list_workloads(
     stmt = select(_workload).order_by(w.id).limit(limit + 1)
     if cursor:
         stmt = stmt.where(w.id > cursor)
-    if tenant_id is not None:
-        if not actor.sees_tenant(tenant_id):
-            return [], None
-        stmt = stmt.where(w.tenant_id == tenant_id)
-    elif not actor.org_wide:
-        stmt = stmt.where(w.tenant_id == actor.tenant_id)
+    stmt = stmt.where(actor.scope(w.tenant_id, tenant_id))
     rows, last = page(conn.execute(stmt).all(), limit)
     return [_workload_record(r) for r in rows], None if last is None else str(last.id)
 

@@ -102,12 +102,7 @@ def list_alerts(conn: Connection, actor: Actor, *, tenant_id: str | None,
     if before is not None:
         ts, last_id = before
         stmt = stmt.where((a.ts < ts) | ((a.ts == ts) & (a.id < last_id)))
-    if tenant_id is not None:
-        if not actor.sees_tenant(tenant_id):
-            return [], False
-        stmt = stmt.where(a.tenant_id == tenant_id)
-    elif not actor.org_wide:
-        stmt = stmt.where(a.tenant_id == actor.tenant_id)
+    stmt = stmt.where(actor.scope(a.tenant_id, tenant_id))
     if workload_id is not None:
         stmt = stmt.where(a.workload_id == workload_id)
     if status is not None:

@@ -100,12 +100,7 @@ def list_entries(
     stmt = select(_log).order_by(c.id.desc()).limit(limit + 1)
     if before is not None:
         stmt = stmt.where(c.id < before)
-    if tenant_id is not None:
-        if not actor.sees_tenant(tenant_id):
-            return [], False
-        stmt = stmt.where(c.tenant_id == tenant_id)
-    elif not actor.org_wide:
-        stmt = stmt.where(c.tenant_id == actor.tenant_id)
+    stmt = stmt.where(actor.scope(c.tenant_id, tenant_id))
     if kind is not None:
         if kind not in KINDS:
             raise InvalidRequest("kind must be token, workload, tenant or grant")
