@@ -6,7 +6,8 @@
 ``holds`` (hold over charge on a request mix, in-process) and ``edge`` (the server edge's cost)
 write theirs too. ``revocation`` (needs PostgreSQL, see ``bench/bench_revocation.py``) writes
 ``bench/RESULTS-revocation.md`` and runs with its own defaults; only ``--no-write``, ``--keep``
-and ``--quiet-wait`` are passed on to it.
+and ``--quiet-wait`` are passed on to it, and to ``monitoring`` (``bench/bench_monitoring.py``,
+writes ``bench/RESULTS-monitoring.md``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-BENCHMARKS = ("tokens", "gateway", "holds", "edge", "revocation")
+BENCHMARKS = ("tokens", "gateway", "holds", "edge", "revocation", "monitoring")
 _SHARED_WITH_REVOCATION = ("--no-write", "--keep", "--quiet-wait")
 
 
@@ -37,6 +38,10 @@ def _entry(name: str) -> Callable[[list[str] | None], int]:
         from bench import bench_edge
 
         return bench_edge.main
+    if name == "monitoring":
+        from bench import bench_monitoring
+
+        return bench_monitoring.main
     from bench import bench_revocation
 
     return bench_revocation.main
@@ -59,7 +64,7 @@ def _revocation_args(rest: list[str]) -> list[str]:
 
 
 def _args_for(name: str, rest: list[str]) -> list[str]:
-    if name == "revocation":
+    if name in ("revocation", "monitoring"):
         return _revocation_args(rest)
     if name == "edge":
         # The edge benchmark writes only when asked; it takes the timing options.

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Runs every benchmark: foundation and gateway (each rewrites its section of bench/RESULTS.md), then
-# revocation (needs PostgreSQL; writes bench/RESULTS-revocation.md). `--only tokens,gateway` picks some.
+# revocation (needs PostgreSQL; writes bench/RESULTS-revocation.md) and monitoring (writes
+# bench/RESULTS-monitoring.md). `--only tokens,gateway` picks some.
 # Needs wrk (apt-get install -y wrk) and, for the profiles, py-spy (pip install py-spy).
 # Extra arguments go to each benchmark, e.g.: bench/run.sh --duration 4 --no-write
 set -eu
