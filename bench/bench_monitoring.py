@@ -199,7 +199,8 @@ def _error_code(resp: httpx.Response) -> str:
 
 
 def contain_once(broker: BrokerUnderTest, db: Database, tenant: str, rate: float) -> Containment:
-    agent = broker.create_workload(tenant, "agent", harness.bench_policy([MODEL], 10**12))
+    agent = broker.create_workload(tenant, "agent",
+                                   harness.bench_policy([MODEL], 10**12, acted_on=True))
     token = broker.token(agent.client_id, agent.client_secret)
     body = chat_body(PROMPT)
     every = 1.0 / rate
@@ -376,8 +377,10 @@ def _dropped(broker: BrokerUnderTest) -> float | None:
 
 def measure_overhead(on: Side, off: Side, args: argparse.Namespace, work: Path) -> Overhead:
     for side in (on, off):
-        side.identity = side.broker.create_workload(side.broker.create_tenant(), "agent",
-                                                    harness.bench_policy([MODEL], 10**12))
+        # Acted on, as deployed: its varied prompts must raise no alert (checked after).
+        side.identity = side.broker.create_workload(
+            side.broker.create_tenant(), "agent",
+            harness.bench_policy([MODEL], 10**12, acted_on=True))
         side.check()
     order: list[Side] = []
     for r in range(args.rounds):

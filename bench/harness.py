@@ -254,13 +254,20 @@ budgets = [{{ period = "total", limit_micros = {HUGE} }}]
         return Identity(out["client_id"], out["client_secret"], out["id"])
 
 
-NEWER_POLICY_FIELDS = ("max_live_tokens", "max_concurrent")
+NEWER_POLICY_FIELDS = ("max_live_tokens", "max_concurrent", "monitoring")
+
+# Every detector still runs on the load (its cost is part of what a benchmark measures), but
+# none acts: a load generator repeating one request is a "loop" the monitor would suspend.
+WATCHED_NOT_ACTED_ON = {detector: "off" for detector in
+                        ("loop", "failures", "velocity", "new_model", "origin")}
 
 
-def bench_policy(models: Sequence[str], token_budget_micros: int) -> dict[str, Any]:
+def bench_policy(models: Sequence[str], token_budget_micros: int, *,
+                 acted_on: bool = False) -> dict[str, Any]:
     """A policy no benchmark run can exhaust or rate-limit: budgets far above what it spends,
-    and caps on live tokens and concurrent calls far above what the load generator opens."""
-    return {
+    and caps on live tokens and concurrent calls far above what the load generator opens. The
+    monitor watches its calls; only with ``acted_on`` do its findings act."""
+    policy: dict[str, Any] = {
         "models": list(models),
         "token_ttl_s": 900,
         "token_budget_micros": token_budget_micros,
@@ -269,6 +276,9 @@ def bench_policy(models: Sequence[str], token_budget_micros: int) -> dict[str, A
         "max_live_tokens": 1_000_000,
         "max_concurrent": 1_000_000,
     }
+    if not acted_on:
+        policy["monitoring"] = dict(WATCHED_NOT_ACTED_ON)
+    return policy
 
 
 # --- wrk -------------------------------------------------------------------------------------
