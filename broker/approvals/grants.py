@@ -29,7 +29,6 @@ from broker.errors import Conflict, NotFound, ValidationFailed
 from broker.identity.identities import Actor, require_may_manage
 from broker.identity.policy import Micros, Policy, Rate, model_allowed
 from broker.money import ledger
-from broker.money.ledger import BudgetRef
 from broker.revocation import log as revocation_log
 from broker.revocation.log import Entry
 from broker.settings import Settings
@@ -170,9 +169,7 @@ def create(conn: Connection, settings: Settings, actor: Actor, workload: Target,
     if ask.budget_micros:
         budgets = conn.execute(
             select(_tenant.c.budgets).where(_tenant.c.id == workload.tenant_id)).scalar() or []
-        refs = [BudgetRef("tenant", workload.tenant_id, b["period"], int(b["limit_micros"]))
-                for b in budgets]
-        refs += [BudgetRef("org", "org", b.period, b.limit_micros) for b in settings.org.budgets]
+        refs = ledger.tenant_and_org(workload.tenant_id, budgets, settings.org.budgets)
         ledger.reserve_slice(conn, jti=grant_id, workload_id=workload.id,
                              tenant_id=workload.tenant_id, amount=ask.budget_micros,
                              budgets=refs, issued_at=now, expires_at=expires_at, kind="grant")

@@ -36,6 +36,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, or_, select
 
 from broker.errors import BudgetExhausted, InsufficientQuota, SlowDown
+from broker.settings import BudgetLimit
 from broker.storage.db import Sql
 from broker.storage.models import BudgetCounter, Hold, SliceCounter, TokenSlice, UsageEvent
 
@@ -56,6 +57,14 @@ class BudgetRef:
     scope_id: str
     period: str  # hour | day | month | total
     limit_micros: int
+
+
+def tenant_and_org(tenant_id: str, tenant_budgets: list[dict[str, Any]],
+                   org_budgets: tuple[BudgetLimit, ...]) -> list[BudgetRef]:
+    """The budgets above every workload of a tenant: the tenant's own and the organisation's."""
+    refs = [BudgetRef("tenant", tenant_id, b["period"], int(b["limit_micros"]))
+            for b in tenant_budgets]
+    return refs + [BudgetRef("org", "org", b.period, b.limit_micros) for b in org_budgets]
 
 
 def window_start(period: str, now: int) -> int:

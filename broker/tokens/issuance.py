@@ -80,12 +80,8 @@ class _Context:
 
 def _budget_refs(services: Services, client: Client, policy: Policy) -> list[BudgetRef]:
     refs = [BudgetRef("workload", client.id, b.period, b.limit_micros) for b in policy.budgets]
-    refs += [
-        BudgetRef("tenant", client.tenant_id, b["period"], int(b["limit_micros"]))
-        for b in client.tenant_budgets
-    ]
-    refs += [BudgetRef("org", "org", b.period, b.limit_micros) for b in services.settings.org.budgets]
-    return refs
+    return refs + ledger.tenant_and_org(client.tenant_id, client.tenant_budgets,
+                                        services.settings.org.budgets)
 
 
 @dataclass(frozen=True)
