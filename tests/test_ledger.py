@@ -47,7 +47,8 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops)
 def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> None:
     db.transaction(_wipe)
