@@ -13,6 +13,7 @@ import openai
 import pytest
 from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
+from sqlalchemy import text
 
 from broker.errors import ConfigError
 from broker.gateway.provider_keys import FRESH_S, ProviderKeys
@@ -453,3 +454,21 @@ def test_sse_framing_survives_any_split() -> None:
 def test_price_math_rounds_up() -> None:
     assert price(1, 0) == math.ceil(PIN / 1_000_000) == 2
     assert price(0, 1) == math.ceil(POUT / 1_000_000) == 3
+
+
+def test_a_token_revoked_in_the_ledger_is_refused_before_the_denylist_hears_of_it(
+        live_sqlite: Env) -> None:
+    """Another replica's suspension reaches this one's denylist within a second; in between,
+    the ledger already refuses the token's hold, and the answer is the revoked token's 401
+    (not a 429 about money), in the gateway and at introspection."""
+    env = live_sqlite
+    token = env.token()
+    jti = env.slice_of(token)["jti"]
+    with env.broker.services.db.engine.begin() as conn:
+        conn.execute(text("UPDATE token_slice SET revoked_at = 1 WHERE jti = :j"), {"j": jti})
+    with pytest.raises(openai.AuthenticationError):
+        _openai(env, token).chat.completions.create(model="gpt-test", messages=PROMPT)
+    assert env.fake.state.requests == []
+    seen = env.broker.client.post("/v1/introspect", data={"token": token},
+                                  headers=env.broker.admin())
+    assert seen.json() == {"active": False}

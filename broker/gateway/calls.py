@@ -482,7 +482,9 @@ def _hold(conn: Connection, hold_id: str, jti: str, admitted: Quote) -> tuple[Qu
     for _ in range(HOLD_ATTEMPTS):
         remaining = ledger.slice_remaining(conn, jti)
         if remaining is None:
-            raise InsufficientQuota("this token has no budget slice")
+            # Revoked in the ledger (a suspension, a revoked grant) before this replica's
+            # denylist heard of it: the token is dead, whatever its money.
+            raise InvalidToken()
         held = admitted.within(remaining)
         try:
             return held, ledger.place_hold(conn, hold_id=hold_id, jti=jti, amount=held.held,

@@ -147,7 +147,8 @@ _SPEND = Sql("""
     SET reserved_micros = reserved_micros - :reserved, spent_micros = spent_micros + :amount
     WHERE id = :id""")
 _REMAINING = Sql("""
-    SELECT budget_micros, spent_micros, held_micros, released_at FROM token_slice WHERE jti = :jti""")
+    SELECT budget_micros, spent_micros, held_micros, released_at, revoked_at
+    FROM token_slice WHERE jti = :jti""")
 _HOLD = Sql("""
     UPDATE token_slice SET held_micros = held_micros + :amount
     WHERE jti = :jti AND released_at IS NULL AND revoked_at IS NULL
@@ -312,8 +313,10 @@ def expired_open_slices(conn: Connection, now: int, limit: int = 500) -> list[st
 
 
 def slice_remaining(conn: Connection, jti: str) -> int | None:
+    """What remains of a token's slice; None when the token has none any more (never had one,
+    or it was revoked: the ledger knows a revocation before a lagging replica's denylist)."""
     row = _REMAINING.run(conn, jti=jti).first()
-    if row is None:
+    if row is None or row[4] is not None:
         return None
     if row[3] is not None:
         return 0
