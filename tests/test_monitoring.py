@@ -762,3 +762,14 @@ def test_an_alert_reaches_the_configured_webhook_signed(
         assert secret not in json.dumps(got.alert)
     finally:
         receiver.stop()
+
+
+def test_an_agent_minting_tokens_in_a_loop_meets_its_limit_and_is_suspended(menv: Env) -> None:
+    agent = menv.agent(max_live_tokens=1)
+    assert _exchange(menv, agent).status_code == 200
+    for _ in range(FAILURE_THRESHOLD):
+        assert_oauth_error(_exchange(menv, agent), 429, "slow_down")
+    alert = _only_alert(menv, agent)
+    assert (alert["detector"], alert["action"]) == ("failures", "suspend")
+    assert alert["evidence"]["authenticated"] == FAILURE_THRESHOLD
+    assert _suspended(menv, agent)

@@ -100,14 +100,16 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
     now = int(time.time())
     jti = tokens.new_jti()
 
-    failed: list[str] = []
+    # For the monitor: the workload the request named, and whether it proved to be it.
+    seen: list[tuple[str, bool]] = []
 
     def txn(conn: Connection) -> dict[str, Any] | None:
         ctx = _Context(services, conn, now)
         row = ctx.vouched_for(req.method.authenticate(ctx, req.creds))
         if row is None:
-            failed[:] = [ctx.failed_workload] if ctx.failed_workload else []
+            seen[:] = [(ctx.failed_workload, False)] if ctx.failed_workload else []
             return None
+        seen[:] = [(row.id, True)]
         policy = _effective_policy(row.kind, row.policy_key)
         live = grants_store.live_for(conn, row.id, now)
         # Tokens carry (and die with) the grants that give them something: a model or money.
@@ -166,13 +168,21 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
             claims["grant_exp"] = min(g.expires_at for g in grants)
         return claims
 
-    claims = await services.db.run(txn)
+    try:
+        claims = await services.db.run(txn)
+    except (SlowDown, BudgetExhausted) as exc:
+        if services.monitor is not None and seen:
+            # A limit hit by a client that proved who it is: a workload minting tokens in a
+            # loop meets policy.max_live_tokens or auth.issuance_rpm again and again.
+            services.monitor.refusal(seen[0][0], exc.code, authenticated=True,
+                                     client_ip=req.source)
+        raise
     if claims is None:
         services.failures.record_failure(req.client_id, req.source)
-        if services.monitor is not None and failed:
+        if services.monitor is not None and seen:
             # Anyone who knows a client id can cause this: it never suspends by itself. An
             # unknown client id names nobody to watch, and is not queued at all.
-            services.monitor.refusal(failed[0], "bad_secret", authenticated=False,
+            services.monitor.refusal(seen[0][0], "bad_secret", authenticated=False,
                                      client_ip=req.source)
         raise InvalidClient()
     token = tokens.sign(services.keyring, claims)
