@@ -773,3 +773,65 @@ def test_an_agent_minting_tokens_in_a_loop_meets_its_limit_and_is_suspended(menv
     assert (alert["detector"], alert["action"]) == ("failures", "suspend")
     assert alert["evidence"]["authenticated"] == FAILURE_THRESHOLD
     assert _suspended(menv, agent)
+
+
+def test_a_finding_made_while_the_database_is_away_is_acted_on_when_it_answers(
+        menv: Env) -> None:
+    """Nothing is lost: the loop's finding waits for the database, then suspends the agent;
+    observations that could not be read wait too, in order."""
+    from broker.errors import LedgerUnavailable
+
+    monitor = _monitor(menv)
+    monitor.stop()  # the test drains by hand
+    agent = menv.agent()
+    token = _token(menv, agent)
+    client = _openai(menv, token)
+    real = monitor.db.transaction
+    away = {"on": False}
+
+    def transaction(fn: Callable[..., Any]) -> Any:
+        if away["on"]:
+            raise LedgerUnavailable("the database did not answer")
+        return real(fn)
+
+    monitor.db.transaction = transaction  # type: ignore[method-assign]
+    try:
+        _loop(client)
+        away["on"] = True
+        monitor.drain()  # the loop is found; its action cannot be written: it waits
+        with pytest.raises(LedgerUnavailable):
+            monitor.drain()  # still away: it waits on
+        assert menv.query("SELECT id FROM alert") == []
+        assert not _suspended(menv, agent)
+        away["on"] = False
+        monitor.drain()
+    finally:
+        monitor.db.transaction = real  # type: ignore[method-assign]
+    alert = _only_alert(menv, agent)
+    assert (alert["detector"], alert["action"]) == ("loop", "suspend")
+    assert _suspended(menv, agent)
+
+
+def test_observations_wait_in_order_while_the_database_cannot_be_read(menv: Env) -> None:
+    from broker.errors import LedgerUnavailable
+
+    monitor = _monitor(menv)
+    monitor.stop()
+    agent = menv.agent()
+    client = _openai(menv, _token(menv, agent))
+    real = monitor.db.read_transaction
+
+    def unreadable(fn: Callable[..., Any]) -> Any:
+        raise LedgerUnavailable("the database did not answer")
+
+    for n in range(3):
+        _chat(client, f"call {n}")
+    monitor.db.read_transaction = unreadable  # type: ignore[method-assign]
+    try:
+        with pytest.raises(LedgerUnavailable):
+            monitor.drain()  # the agent was never seen: its state cannot be read
+        assert monitor.pending() == 3  # all still there
+    finally:
+        monitor.db.read_transaction = real  # type: ignore[method-assign]
+    assert monitor.drain() == 3
+    assert monitor.pending() == 0

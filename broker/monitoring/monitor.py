@@ -44,7 +44,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, LedgerUnavailable
 from broker.identity.identities import ROOT_TENANT_ID, Actor
 from broker.identity.policy import MonitoringPolicy, Policy
 from broker.metrics import Metrics
@@ -72,6 +72,8 @@ BATCH = 1000
 # How often the thread takes what was queued: the most a detection waits for the thread, and
 # few enough wake-ups that the thread never competes with requests for each one.
 DRAIN_S = 0.05
+# Findings kept while the database does not answer (beyond, the oldest go).
+UNACTED_MAX = 10_000
 
 
 def fingerprint(key: bytes, body: Mapping[str, Any]) -> str:
@@ -118,6 +120,8 @@ class Monitor:
         self._lock = threading.Lock()  # one consumer at a time: the thread, or a test's drain
         self._thread: threading.Thread | None = None
         self._workloads: dict[str, _Workload] = {}
+        # Findings made while the database was away, acted on first at the next pass.
+        self._unacted: deque[tuple[Observation, _Workload, Finding]] = deque(maxlen=UNACTED_MAX)
         self._flushed = time.monotonic()
 
     # --- the request path: append and return -------------------------------------------
@@ -172,13 +176,29 @@ class Monitor:
                 self._stop.wait(1.0)
 
     def drain(self) -> int:
-        """Handle every queued observation; returns how many."""
+        """Handle every queued observation; returns how many. While the database does not
+        answer, nothing is lost: the findings not yet acted on, and the observations not yet
+        read, wait in order for the next pass (:class:`LedgerUnavailable` is raised)."""
         handled = 0
         with self._lock:
+            while self._unacted:
+                obs, workload, finding = self._unacted[0]
+                try:
+                    self._act(obs, workload, finding)
+                except LedgerUnavailable:
+                    raise
+                except Exception as exc:  # a bug, not an outage: retrying would not help
+                    log.error("acting on a %s finding failed: %s", finding.detector,
+                              type(exc).__name__)
+                self._unacted.popleft()
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
-                for obs, body in batch:
-                    self._handle(obs, body)
+                for n, (obs, body) in enumerate(batch):
+                    try:
+                        self._handle(obs, body)
+                    except LedgerUnavailable:
+                        self._queue.extendleft(reversed(batch[n:]))
+                        raise
                 handled += len(batch)
         return handled
 
@@ -213,8 +233,15 @@ class Monitor:
             fingerprint=fingerprint(self._key, body) if body is not None else obs.fingerprint)
         self._load(obs.workload_id, peer_key(workload.tenant_id, workload.kind))
         for finding in self.detectors.observe(obs):
+            if self._unacted:  # the database was away: after those, in order
+                self._unacted.append((obs, workload, finding))
+                continue
             try:
                 self._act(obs, workload, finding)
+            except LedgerUnavailable:
+                log.warning("the database did not answer; the %s finding waits",
+                            finding.detector)
+                self._unacted.append((obs, workload, finding))
             except Exception as exc:
                 log.error("acting on a %s finding failed: %s", finding.detector,
                           type(exc).__name__)
