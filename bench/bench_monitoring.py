@@ -77,17 +77,8 @@ from tests.traffic import replay, steady_traffic
 
 RESULTS_FILE = Path(__file__).resolve().parent / "RESULTS-monitoring.md"
 START, END = "<!-- bench_monitoring:start -->", "<!-- bench_monitoring:end -->"
-MODEL = "gpt-4o-mini"  # priced as in broker/dev.py, served by the in-process mock provider
-MOCK_TOML = f"""
-[providers.mock]
-plugin = "mock"
-
-[models."{MODEL}"]
-provider = "mock"
-upstream_model = "mock-gpt"
-input_micros_per_mtok = 150000
-output_micros_per_mtok = 600000
-"""
+MODEL = harness.MOCK_MODEL
+MOCK_TOML = harness.MOCK_TOML
 MONITORING_OFF_TOML = """
 [monitoring]
 enabled = false

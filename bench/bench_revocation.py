@@ -62,17 +62,8 @@ from broker.tokens.tokens import LEEWAY_S, VerifiedToken, new_jti
 
 RESULTS_FILE = Path(__file__).resolve().parent / "RESULTS-revocation.md"
 PG_ADMIN_URL = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
-MODEL = "gpt-4o-mini"  # priced as in broker/dev.py, served by the in-process mock provider
-MOCK_TOML = f"""
-[providers.mock]
-plugin = "mock"
-
-[models."{MODEL}"]
-provider = "mock"
-upstream_model = "mock-gpt"
-input_micros_per_mtok = 150000
-output_micros_per_mtok = 600000
-"""
+MODEL = harness.MOCK_MODEL
+MOCK_TOML = harness.MOCK_TOML
 T = TypeVar("T")
 POLL_LIMIT_S = 10.0  # a revocation not seen by then is reported as lost, and the run goes on
 

@@ -267,6 +267,19 @@ budgets = [{{ period = "total", limit_micros = {HUGE} }}]
         return httpx.post(self.url + path, json=probe, headers=headers, timeout=30)
 
 
+MOCK_MODEL = "gpt-4o-mini"  # priced as in broker/dev.py, served by the in-process mock provider
+MOCK_TOML = f"""
+[providers.mock]
+plugin = "mock"
+
+[models."{MOCK_MODEL}"]
+provider = "mock"
+upstream_model = "mock-gpt"
+input_micros_per_mtok = 150000
+output_micros_per_mtok = 600000
+"""
+
+
 NEWER_POLICY_FIELDS = ("max_live_tokens", "max_concurrent", "monitoring")
 
 # Every detector still runs on the load (its cost is part of what a benchmark measures), but

@@ -27,7 +27,7 @@ from broker.devvault import DevVault, free_port
 from broker.money.sweeper import sweep_once
 from broker.services import Services
 from broker.settings import Settings, load_settings
-from broker.storage.db import make_engine, migrate
+from broker.storage.db import Database, make_engine, migrate
 from tests.fake_provider import FakeProviderServer
 from tests.support import wait_for
 
@@ -160,6 +160,15 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 # --- the fake model provider ----------------------------------------------------------------
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A database of each backend, migrated, for tests of storage and domain code without a
+    broker around it (a module may override it with its own)."""
+    database = Database(make_engine(db_url))
+    yield database
+    database.dispose()
 
 
 @pytest.fixture

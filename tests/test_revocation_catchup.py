@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,18 +17,11 @@ from broker.revocation.denylist import Denylist
 from broker.revocation.log import Entry
 from broker.revocation.sync import CATCHUP_OVERLAP_S
 from broker.storage.bus import EventBus
-from broker.storage.db import Database, make_engine
+from broker.storage.db import Database
 from broker.storage.models import Revocation
 from broker.tokens.tokens import VerifiedToken
 
 _log = Revocation.__table__  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(make_engine(db_url))
-    yield database
-    database.dispose()
 
 
 @pytest.fixture

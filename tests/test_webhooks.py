@@ -181,13 +181,6 @@ def secret(real_vault: Vault) -> Secret:
 
 
 @pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(make_engine(db_url))
-    yield database
-    database.dispose()
-
-
-@pytest.fixture
 def sqlite_db(sqlite_url: str) -> Iterator[Database]:
     database = Database(make_engine(sqlite_url))
     yield database
