@@ -109,6 +109,15 @@ class InvalidClient(BrokerError):
     title = "Client authentication failed"
 
 
+class InvalidSubjectToken(InvalidClient):
+    """An external subject token was refused. The caller sees exactly :class:`InvalidClient`;
+    ``reason`` is for the broker's log only (never a token, never a claim value)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
 class SlowDown(BrokerError):
     status = 429
     code = "slow_down"

@@ -8,8 +8,11 @@ installing a package (:mod:`broker.registry` loads them):
   bound a request's cost, read and clamp its output-token limit, build the upstream request, and
   read usage from a response or a stream. The gateway owns everything else (money, keys, limits,
   the HTTP client), so a plugin never sees a broker token or a budget;
-- an auth method (group ``broker.auth_methods``) is an :class:`AuthMethod` that turns the
-  parameters of one OAuth grant into a broker identity.
+- an auth method (group ``broker.auth_methods``) is either an :class:`AuthMethod` that turns
+  the parameters of one OAuth grant into a broker identity, or an :class:`IssuerType` that
+  verifies an external subject token (a Kubernetes service-account token, a GitHub Actions OIDC
+  token, a SPIFFE JWT-SVID, a Vault token) for the token-exchange grant. The broker then maps
+  the verified claims to a workload by the bindings stored with it: a plugin never names one.
 
 The errors a plugin raises and the bounding helpers it builds a hold with are re-exported here,
 so that a plugin needs nothing else from ``broker``.
@@ -24,7 +27,13 @@ from typing import Literal, Protocol, runtime_checkable
 
 import httpx
 
-from broker.errors import ConfigError, InvalidClient, InvalidRequest, Unbounded
+from broker.errors import (
+    ConfigError,
+    InvalidClient,
+    InvalidRequest,
+    InvalidSubjectToken,
+    Unbounded,
+)
 from broker.money.bounds import (
     BoundContext,
     RequestBound,
@@ -43,6 +52,7 @@ from broker.money.bounds import (
 )
 from broker.money.media import ANTHROPIC_PIXELS, OPENAI_COSTLIEST, ImageRule
 from broker.money.pricing import NOTHING, CacheTtl, Usage
+from broker.settings import ExternalIssuerSettings
 
 __all__ = [
     "ANTHROPIC_PIXELS",
@@ -55,7 +65,12 @@ __all__ = [
     "ClientCredentials",
     "ConfigError",
     "EndReason",
+    "ExternalIdentity",
+    "ExternalIssuerSettings",
     "Identity",
+    "InvalidSubjectToken",
+    "IssuerType",
+    "SubjectVerifier",
     "ImageRule",
     "InvalidClient",
     "InvalidRequest",
@@ -343,4 +358,66 @@ class AuthMethod(Protocol):
 
     def authenticate(self, ctx: AuthContext, creds: ClientCredentials) -> Identity | None:
         """The identity the credentials prove, or None (one answer for every failure)."""
+        ...
+
+
+# --- external identities (token exchange, RFC 8693) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExternalIdentity:
+    """What a verified subject token says about who presents it.
+
+    ``claims`` is what bindings match, by dotted path (``kubernetes.io.namespace``); it never
+    holds the subject token itself or anything that would work as one.
+    """
+
+    issuer: str  # the configured issuer's name, as bindings name it ("vault" for Vault tokens)
+    iss: str  # the token's own issuer (URL), for the audit
+    sub: str
+    jti: str | None
+    claims: Mapping[str, object]
+
+
+class SubjectVerifier(Protocol):
+    """What the broker lends an :class:`IssuerType`: the checks every issuer shares, so that
+    a plugin cannot forget one."""
+
+    async def verify_jwt(
+        self, token: str, issuer: ExternalIssuerSettings, algorithms: tuple[str, ...]
+    ) -> dict[str, object]:
+        """The claims of ``token`` once its signature (against the issuer's configured JWKS,
+        with an algorithm both in ``algorithms`` and the issuer's own list), exact ``iss``, the
+        configured ``aud``, ``exp``/``nbf`` (30 s leeway) and ``iat`` age are checked; else
+        :class:`InvalidSubjectToken`."""
+        ...
+
+    async def vault_lookup_self(self, token: str) -> dict[str, object]:
+        """The ``data`` of ``auth/token/lookup-self`` made with ``token`` at the broker's own
+        Vault, without the token's ``id``; :class:`InvalidSubjectToken` when Vault refuses it."""
+        ...
+
+    async def post_json(self, url: str, body: object, *, bearer: str, ca_file: str | None,
+                        timeout_s: float) -> dict[str, object]:
+        """POST to a configured URL (never one from a request): no redirects, a size limit."""
+        ...
+
+
+@runtime_checkable
+class IssuerType(Protocol):
+    """Verifies the subject tokens of one kind of issuer (``auth.issuers.<name>.type``)."""
+
+    issuer_type: str
+    # The algorithms this kind of issuer may sign with; configuration can only narrow them.
+    algorithms: tuple[str, ...]
+    # Claim sets that pin one workload within an issuer, besides ``sub``: a binding must name
+    # every claim of at least one of them (or ``sub``), else it is refused (422).
+    pinning: tuple[tuple[str, ...], ...]
+
+    async def verify(
+        self, token: str, issuer: ExternalIssuerSettings | None, ctx: SubjectVerifier
+    ) -> ExternalIdentity:
+        """The identity the token proves; :class:`InvalidSubjectToken` otherwise. ``issuer``
+        is the configured issuer the token claims to come from (None for ``vault``, whose
+        tokens are checked at the broker's own Vault)."""
         ...

@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -22,6 +23,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from sqlalchemy.engine import make_url
 
@@ -75,6 +77,80 @@ class IssuerSettings(_Section):
 class TokenSettings(_Section):
     default_ttl_s: StrictInt = Field(default=300, ge=1, le=900)
     max_ttl_s: StrictInt = Field(default=900, ge=1, le=900)
+    # How many delegations deep a sub-agent's token may be (a child of the root is depth 1).
+    max_delegation_depth: StrictInt = Field(default=3, ge=0, le=16)
+
+
+ExternalIssuerType = Literal["kubernetes", "github-actions", "spiffe", "oidc"]
+
+
+class ExternalIssuerSettings(_Section):
+    """``auth.issuers.<name>``: an outside issuer whose JWTs a workload may exchange for a
+    broker token (Kubernetes service-account tokens, GitHub Actions OIDC, SPIFFE JWT-SVIDs)."""
+
+    type: ExternalIssuerType
+    # The exact ``iss`` of its tokens.
+    issuer: str = Field(min_length=1, max_length=2048)
+    # Where its keys are: an https (or loopback http) URL, or a file. Never a token's header.
+    jwks_url: str | None = Field(default=None, max_length=2048)
+    jwks_file: str | None = None
+    # The ``aud`` its tokens must carry for this broker.
+    audience: str = Field(min_length=1, max_length=2048)
+    # Narrows the issuer type's allow-list; never widens it.
+    algorithms: tuple[str, ...] | None = None
+    # Tokens issued longer ago than this (``iat``) are refused, whatever their ``exp``.
+    max_age_s: StrictInt = Field(default=3600, ge=1, le=7 * 86_400)
+    # An unknown ``kid`` refetches the JWKS at most this often.
+    refetch_s: StrictInt = Field(default=60, ge=1, le=86_400)
+    # The JWKS is refetched when older than this, whatever the kids seen.
+    jwks_max_age_s: StrictInt = Field(default=3600, ge=1, le=7 * 86_400)
+    fetch_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    jwks_max_bytes: StrictInt = Field(default=262_144, ge=1024, le=16 * 1_048_576)
+    # A CA bundle for the JWKS (and TokenReview) endpoint; default: the system's.
+    ca_file: str | None = None
+    # Kubernetes only: ask the API server (TokenReview) whether the token, and so its pod, is
+    # still alive. ``tokenreview_url`` is the API server; the broker's own service-account token
+    # is read from ``tokenreview_token_file`` on every review (it is rotated too).
+    tokenreview: bool = False
+    tokenreview_url: str | None = Field(default=None, max_length=2048)
+    tokenreview_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExternalIssuerSettings:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("set exactly one of jwks_url and jwks_file")
+        if self.jwks_url is not None and not _fetchable(self.jwks_url):
+            raise ValueError("jwks_url must be an https URL (http only on a loopback address)")
+        if self.algorithms is not None:
+            bad = [a for a in self.algorithms if a == "none" or a.upper().startswith("HS")]
+            if bad or not self.algorithms:
+                raise ValueError("algorithms must name public-key algorithms (never none or HS*)")
+        if self.type == "kubernetes" and self.issuer == "kubernetes/serviceaccount":
+            raise ValueError("legacy secret-based service-account tokens are not accepted; "
+                             "use projected tokens and the cluster's issuer URL")
+        if self.tokenreview and (self.type != "kubernetes" or not self.tokenreview_url):
+            raise ValueError("tokenreview needs type = kubernetes and tokenreview_url")
+        return self
+
+
+def _fetchable(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
+class VaultTokenSettings(_Section):
+    """``auth.vault_tokens``: accept a Vault/OpenBao token from the workload's own login."""
+
+    enabled: bool = False
 
 
 class AuthSettings(_Section):
@@ -83,6 +159,17 @@ class AuthSettings(_Section):
     secret_grace_s: StrictInt = Field(default=3600, ge=0, le=30 * 86_400)
     # Tokens one authenticated client may obtain per minute (429 slow_down beyond).
     issuance_rpm: StrictInt = Field(default=120, ge=1, le=1_000_000)
+    issuers: dict[str, ExternalIssuerSettings] = Field(default_factory=dict)
+    vault_tokens: VaultTokenSettings = VaultTokenSettings()
+
+    @field_validator("issuers")
+    @classmethod
+    def _issuer_names(cls, value: dict[str, ExternalIssuerSettings]) -> dict[str, ExternalIssuerSettings]:
+        for name in value:
+            if name == "vault" or not (0 < len(name) <= 64) or not name.replace("-", "").replace(
+                    "_", "").isalnum() or not name.isascii():
+                raise ValueError(f"issuer name {name!r}: letters, digits, - and _; not 'vault'")
+        return value
 
 
 class OrgSettings(_Section):
