@@ -16,6 +16,7 @@ from broker.plugin import (
     AUTH_METHODS_GROUP,
     PROVIDERS_GROUP,
     AuthMethod,
+    IssuerType,
     Provider,
     ProviderConfig,
     ProviderPlugin,
@@ -47,10 +48,23 @@ def load_plugins(group: str, kind: type[T]) -> dict[str, T]:
     return found
 
 
-def load_auth_methods() -> dict[str, AuthMethod]:
-    """Every installed auth method, by the grant type it serves."""
-    plugins = load_plugins(AUTH_METHODS_GROUP, AuthMethod)  # type: ignore[type-abstract]
-    return {m.grant_type: m for m in plugins.values()}
+def load_auth_methods() -> tuple[dict[str, AuthMethod], dict[str, IssuerType]]:
+    """Every installed auth method: the grant methods by the grant type they serve, and the
+    issuer types (for the token-exchange grant) by their type name."""
+    plugins = load_plugins(AUTH_METHODS_GROUP, object)
+    grants: dict[str, AuthMethod] = {}
+    issuers: dict[str, IssuerType] = {}
+    for name, plugin in plugins.items():
+        if isinstance(plugin, IssuerType):
+            if plugin.issuer_type in issuers:
+                raise PluginError(f"{AUTH_METHODS_GROUP}: two plugins verify {plugin.issuer_type!r}")
+            issuers[plugin.issuer_type] = plugin
+        elif isinstance(plugin, AuthMethod):
+            grants[plugin.grant_type] = plugin
+        else:
+            raise PluginError(f"{AUTH_METHODS_GROUP}: plugin {name!r} implements neither "
+                              "AuthMethod nor IssuerType")
+    return grants, issuers
 
 
 def load_provider_plugins() -> dict[str, ProviderPlugin]:

@@ -13,7 +13,8 @@ from broker.identity.credentials import FailureTracker, SlidingWindow
 from broker.identity.identities import bootstrap_admin
 from broker.metrics import Metrics
 from broker.money.ledger import now_s
-from broker.plugin import AuthMethod, Provider
+from broker.identity.bindings import Pinning
+from broker.plugin import AuthMethod, IssuerType, Provider
 from broker.registry import build_providers, load_auth_methods
 from broker.settings import Settings
 from broker.storage.bus import EventBus
@@ -25,6 +26,7 @@ from broker.tokens.tokens import TokenGate, VerifiedCache
 
 if TYPE_CHECKING:
     from broker.gateway.calls import Gateway
+    from broker.identity.federation import Federation
     from broker.monitoring.monitor import Monitor
 
 log = logging.getLogger("broker")
@@ -59,6 +61,9 @@ class Services:
     providers: dict[str, Provider]
     provider_keys: ProviderKeys
     auth_methods: dict[str, AuthMethod] = field(default_factory=dict)
+    # What verifies external subject tokens (token exchange), by issuer type.
+    issuer_types: dict[str, IssuerType] = field(default_factory=dict)
+    federation: Federation | None = None
     metrics: Metrics = field(default_factory=Metrics)
     verified: VerifiedCache = field(default_factory=VerifiedCache)
 
@@ -77,7 +82,17 @@ class Services:
     def build(cls, settings: Settings, *, auto_migrate: bool = False) -> Services:
         """Connect to Vault and the database and load keys; refuse to start on an un-migrated
         database (unless ``auto_migrate``) or when Vault does not answer."""
-        methods = load_auth_methods()
+        methods, issuer_types = load_auth_methods()
+        from broker.tokens.exchange import TokenExchange
+
+        # The grant itself is the broker's: what it accepts comes from the issuer types.
+        methods[TokenExchange.grant_type] = TokenExchange()
+        try:  # TEMPORARY while federation.py is written
+            from broker.identity.federation import Federation
+
+            federation: Federation | None = Federation(settings, issuer_types)
+        except ModuleNotFoundError:
+            federation = None
         # Every configured provider is built through its plugin now, so a bad table stops the
         # start with one line before any port is bound.
         providers = build_providers(settings.providers)
@@ -118,12 +133,26 @@ class Services:
                 max_stale_s=settings.vault.max_stale_s,
             ),
             auth_methods=methods,
+            issuer_types=issuer_types,
+            federation=federation,
         )
+        if federation is not None:
+            services.closers.append(federation.aclose)
         if settings.bootstrap_admin_secret is not None:
             secret = settings.bootstrap_admin_secret.get_secret_value()
             if db.transaction(lambda conn: bootstrap_admin(conn, secret, pepper, now_s())):
                 log.info("bootstrap admin identity created (client_id=admin)")
         return services
+
+    @property
+    def binding_pinning(self) -> Pinning:
+        """The issuers a binding may name, each with the claim sets that pin a workload."""
+        pinning = {name: self.issuer_types[issuer.type].pinning
+                   for name, issuer in self.settings.auth.issuers.items()
+                   if issuer.type in self.issuer_types}
+        if self.settings.auth.vault_tokens.enabled and "vault" in self.issuer_types:
+            pinning["vault"] = self.issuer_types["vault"].pinning
+        return pinning
 
     def close(self) -> None:
         self.db.dispose()

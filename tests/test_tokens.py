@@ -158,7 +158,7 @@ def test_metadata_document_names_the_issuer_endpoints_and_methods(broker: Broker
         "token_endpoint": "http://broker.test/v1/token",
         "introspection_endpoint": "http://broker.test/v1/introspect",
         "jwks_uri": "http://broker.test/.well-known/jwks.json",
-        "grant_types_supported": ["client_credentials"],
+        "grant_types_supported": ["client_credentials", "urn:ietf:params:oauth:grant-type:token-exchange"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "bearer"],
         "response_types_supported": [],

@@ -114,7 +114,7 @@ async def create_workload(request: Request, svc: Services, actor: Actor) -> Resp
     now = int(time.time())
 
     def txn(conn: Connection) -> ids.NewWorkload:
-        created = ids.create_workload(conn, actor, body, svc.pepper, now)
+        created = ids.create_workload(conn, actor, body, svc.pepper, now, svc.binding_pinning)
         record(conn, actor.id, "workload.create", created.workload.id, {"kind": body.kind}, now)
         return created
 
@@ -143,7 +143,7 @@ async def patch_workload(request: Request, svc: Services, actor: Actor) -> Respo
     now = int(time.time())
 
     def txn(conn: Connection) -> tuple[ids.WorkloadRecord, Entry | None]:
-        workload, changed = ids.patch_workload(conn, actor, wid, body)
+        workload, changed = ids.patch_workload(conn, actor, wid, body, now, svc.binding_pinning)
         record(conn, actor.id, "workload.update", wid, body.model_dump(exclude_none=True), now)
         entry = None
         if changed:

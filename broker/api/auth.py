@@ -7,6 +7,7 @@ import time
 from broker.errors import Forbidden, InvalidToken
 from broker.identity.identities import Actor
 from broker.services import Services
+from broker.tokens import delegation
 from broker.tokens.tokens import VerifiedToken
 
 
@@ -18,8 +19,7 @@ def verify_bearer(svc: Services, bearer: str | None) -> VerifiedToken:
         bearer, svc.keyring, issuer=svc.settings.issuer.url,
         audience=svc.settings.issuer.audience, now=time.time(),
     )
-    gate = svc.token_gate
-    if gate is not None and not gate.is_live(verified):
+    if not delegation.is_live(svc, verified):
         if svc.monitor is not None:
             # Signed by us, so it is this workload's own token; but it died of an admin's (or
             # the monitor's) decision, and a client still retrying it must not turn a tenant's

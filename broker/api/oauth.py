@@ -29,8 +29,9 @@ from broker.money import ledger
 from broker.plugin import AuthMethod
 from broker.services import Services
 from broker.settings import MAX_MICROS
-from broker.tokens import issuance
-from broker.tokens.issuance import JWT_TOKEN_TYPE, TokenRequest
+from broker.tokens import delegation, issuance
+from broker.tokens.exchange import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, SubjectCredentials
+from broker.tokens.issuance import TokenRequest
 from broker.tokens.tokens import VerifiedToken
 
 _NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
@@ -87,7 +88,8 @@ def _str_param(params: dict[str, Any], name: str, max_len: int = 512) -> str | N
 
 KNOWN_PARAMS = frozenset(
     {"grant_type", "client_id", "client_secret", "scope", "budget_micros", "ttl_s", "audience",
-     "resource", "subject_token", "subject_token_type", "requested_token_type"}
+     "resource", "subject_token", "subject_token_type", "requested_token_type", "actor_token",
+     "actor_token_type"}
 )
 
 
@@ -139,7 +141,11 @@ async def token_endpoint(request: Request) -> Response:
         params, basic_credentials(request), client_address(request), svc.settings.tokens.max_ttl_s,
         svc.auth_methods, frozenset({issuer.audience, issuer.url.rstrip("/")}),
     )
-    issued = await issuance.issue(svc, req)
+    if isinstance(req.creds, SubjectCredentials) and \
+            req.creds.subject_token_type == ACCESS_TOKEN_TYPE:
+        issued = await delegation.delegate(svc, req)
+    else:
+        issued = await issuance.issue(svc, req)
     return json_response({
         "access_token": issued.access_token,
         "token_type": "Bearer",

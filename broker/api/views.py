@@ -50,7 +50,8 @@ def tenant_view(t: TenantRecord) -> dict[str, Any]:
 def workload_view(w: WorkloadRecord) -> dict[str, Any]:
     return {"id": w.id, "tenant_id": w.tenant_id, "name": w.name, "kind": w.kind, "roles": w.roles,
             "policy": w.policy, "client_id": w.client_id, "created_at": iso(w.created_at),
-            "suspended": w.suspended}
+            "suspended": w.suspended,
+            "bindings": [{"id": b.id, "issuer": b.issuer, "claims": b.claims} for b in w.bindings]}
 
 
 def identity_view(identity: TenantRecord | WorkloadRecord) -> dict[str, Any]:

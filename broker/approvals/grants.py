@@ -216,6 +216,7 @@ def revoke(conn: Connection, actor: Actor, grant_id: str, reason: str | None,
         update(_slice).where(s.parent_jti == grant_id, s.released_at.is_(None),
                              s.revoked_at.is_(None))
         .values(revoked_at=now).returning(s.jti)).all()
+    ledger.revoke_descendants(conn, [str(c[0]) for c in children], now)
     for (jti,) in sorted(children):
         ledger.release_slice(conn, str(jti), now)
     conn.execute(update(_slice).where(s.jti == grant_id, s.revoked_at.is_(None))

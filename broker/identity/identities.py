@@ -7,6 +7,7 @@ its own tenant, and anything else is :class:`NotFound` (never 403), so ids canno
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from broker.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from broker.identity import bindings as binding_store
+from broker.identity.bindings import MAX_BINDINGS, BindingRule, Pinning
 from broker.identity.credentials import hash_secret, new_client_secret
 from broker.identity.names import name_key
 from broker.identity.policy import Kind, Name, Policy, Role
@@ -70,6 +73,7 @@ class WorkloadCreate(_Body):
     kind: Kind
     roles: list[Role] = Field(default_factory=list, max_length=3)
     policy: Policy = Policy()
+    bindings: list[BindingRule] = Field(default_factory=list, max_length=MAX_BINDINGS)
 
     @model_validator(mode="after")
     def _roles_for_admins_only(self) -> WorkloadCreate:
@@ -84,6 +88,8 @@ class WorkloadPatch(_Body):
     name: Name | None = None
     roles: list[Role] | None = Field(default=None, max_length=3)
     policy: Policy | None = None
+    # Replaces every binding of the workload ([] removes them all).
+    bindings: list[BindingRule] | None = Field(default=None, max_length=MAX_BINDINGS)
 
 
 # --- who asks ------------------------------------------------------------------------------
@@ -147,6 +153,7 @@ class WorkloadRecord:
     client_id: str
     created_at: int
     suspended: bool
+    bindings: list[binding_store.Binding] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -256,11 +263,13 @@ def _check_roles_grantable(actor: Actor, roles: list[str]) -> None:
 
 
 def create_workload(
-    conn: Connection, actor: Actor, body: WorkloadCreate, pepper: bytes, now: int
+    conn: Connection, actor: Actor, body: WorkloadCreate, pepper: bytes, now: int,
+    pinning: Pinning,
 ) -> NewWorkload:
     actor.require_write()
     _tenant_row(conn, actor, body.tenant_id)
     _check_roles_grantable(actor, list(body.roles))
+    binding_store.check_rules(body.bindings, pinning)
     wid = new_id("wl")
     secret = new_client_secret()
     try:
@@ -281,6 +290,8 @@ def create_workload(
             )
     except IntegrityError:
         raise Conflict("a workload with this name exists in the tenant") from None
+    if body.bindings:
+        binding_store.replace(conn, wid, body.tenant_id, body.bindings, now)
     return NewWorkload(get_workload(conn, actor, wid), secret)
 
 
@@ -292,7 +303,12 @@ def _workload_row(conn: Connection, actor: Actor, workload_id: str) -> Any:
 
 
 def get_workload(conn: Connection, actor: Actor, workload_id: str) -> WorkloadRecord:
-    return _workload_record(_workload_row(conn, actor, workload_id))
+    return _with_bindings(conn, [_workload_record(_workload_row(conn, actor, workload_id))])[0]
+
+
+def _with_bindings(conn: Connection, records: list[WorkloadRecord]) -> list[WorkloadRecord]:
+    found = binding_store.of_workloads(conn, [r.id for r in records])
+    return [dataclasses.replace(r, bindings=found.get(r.id, [])) for r in records]
 
 
 def list_workloads(
@@ -304,7 +320,8 @@ def list_workloads(
         stmt = stmt.where(w.id > cursor)
     stmt = stmt.where(actor.scope(w.tenant_id, tenant_id))
     rows, last = page(conn.execute(stmt).all(), limit)
-    return [_workload_record(r) for r in rows], None if last is None else str(last.id)
+    records = _with_bindings(conn, [_workload_record(r) for r in rows])
+    return records, None if last is None else str(last.id)
 
 
 def require_may_manage(actor: Actor, roles: list[str] | None) -> None:
@@ -315,7 +332,8 @@ def require_may_manage(actor: Actor, roles: list[str] | None) -> None:
 
 
 def patch_workload(
-    conn: Connection, actor: Actor, workload_id: str, body: WorkloadPatch
+    conn: Connection, actor: Actor, workload_id: str, body: WorkloadPatch, now: int,
+    pinning: Pinning,
 ) -> tuple[WorkloadRecord, bool]:
     """Apply the patch; returns the workload and whether its identity changed (roles or
     policy), in which case the caller must cut its live tokens: they carry the old one."""
@@ -343,6 +361,9 @@ def patch_workload(
                 conn.execute(update(_workload).where(_workload.c.id == workload_id).values(**values))
         except IntegrityError:
             raise Conflict("a workload with this name exists in the tenant") from None
+    if body.bindings is not None:
+        binding_store.check_rules(body.bindings, pinning)
+        binding_store.replace(conn, workload_id, row.tenant_id, body.bindings, now)
     return get_workload(conn, actor, workload_id), changed
 
 
@@ -351,6 +372,7 @@ def delete_workload(conn: Connection, actor: Actor, workload_id: str) -> None:
     actor.require_write()
     if workload_id == actor.id:
         raise Conflict("an admin cannot delete its own identity")
+    binding_store.delete_for(conn, workload_id)
     conn.execute(delete(_workload).where(_workload.c.id == workload_id))
 
 
@@ -373,12 +395,13 @@ class Client:
     tenant_suspended_at: int | None
 
 
-_FIND_CLIENT = Sql("""
+_CLIENT_COLUMNS = """
     SELECT w.id, w.tenant_id, w.kind, w.roles, w.policy, w.client_id, w.secret_hash,
            w.prev_secret_hash, w.prev_secret_expires_at, w.suspended_at, t.budgets,
            t.suspended_at
-    FROM workload w JOIN tenant t ON t.id = w.tenant_id
-    WHERE w.client_id = :client_id""")
+    FROM workload w JOIN tenant t ON t.id = w.tenant_id"""
+_FIND_CLIENT = Sql(_CLIENT_COLUMNS + " WHERE w.client_id = :client_id")
+_FIND_BY_ID = Sql(_CLIENT_COLUMNS + " WHERE w.id = :workload_id")
 
 
 def _json_value(raw: Any) -> tuple[Any, str]:
@@ -390,7 +413,14 @@ def _json_value(raw: Any) -> tuple[Any, str]:
 
 
 def find_by_client_id(conn: Connection, client_id: str) -> Client | None:
-    row = _FIND_CLIENT.run(conn, client_id=client_id).first()
+    return _client(_FIND_CLIENT.run(conn, client_id=client_id).first())
+
+
+def find_by_workload_id(conn: Connection, workload_id: str) -> Client | None:
+    return _client(_FIND_BY_ID.run(conn, workload_id=workload_id).first())
+
+
+def _client(row: Any) -> Client | None:
     if row is None:
         return None
     policy, policy_key = _json_value(row[4])

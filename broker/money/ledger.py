@@ -122,7 +122,11 @@ _SPEND_PARENT = Sql("""
     UPDATE token_slice
     SET held_micros = held_micros - :within, spent_micros = spent_micros + :cost
     WHERE jti = :parent
-    RETURNING budget_micros, spent_micros""")
+    RETURNING budget_micros, spent_micros, parent_jti""")
+_REVOKE_CHILDREN = Sql("""
+    UPDATE token_slice SET revoked_at = :now
+    WHERE parent_jti = :parent AND kind = 'token' AND revoked_at IS NULL
+    RETURNING jti""")
 _ENSURE_LIVE = Sql("""
     INSERT INTO live_slices (workload_id, count) VALUES (:workload_id, 0)
     ON CONFLICT DO NOTHING""")
@@ -294,6 +298,23 @@ def release_slice(conn: Connection, jti: str, now: int) -> int:
     return unspent
 
 
+def revoke_descendants(conn: Connection, jtis: list[str], now: int) -> list[str]:
+    """Revoke every token delegated, at any depth, from the slices ``jtis`` (already revoked
+    by the caller) and release what can be released now: a child's unspent part goes back into
+    its parent's slice. Returns the descendants revoked, deepest last."""
+    found: list[str] = []
+    level = sorted(jtis)
+    while level:
+        children = sorted(str(r[0]) for parent in level
+                          for r in _REVOKE_CHILDREN.run(conn, now=now, parent=parent))
+        found.extend(children)
+        level = children
+    # Leaves first: a parent is released only once its children gave their money back.
+    for jti in reversed(found):
+        release_slice(conn, jti, now)
+    return found
+
+
 def prune_released_slices(conn: Connection, before: int, batch: int = 1000) -> int:
     """Delete up to ``batch`` slices released before ``before`` (and their links to budget
     counters): their money has returned, and their usage events keep the record."""
@@ -382,10 +403,13 @@ def _within(budget: int, spent_after: int, cost: int) -> int:
 
 def _spend_above(conn: Connection, jti: str, parent: str | None, cost: int, within: int) -> None:
     """Charge ``cost`` to what a slice was reserved from: its budget counters, or its parent
-    slice (and then the parent's counters)."""
+    slice (and then, up the chain, the counters of the slice at its root)."""
     if parent is not None:
-        budget, spent = _SPEND_PARENT.run(conn, within=within, cost=cost, parent=parent).one()
-        _spend_above(conn, parent, None, cost, _within(int(budget), int(spent), cost))
+        # A delegated slice's parent may itself be delegated (or funded by a grant): the
+        # charge climbs the chain to the slice that holds budget counters.
+        budget, spent, above = _SPEND_PARENT.run(
+            conn, within=within, cost=cost, parent=parent).one()
+        _spend_above(conn, parent, above, cost, _within(int(budget), int(spent), cost))
         return
     for counter_id in _counter_ids(conn, jti):
         _SPEND.run(conn, reserved=within, amount=cost, id=counter_id)

@@ -46,14 +46,19 @@ def _revoke_slices(conn: Connection, column: str, ident: str, cutoff: int, now: 
     its unspent money now; a slice with a hold still open is released by the sweeper once the
     hold closes. Returns the micro-dollars returned now."""
     s = _slice.c
-    jtis = conn.execute(
+    rows = conn.execute(
         update(_slice)
         .where(s[column] == ident, s.kind == "token", s.released_at.is_(None),
                s.revoked_at.is_(None), s.issued_at <= cutoff)
         .values(revoked_at=now)
-        .returning(s.jti)
+        .returning(s.jti, s.issued_at)
     ).all()
-    return sum(ledger.release_slice(conn, str(j[0]), now) for j in sorted(jtis))
+    # Tokens delegated from these die with them, whoever they were delegated to; children
+    # (issued after their parents) are released first, so that their money is back in the
+    # parent's slice when the parent is released.
+    ledger.revoke_descendants(conn, [str(r[0]) for r in rows], now)
+    ordered = sorted(rows, key=lambda r: (-int(r[1]), str(r[0])))
+    return sum(ledger.release_slice(conn, str(r[0]), now) for r in ordered)
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -91,6 +96,7 @@ def revoke_token(
     if marked is None:
         previous = revocation_log.latest_for(conn, "token", jti)
         return TokenRevocation(jti, row.tenant_id, 0, None, previous)
+    ledger.revoke_descendants(conn, [jti], now)
     returned = ledger.release_slice(conn, jti, now)
     entry = revocation_log.append(
         conn, kind="token", action="revoke", target=jti, tenant_id=row.tenant_id,
@@ -121,6 +127,7 @@ def revoke_for_overrun(
             "excess_micros": excess}, now)
     if row is None:
         return None  # already revoked: the audit entry above still tells of this overrun
+    ledger.revoke_descendants(conn, [jti], now)
     return revocation_log.append(
         conn, kind="token", action="revoke", target=jti, tenant_id=tenant_id, cutoff=None,
         expires_at=int(row[0]), relevant_until=int(row[0]) + LEEWAY_S, created_at=now,

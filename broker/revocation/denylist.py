@@ -49,15 +49,21 @@ class Denylist:
             return False
         if token.grants and not self._grants_live(token):
             return False
+        # A delegated token dies with every token above it, and with their workloads.
+        if token.ancestors and any(jti in self._tokens for jti in token.ancestors):
+            return False
         if not self._cutoffs and not self._suspended:
             return True
-        for key in (("workload", token.sub), ("tenant", token.tenant)):
-            if key in self._suspended:
+        for sub in (token.sub, *token.ancestor_subs):
+            if not self._identity_live(("workload", sub), token.iat):
                 return False
-            cut = self._cutoffs.get(key)
-            if cut is not None and token.iat <= cut[0]:
-                return False
-        return True
+        return self._identity_live(("tenant", token.tenant), token.iat)
+
+    def _identity_live(self, key: tuple[str, str], iat: int) -> bool:
+        if key in self._suspended:
+            return False
+        cut = self._cutoffs.get(key)
+        return cut is None or iat > cut[0]
 
     def _grants_live(self, token: VerifiedToken) -> bool:
         # A grant ends at its expiry exactly, without the clock leeway of token expiry: the

@@ -82,7 +82,7 @@ class TokenSlice(SQLModel, table=True):
 
     jti: str = Field(primary_key=True, max_length=64)
     kind: str = Field(default="token", max_length=8)  # token | grant
-    parent_jti: str | None = Field(default=None, max_length=64)
+    parent_jti: str | None = Field(default=None, index=True, max_length=64)
     workload_id: str = Field(index=True, max_length=40)
     tenant_id: str = Field(index=True, max_length=40)
     budget_micros: int = Field(sa_type=BigInteger)
@@ -300,3 +300,21 @@ class AccessGrant(SQLModel, table=True):
     revoked_by: str | None = Field(default=None, max_length=64)
     # Set once its end was recorded and its unspent budget went back (it is then history).
     ended_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class WorkloadBinding(SQLModel, table=True):
+    """A rule that binds an external identity (a verified subject token's claims) to a
+    workload. ``match_sub`` is the rule's ``sub`` when it names one exactly: the index that
+    keeps an exchange from reading every rule of its issuer."""
+
+    __tablename__ = "workload_binding"
+    __table_args__ = (Index("ix_workload_binding_lookup", "issuer", "match_sub"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    workload_id: str = Field(foreign_key="workload.id", index=True, max_length=40)
+    tenant_id: str = Field(max_length=40)
+    issuer: str = Field(max_length=64)
+    claims: dict[str, Any] = _json()
+    match_sub: str | None = Field(default=None, max_length=1024)
+    position: int = Field(sa_type=BigInteger)
+    created_at: int = Field(sa_type=BigInteger)

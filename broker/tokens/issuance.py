@@ -29,12 +29,12 @@ from broker.identity.policy import Policy, effective, model_allowed, scope_withi
 from broker.money import ledger
 from broker.money.ledger import BudgetRef
 from broker.plugin import AuthMethod, ClientCredentials, Identity
+from broker.plugin import ExternalIdentity
 from broker.services import Services
-from broker.tokens import tokens
+from broker.tokens import exchange, tokens
+from broker.tokens.exchange import SubjectCredentials
 
 CLIENT_CREDENTIALS = "client_credentials"
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,13 @@ class Issued:
 async def issue(services: Services, req: TokenRequest) -> Issued:
     services.failures.ensure_allowed(req.client_id, req.source)
     settings = services.settings
+    external: ExternalIdentity | None = None
+    if isinstance(req.creds, SubjectCredentials):
+        try:
+            external = await exchange.identify(services, req.creds)
+        except InvalidClient:
+            services.failures.record_failure(req.client_id, req.source)
+            raise
     now = int(time.time())
     jti = tokens.new_jti()
 
@@ -104,13 +111,17 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
     seen: list[tuple[str, bool]] = []
 
     def txn(conn: Connection) -> dict[str, Any] | None:
-        ctx = _Context(services, conn, now)
-        row = ctx.vouched_for(req.method.authenticate(ctx, req.creds))
+        if external is not None:
+            row = exchange.bound_client(services, conn, external, jti, now)
+        else:
+            ctx = _Context(services, conn, now)
+            row = ctx.vouched_for(req.method.authenticate(ctx, req.creds))
+            if row is None:
+                seen[:] = [(ctx.failed_workload, False)] if ctx.failed_workload else []
         if row is None:
-            seen[:] = [(ctx.failed_workload, False)] if ctx.failed_workload else []
             return None
         seen[:] = [(row.id, True)]
-        policy = _effective_policy(row.kind, row.policy_key)
+        policy = effective_policy(row.kind, row.policy_key)
         live = grants_store.live_for(conn, row.id, now)
         # Tokens carry (and die with) the grants that give them something: a model or money.
         # A grant of rates alone acts on the workload's limits, not on its tokens.
@@ -257,7 +268,7 @@ def check_client(
 
 
 @functools.lru_cache(maxsize=4096)
-def _effective_policy(kind: str, policy_text: str) -> Policy:
+def effective_policy(kind: str, policy_text: str) -> Policy:
     """Parsing and validating a stored policy costs more than the rest of an issuance's Python
     work; the stored text is the key, so an edited policy is a new entry, never a stale one."""
     return effective(Policy.model_validate_json(policy_text), kind)

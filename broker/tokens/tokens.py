@@ -48,6 +48,26 @@ class VerifiedToken:
     grants: tuple[str, ...] = ()
     grant_models: tuple[str, ...] = ()
     grant_exp: int | None = None
+    # Delegation (RFC 8693 ``act``): the jtis and subs of the tokens this one was delegated
+    # from, nearest first. It dies with any of them.
+    ancestors: tuple[str, ...] = ()
+    ancestor_subs: tuple[str, ...] = ()
+
+
+MAX_ACT_DEPTH = 16
+
+
+def act_chain(act: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(jtis, subs) of a delegation chain, nearest first; TypeError when malformed."""
+    jtis: list[str] = []
+    subs: list[str] = []
+    while act is not None:
+        if not isinstance(act, dict) or len(jtis) >= MAX_ACT_DEPTH:
+            raise TypeError
+        jtis.append(_str(act.get("jti")))
+        subs.append(_str(act.get("sub")))
+        act = act.get("act")
+    return tuple(jtis), tuple(subs)
 
 
 def sign(keyring: Keyring, claims: dict[str, Any]) -> str:
@@ -115,6 +135,7 @@ def verify(token: str, keyring: Keyring, *, issuer: str, audience: str) -> Verif
     except jwt.PyJWTError:
         raise InvalidToken() from None
     try:
+        ancestors, ancestor_subs = act_chain(claims.get("act"))
         return VerifiedToken(
             sub=_str(claims["sub"]),
             tenant=_str(claims["tenant"]),
@@ -130,6 +151,8 @@ def verify(token: str, keyring: Keyring, *, issuer: str, audience: str) -> Verif
             grants=tuple(_str(g) for g in _list(claims.get("grants", []))),
             grant_models=tuple(_str(m) for m in _list(claims.get("grant_models", []))),
             grant_exp=_int(claims["grant_exp"]) if "grant_exp" in claims else None,
+            ancestors=ancestors,
+            ancestor_subs=ancestor_subs,
         )
     except (TypeError, ValueError):
         raise InvalidToken() from None
