@@ -87,12 +87,10 @@ class Services:
 
         # The grant itself is the broker's: what it accepts comes from the issuer types.
         methods[TokenExchange.grant_type] = TokenExchange()
-        try:  # TEMPORARY while federation.py is written
-            from broker.identity.federation import Federation
+        from broker.identity.federation import Federation
 
-            federation: Federation | None = Federation(settings, issuer_types)
-        except ModuleNotFoundError:
-            federation = None
+        # A configured issuer without its plugin stops the start, like a provider's.
+        federation = Federation(settings, issuer_types)
         # Every configured provider is built through its plugin now, so a bad table stops the
         # start with one line before any port is bound.
         providers = build_providers(settings.providers)
@@ -136,8 +134,7 @@ class Services:
             issuer_types=issuer_types,
             federation=federation,
         )
-        if federation is not None:
-            services.closers.append(federation.aclose)
+        services.closers.append(federation.aclose)
         if settings.bootstrap_admin_secret is not None:
             secret = settings.bootstrap_admin_secret.get_secret_value()
             if db.transaction(lambda conn: bootstrap_admin(conn, secret, pepper, now_s())):
