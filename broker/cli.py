@@ -1,13 +1,15 @@
-"""The ``broker`` command: ``serve``, ``migrate``, ``dev``.
+"""The ``broker`` command: ``serve``, ``migrate``, ``dev``, ``keys``, ``token``.
 
 Configuration problems end the process with one line naming the key and exit status 2; never a
-traceback.
+traceback. ``broker token`` ends a refusal with one line and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -75,6 +77,65 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from broker.client import BrokerClient, BrokerClientError
+
+    # The secret never comes from an argument: other users of the host can read a process's
+    # arguments (ps, /proc/<pid>/cmdline).
+    secret: str | None = None
+    if args.client_id is not None:
+        if args.client_secret_stdin:
+            secret = sys.stdin.readline().rstrip("\r\n")
+        else:
+            secret = os.environ.get("BROKER_CLIENT_SECRET")
+        if not secret:
+            print("broker token: no client secret: set BROKER_CLIENT_SECRET or pass "
+                  "--client-secret-stdin", file=sys.stderr)
+            return 2
+    scope = " ".join(args.scope) if args.scope else None
+    try:
+        with BrokerClient(args.url, client_id=args.client_id, client_secret=secret,
+                          subject_token_file=args.subject_token_file,
+                          subject_token_type=args.subject_token_type, scope=scope,
+                          budget_micros=args.budget_micros, ttl_s=args.ttl_s) as client:
+            token = client.token()
+            info = client.token_info
+    except (BrokerClientError, ValueError) as exc:
+        print(f"broker token: {exc}", file=sys.stderr)
+        return 1
+    if args.json and info is not None:
+        print(json.dumps(info.response, sort_keys=True))
+    else:
+        print(token)
+    return 0
+
+
+def _add_token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from broker.client import JWT_TOKEN_TYPE
+
+    token = sub.add_parser(
+        # No abbreviations: ``--client-secret`` must not pass for ``--client-secret-stdin``.
+        "token", help="print a broker token for scripts", allow_abbrev=False,
+        description="Print a broker token. The client secret comes from BROKER_CLIENT_SECRET or, "
+                    "with --client-secret-stdin, the first line of standard input; never from "
+                    "an argument.")
+    token.add_argument("--url", default=os.environ.get("BROKER_URL", "http://127.0.0.1:8080"),
+                       help="the broker (default: $BROKER_URL or http://127.0.0.1:8080)")
+    login = token.add_mutually_exclusive_group(required=True)
+    login.add_argument("--client-id")
+    login.add_argument("--subject-token-file", metavar="PATH",
+                       help="exchange the token in this file (a workload JWT)")
+    token.add_argument("--subject-token-type", default=JWT_TOKEN_TYPE, metavar="TYPE")
+    token.add_argument("--client-secret-stdin", action="store_true",
+                       help="read the client secret from the first line of standard input")
+    token.add_argument("--scope", action="append", metavar="MODELS",
+                       help="models (names or globs, space-separated; may be repeated)")
+    token.add_argument("--budget-micros", type=int, metavar="N")
+    token.add_argument("--ttl-s", type=int, metavar="N")
+    token.add_argument("--json", action="store_true", help="print the whole token response")
+    token.set_defaults(func=cmd_token)
+
+
 def _unwind_on_sigterm(signum: int, frame: object) -> None:
     # uvicorn stops gracefully on SIGTERM, then re-raises it; unwinding instead of dying lets
     # ``finally`` blocks close the database and stop a dev OpenBao child. A shutdown that was
@@ -103,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     rotate = keys_sub.add_parser("rotate", help="rotate the signing key now")
     rotate.add_argument("--config")
     rotate.set_defaults(func=cmd_keys)
+    _add_token_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "token":
+        if args.client_secret_stdin and args.client_id is None:
+            parser.error("--client-secret-stdin goes with --client-id")
+        # A workload's tool: it needs none of the server (no logging setup, no database code).
+        return cmd_token(args)
     signal.signal(signal.SIGTERM, _unwind_on_sigterm)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Alembic narrates every plugin and step at INFO; our commands say what they did themselves.

@@ -58,7 +58,7 @@ def _seed(services: Any) -> dict[str, str]:
                     "budgets": [{"period": "day", "limit_micros": 5_000_000}],
                 }),
             ),
-            services.pepper, now,
+            services.pepper, now, services.binding_pinning,
         )
         return {"tenant": tenant.id, "client_id": agent.workload.client_id,
                 "client_secret": agent.client_secret}

@@ -28,6 +28,7 @@ from broker.money.sweeper import sweep_once
 from broker.services import Services
 from broker.settings import Settings, load_settings
 from broker.storage.db import Database, make_engine, migrate
+from tests.fake_issuer import fake_issuer, fake_issuer_server  # noqa: F401  (fixtures)
 from tests.fake_provider import FakeProviderServer
 from tests.support import wait_for
 

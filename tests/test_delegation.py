@@ -32,9 +32,10 @@ CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "m
 
 
 def delegate(broker: Broker, parent: str, **params: Any) -> httpx.Response:
-    return broker.client.post("/v1/token", data={
+    resp: httpx.Response = broker.client.post("/v1/token", data={
         "grant_type": EXCHANGE, "subject_token": parent, "subject_token_type": ACCESS,
         **{k: str(v) for k, v in params.items()}})
+    return resp
 
 
 def child_of(broker: Broker, parent: str, **params: Any) -> str:
@@ -55,8 +56,9 @@ def remaining(broker: Broker, token: str) -> int | None:
 
 
 def chat(env: Env, token: str) -> httpx.Response:
-    return env.broker.client.post("/v1/chat/completions", json=CHAT,
-                                  headers={"authorization": f"Bearer {token}"})
+    resp: httpx.Response = env.broker.client.post(
+        "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {token}"})
+    return resp
 
 
 @pytest.fixture

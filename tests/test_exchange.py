@@ -21,13 +21,14 @@ from tests.fake_issuer import (
     AUDIENCE,
     DROP,
     FakeIssuer,
-    fake_issuer,  # noqa: F401  (a fixture)
-    fake_issuer_server,  # noqa: F401  (a fixture)
     issuer_settings,
 )
 from tests.gateway_support import Env, make_env
 from tests.support import assert_oauth_error, assert_problem
-from tests.test_vault_tokens import AppRole, approle  # noqa: F401  (a fixture)
+from tests.test_vault_tokens import AppRole
+from tests.test_vault_tokens import approle as approle_fixture
+
+vault_role = approle_fixture
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -48,7 +49,7 @@ def ex(make_live_broker: Any, sqlite_url: str, fake: Any, fake_issuer: FakeIssue
     def adjust(sections: dict[str, dict[str, Any]]) -> None:
         sections["auth"] = {
             **sections.get("auth", {}),
-            "issuers": {shape: issuer_settings(fake_issuer, shape)  # type: ignore[arg-type]
+            "issuers": {shape: issuer_settings(fake_issuer, shape)
                         for shape in ("kubernetes", "github-actions", "spiffe", "oidc")},
             "vault_tokens": {"enabled": True},
         }
@@ -57,8 +58,9 @@ def ex(make_live_broker: Any, sqlite_url: str, fake: Any, fake_issuer: FakeIssue
 
 
 def exchange(broker: Broker, token: str, kind: str = JWT_TYPE, **params: Any) -> httpx.Response:
-    return broker.client.post("/v1/token", data={
+    resp: httpx.Response = broker.client.post("/v1/token", data={
         "grant_type": EXCHANGE, "subject_token": token, "subject_token_type": kind, **params})
+    return resp
 
 
 def bound(env: Env, issuer: str, claims: dict[str, str], **body: Any) -> dict[str, Any]:
@@ -108,7 +110,7 @@ def test_a_platform_token_is_exchanged_for_its_bound_workload(
 
 
 def test_a_vault_login_is_exchanged_and_its_revocation_ends_the_exchanges(
-        ex: Env, approle: AppRole) -> None:  # noqa: F811
+        ex: Env, approle: AppRole) -> None:
     workload = bound(ex, "vault", {"meta.role_name": approle.role})
     vault_token = approle.login()
     resp = exchange(ex.broker, vault_token, VAULT_TYPE)
@@ -135,20 +137,20 @@ def _attacks(fake: FakeIssuer) -> dict[str, str]:
         "alg-none": fake.raw(header_none, json.dumps(fake.claims("kubernetes"))),
         "hs256-with-the-public-key": fake.hmac_forgery("kubernetes", rsa_pem),
         "unknown-kid": fake.mint("kubernetes", kid="nobody-knows"),
-        "legacy-kubernetes-secret-token": fake.mint(
-            "kubernetes", {"kubernetes.io": DROP}, **{
-                "kubernetes.io/serviceaccount/namespace": "payments",
-                "kubernetes.io/serviceaccount/secret.name": "worker-token-x",
-                "kubernetes.io/serviceaccount/service-account.name": "worker"}),
+        "legacy-kubernetes-secret-token": fake.mint("kubernetes", {
+            "kubernetes.io": DROP,
+            "kubernetes.io/serviceaccount/namespace": "payments",
+            "kubernetes.io/serviceaccount/secret.name": "worker-token-x",
+            "kubernetes.io/serviceaccount/service-account.name": "worker"}),
         "multi-aud-svid": fake.mint("spiffe", alg="ES256", aud=[AUDIENCE, "other"]),
         "eddsa-svid": fake.mint("spiffe", alg="EdDSA"),
         "oversized": fake.mint("kubernetes", padding="x" * 9000),
         "jwk-header": fake.mint("kubernetes", headers={"jwk": fake.keys["RSA"].jwk()}),
         "not-a-jwt": "a.b",
-        "unbound-subject": fake.mint("kubernetes", sub="system:serviceaccount:payments:other",
-                                     **{"kubernetes.io": {"namespace": "payments",
-                                                          "serviceaccount": {"name": "other",
-                                                                             "uid": "u"}}}),
+        "unbound-subject": fake.mint("kubernetes", {
+            "sub": "system:serviceaccount:payments:other",
+            "kubernetes.io": {"namespace": "payments",
+                              "serviceaccount": {"name": "other", "uid": "u"}}}),
     }
 
 
@@ -178,6 +180,7 @@ def test_a_flood_of_unknown_kids_costs_one_fetch(ex: Env, fake_issuer: FakeIssue
     tokens = [fake_issuer.mint("kubernetes", kid=f"kid-{n}") for n in range(100)]
 
     async def flood() -> list[int]:
+        assert ex.broker.url is not None
         async with httpx.AsyncClient(base_url=ex.broker.url, timeout=30) as client:
             answers = await asyncio.gather(*(client.post("/v1/token", data={
                 "grant_type": EXCHANGE, "subject_token": t, "subject_token_type": JWT_TYPE})

@@ -28,8 +28,7 @@ from broker.identity.identities import Client, find_by_client_id
 from broker.identity.policy import Policy, effective, model_allowed, scope_within
 from broker.money import ledger
 from broker.money.ledger import BudgetRef
-from broker.plugin import AuthMethod, ClientCredentials, Identity
-from broker.plugin import ExternalIdentity
+from broker.plugin import AuthMethod, ClientCredentials, ExternalIdentity, Identity
 from broker.services import Services
 from broker.tokens import exchange, tokens
 from broker.tokens.exchange import SubjectCredentials
