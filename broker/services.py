@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 from broker.errors import ConfigError
 from broker.gateway.provider_keys import ProviderKeys
+from broker.identity.bindings import Pinning
 from broker.identity.credentials import FailureTracker, SlidingWindow
 from broker.identity.identities import bootstrap_admin
 from broker.metrics import Metrics
 from broker.money.ledger import now_s
-from broker.identity.bindings import Pinning
 from broker.plugin import AuthMethod, IssuerType, Provider
 from broker.registry import build_providers, load_auth_methods
 from broker.settings import Settings
