@@ -474,13 +474,14 @@ def _apply_table_env(data: dict[str, Any], env: Mapping[str, str], source: str) 
 
 def _coerce(section_model: type[BaseModel], key: str, raw: str) -> Any:
     """Environment values are strings; turn them into the field's type before validation.
-    Lists and tables (``org.budgets``) are written as JSON; a list of strings may also be
-    written comma-separated."""
+    Lists and tables (``org.budgets``, ``auth.vault_tokens``) are written as JSON; a list of
+    strings may also be written comma-separated."""
     field = section_model.model_fields.get(key)
     if field is None:
         return raw  # validation reports the unknown key by name
     annotation = str(field.annotation)
-    if annotation.startswith(("tuple", "list", "dict")):
+    nested = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    if nested or annotation.startswith(("tuple", "list", "dict")):
         try:
             return json.loads(raw)
         except json.JSONDecodeError:

@@ -4,6 +4,7 @@ traceback) and otherwise serves."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -95,7 +96,38 @@ def test_the_shipped_configuration_and_its_commented_examples_are_valid(tmp_path
         assert model.provider in settings.providers, name
 
 
+def test_the_shipped_issuer_examples_are_valid(tmp_path: Path) -> None:
+    text = SHIPPED.read_text()
+    start, end = text.index("# [auth.issuers."), text.index("[server]")
+    block = [re.sub(r"^# (?=\[|[a-z_]+ = )", "", line) for line in text[start:end].splitlines()]
+    path = toml(tmp_path, "\n".join(block) + "\n")
+    settings = load_settings(path, env={})
+    assert {n: i.type for n, i in settings.auth.issuers.items()} == {
+        "cluster": "kubernetes", "github": "github-actions"}
+    assert settings.auth.vault_tokens.enabled is False
+
+
+_ISSUER = '[auth.issuers.c]\ntype = "oidc"\nissuer = "https://idp"\naudience = "a"\n'
+
 BAD = [
+    pytest.param(_ISSUER + 'jwks_url = "http://idp.example/jwks"\n', {}, "auth.issuers.c",
+                 id="jwks-over-plain-http"),
+    pytest.param(_ISSUER, {}, "auth.issuers.c", id="issuer-without-keys"),
+    pytest.param(_ISSUER + 'jwks_url = "https://idp/j"\njwks_file = "/j"\n', {}, "auth.issuers.c",
+                 id="issuer-with-two-key-sources"),
+    pytest.param(_ISSUER + 'jwks_url = "https://idp/j"\nalgorithms = ["HS256"]\n', {},
+                 "auth.issuers.c", id="issuer-allowing-hmac"),
+    pytest.param('[auth.issuers.k]\ntype = "kubernetes"\nissuer = "kubernetes/serviceaccount"\n'
+                 'audience = "a"\njwks_file = "/j"\n', {}, "auth.issuers.k",
+                 id="legacy-kubernetes-issuer"),
+    pytest.param(_ISSUER + 'jwks_url = "https://idp/j"\ntokenreview = true\n', {},
+                 "auth.issuers.c", id="tokenreview-outside-kubernetes"),
+    pytest.param('[auth.issuers.vault]\ntype = "oidc"\nissuer = "https://idp"\naudience = "a"\n'
+                 'jwks_url = "https://idp/j"\n', {}, "auth.issuers", id="issuer-named-vault"),
+    pytest.param('[auth.issuers.c]\ntype = "saml"\n', {}, "auth.issuers.c.type",
+                 id="unknown-issuer-type"),
+    pytest.param("", {"BROKER_AUTH_VAULT_TOKENS": '{"enabld": true}'}, "auth.vault_tokens.enabld",
+                 id="env-typo-in-a-nested-table"),
     pytest.param('[vault]\nadr = "http://x"\n', {}, "vault.adr", id="typo-in-toml"),
     pytest.param("", {"BROKER_VAULT_ADR": "http://x"}, "vault.adr", id="typo-in-env"),
     pytest.param('[tokens]\nmax_ttl_s = "x"\n', {}, "tokens.max_ttl_s", id="text-for-int"),
@@ -316,6 +348,18 @@ def test_env_overrides_reach_lists_and_named_tables(tmp_path: Path) -> None:
     assert settings.providers["openai-compatible"].base_url == "http://new"
     assert settings.models["gpt-4o-mini"].output_micros_per_mtok == 7
     assert settings.models["gpt-4o"].output_micros_per_mtok == 2
+
+
+def test_nested_tables_come_from_the_environment_as_json(tmp_path: Path) -> None:
+    issuer = {"type": "spiffe", "issuer": "https://spire", "jwks_url": "https://spire/keys",
+              "audience": "ai-broker"}
+    settings = load_settings(None, env={
+        "BROKER_AUTH_ISSUERS": json.dumps({"spire": issuer}),
+        "BROKER_AUTH_VAULT_TOKENS": '{"enabled": true}',
+        "BROKER_TOKENS_MAX_DELEGATION_DEPTH": "1"})
+    assert settings.auth.issuers["spire"].jwks_url == "https://spire/keys"
+    assert settings.auth.vault_tokens.enabled is True
+    assert settings.tokens.max_delegation_depth == 1
 
 
 def test_trusted_proxies_and_the_metrics_token_come_from_the_environment(tmp_path: Path) -> None:

@@ -62,12 +62,23 @@ TOKEN_FORM: dict[str, Any] = {
     "type": "object",
     "required": ["grant_type"],
     "properties": {
-        "grant_type": {"type": "string", "enum": ["client_credentials"]},
+        "grant_type": {"type": "string", "enum": [
+            "client_credentials", "urn:ietf:params:oauth:grant-type:token-exchange"]},
         "client_id": {"type": "string"},
         "client_secret": {"type": "string"},
+        "subject_token": {"type": "string", "maxLength": 8192},
+        "subject_token_type": {"type": "string", "enum": [
+            "urn:ietf:params:oauth:token-type:jwt", "urn:broker:token-type:vault",
+            "urn:ietf:params:oauth:token-type:access_token"]},
+        "actor_token": {"type": "string", "maxLength": 8192},
+        "actor_token_type": {"type": "string",
+                             "enum": ["urn:ietf:params:oauth:token-type:access_token"]},
+        "requested_token_type": {"type": "string"},
         "scope": {"type": "string", "description": "space-separated model names or globs"},
         "budget_micros": {"type": "integer", "minimum": 0},
         "ttl_s": {"type": "integer", "minimum": 1, "maximum": 900},
+        "resource": {"type": "string"},
+        "audience": {"type": "string"},
     },
 }
 
