@@ -14,7 +14,6 @@ token or a claim value; the caller sees the same 401 as for a wrong secret.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextvars
 import dataclasses
@@ -36,7 +35,7 @@ from broker.identity.jwks import (
 from broker.identity.vault_tokens import lookup_self
 from broker.plugin import ExternalIdentity, IssuerType
 from broker.settings import ExternalIssuerSettings, Settings
-from broker.tokens.tokens import FORBIDDEN_HEADERS, MAX_TOKEN_BYTES
+from broker.tokens.tokens import FORBIDDEN_HEADERS, MAX_TOKEN_BYTES, json_segment
 
 VAULT = "vault"
 
@@ -61,23 +60,6 @@ class _Proofs:
 _proofs: contextvars.ContextVar[_Proofs | None] = contextvars.ContextVar("proofs", default=None)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError("duplicate key")
-        out[key] = value
-    return out
-
-
-def _segment(part: str) -> dict[str, Any]:
-    raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    value = json.loads(raw, object_pairs_hook=_no_duplicates)
-    if not isinstance(value, dict):
-        raise ValueError("not an object")
-    return value
-
-
 def unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The header and payload of a compact JWS, UNVERIFIED: for routing, never for trust.
     Duplicate names are refused here, before PyJWT would keep the last one."""
@@ -89,7 +71,7 @@ def unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise InvalidSubjectToken("not a JWT (three segments)")
     head, body, _signature = token.split(".")
     try:
-        return _segment(head), _segment(body)
+        return json_segment(head), json_segment(body)
     except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise InvalidSubjectToken("malformed JWT (base64, JSON or a duplicate name)") from None
 

@@ -86,7 +86,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _segment(part: str) -> dict[str, Any]:
+def json_segment(part: str) -> dict[str, Any]:
+    """One base64url part of a compact JWS as a JSON object; ``ValueError`` (or a base64 or
+    Unicode error) when it is not one, or when it names a key twice: PyJWT would keep the last,
+    and two parsers could then disagree about what was signed."""
     raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     value = json.loads(raw, object_pairs_hook=_no_duplicates)
     if not isinstance(value, dict):
@@ -103,8 +106,8 @@ def verify(token: str, keyring: Keyring, *, issuer: str, audience: str) -> Verif
         raise InvalidToken()
     head, body, _sig = token.split(".")
     try:
-        header = _segment(head)
-        _segment(body)  # refuse duplicate claim names before PyJWT keeps the last one
+        header = json_segment(head)
+        json_segment(body)  # refuse duplicate claim names before PyJWT keeps the last one
     except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise InvalidToken() from None
     if FORBIDDEN_HEADERS & header.keys() or header.get("typ") != TOKEN_TYPE:
@@ -212,7 +215,7 @@ class VerifiedCache:
 
 
 def _kid_of(token: str) -> str:
-    kid = _segment(token.split(".", 1)[0]).get("kid")
+    kid = json_segment(token.split(".", 1)[0]).get("kid")
     assert isinstance(kid, str)  # verify() accepted it, so it names a key
     return kid
 
