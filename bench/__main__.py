@@ -1,8 +1,9 @@
 """``python -m bench [--only NAMES] [options]``: every benchmark in turn.
 
-``tokens`` and ``gateway`` rewrite their sections of ``bench/RESULTS.md`` and take the options
-``--duration``, ``--warmup``, ``--concurrency``, ``--profile``, ``--quiet-wait``, ``--no-write``,
-``--keep``; ``gateway`` also ``--compare PATH`` (another checkout measured beside this one).
+``tokens``, ``exchange`` (token exchange: a Kubernetes JWT, delegation) and ``gateway`` rewrite
+their sections of ``bench/RESULTS.md`` and take the options ``--duration``, ``--warmup``,
+``--concurrency``, ``--profile``, ``--quiet-wait``, ``--no-write``, ``--keep``; ``gateway`` also
+``--compare PATH`` (another checkout measured beside this one).
 ``holds`` (hold over charge on a request mix, in-process) and ``edge`` (the server edge's cost)
 write theirs too. ``revocation`` (needs PostgreSQL, see ``bench/bench_revocation.py``) writes
 ``bench/RESULTS-revocation.md`` and runs with its own defaults; only ``--no-write``, ``--keep``
@@ -16,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-BENCHMARKS = ("tokens", "gateway", "holds", "edge", "revocation", "monitoring")
+BENCHMARKS = ("tokens", "exchange", "gateway", "holds", "edge", "revocation", "monitoring")
 _SHARED_WITH_REVOCATION = ("--no-write", "--keep", "--quiet-wait")
 
 
@@ -26,6 +27,10 @@ def _entry(name: str) -> Callable[[list[str] | None], int]:
         from bench import bench_tokens
 
         return bench_tokens.main
+    if name == "exchange":
+        from bench import bench_exchange
+
+        return bench_exchange.main
     if name == "gateway":
         from bench import bench_gateway
 

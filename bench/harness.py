@@ -259,6 +259,15 @@ budgets = [{{ period = "total", limit_micros = {HUGE} }}]
         out = self._admin_post("/v1/admin/workloads", body)
         return Identity(out["client_id"], out["client_secret"], out["id"])
 
+    def create_bound_workload(self, tenant_id: str, kind: str, policy: dict[str, Any],
+                              bindings: Sequence[Mapping[str, Any]]) -> Identity:
+        """A workload with a client secret and ``bindings``: the external identities (issuers
+        configured in ``extra_toml``) whose tokens it may exchange for its own."""
+        body = {"tenant_id": tenant_id, "kind": kind, "policy": policy,
+                "name": f"bench-{kind}-{secrets.token_hex(3)}", "bindings": [dict(b) for b in bindings]}
+        out = self._admin_post("/v1/admin/workloads", body)
+        return Identity(out["client_id"], out["client_secret"], out["id"])
+
     def _admin_try(self, path: str, body: dict[str, Any]) -> httpx.Response:
         """A dry run of a creation's validation: an invalid body answers 422 and creates
         nothing; a valid one is created, so only a body known to fail is ever tried."""

@@ -32,7 +32,25 @@ def mock_upstream_app() -> Starlette:
     return create_mock_upstream()
 
 
-APPS: dict[str, Any] = {"bare": bare_app, "mock-upstream": mock_upstream_app}
+def jwks_app(path: str) -> Starlette:
+    """An external issuer's key set (``GET /jwks``, the file at ``path`` as it was at start),
+    and how many times it was fetched (``GET /fetches``): the broker should fetch it once."""
+    with open(path, "rb") as handle:
+        document = handle.read()
+    fetches = 0
+
+    async def jwks(request: Request) -> Response:
+        nonlocal fetches
+        fetches += 1
+        return Response(document, media_type="application/json")
+
+    async def count(request: Request) -> Response:
+        return JSONResponse({"fetches": fetches})
+
+    return Starlette(routes=[Route("/jwks", jwks), Route("/fetches", count)])
+
+
+APPS: dict[str, Any] = {"bare": bare_app, "mock-upstream": mock_upstream_app, "jwks": jwks_app}
 
 
 def serve(app: Any, host: str, port: int) -> None:
@@ -45,8 +63,11 @@ def main() -> None:
     parser.add_argument("name", choices=sorted(APPS))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--file", help="jwks: the JWKS document to serve")
     args = parser.parse_args()
-    serve(APPS[args.name](), args.host, args.port)
+    if args.name == "jwks" and not args.file:
+        parser.error("jwks needs --file")
+    serve(APPS[args.name](args.file) if args.name == "jwks" else APPS[args.name](), args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from broker.storage.db import Database, make_engine, migrate
 from tests.fake_issuer import fake_issuer, fake_issuer_server  # noqa: F401  (fixtures)
 from tests.fake_provider import FakeProviderServer
 from tests.support import wait_for
+from tests.vault_support import approle  # noqa: F401  (a fixture)
 
 if TYPE_CHECKING:  # gateway_support imports this module
     from tests.gateway_support import Env

@@ -25,10 +25,7 @@ from tests.fake_issuer import (
 )
 from tests.gateway_support import Env, make_env
 from tests.support import assert_oauth_error, assert_problem
-from tests.test_vault_tokens import AppRole
-from tests.test_vault_tokens import approle as approle_fixture
-
-vault_role = approle_fixture
+from tests.vault_support import AppRole
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Connection, delete, insert, or_, select
+from sqlalchemy import Connection, delete, insert, select
 
 from broker.errors import Conflict, ValidationFailed
 from broker.plugin import ExternalIdentity
+from broker.storage.db import Sql
 from broker.storage.models import WorkloadBinding
 
 log = logging.getLogger(__name__)
@@ -147,16 +148,19 @@ def delete_for(conn: Connection, workload_id: str) -> None:
 
 def matching_workloads(conn: Connection, identity: ExternalIdentity) -> list[tuple[str, str]]:
     """(workload id, binding id) of every rule the identity matches, one per workload."""
-    b = _binding.c
-    candidates = conn.execute(
-        select(b.id, b.workload_id, b.claims).where(
-            b.issuer == identity.issuer, or_(b.match_sub.is_(None), b.match_sub == identity.sub))
-        .order_by(b.workload_id, b.position)).all()
     found: dict[str, str] = {}
-    for row in candidates:
-        if row.workload_id not in found and matches(_json(row.claims), identity.claims):
-            found[row.workload_id] = row.id
+    for binding_id, workload_id, claims in _CANDIDATES.run(conn, issuer=identity.issuer,
+                                                           sub=identity.sub):
+        if workload_id not in found and matches(_json(claims), identity.claims):
+            found[workload_id] = binding_id
     return list(found.items())
+
+
+# A fixed statement: it runs on every exchange.
+_CANDIDATES = Sql("""
+    SELECT id, workload_id, claims FROM workload_binding
+    WHERE issuer = :issuer AND (match_sub IS NULL OR match_sub = :sub)
+    ORDER BY workload_id, position""")
 
 
 def matches(rule: Mapping[str, str], claims: Mapping[str, object]) -> bool:

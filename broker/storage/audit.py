@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, select
 
+from broker.storage.db import Sql
 from broker.storage.models import AuditEvent
 
 _audit = AuditEvent.__table__  # type: ignore[attr-defined]
+_INSERT = Sql("""
+    INSERT INTO audit_event (ts, actor, action, target, detail)
+    VALUES (:ts, :actor, :action, :target, :detail)""")
 
 
 def record(
@@ -16,9 +21,10 @@ def record(
 ) -> None:
     """Write one audit entry inside the caller's transaction: the change and its record land
     together or not at all."""
-    conn.execute(
-        insert(_audit).values(ts=now, actor=actor, action=action, target=target, detail=detail)
-    )
+    # A fixed statement: issuance audits every exchange and delegation, and building and
+    # compiling an expression per entry cost as much as the rest of the entry.
+    _INSERT.run(conn, ts=now, actor=actor, action=action, target=target,
+                detail=json.dumps(detail))
 
 
 def recent(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
