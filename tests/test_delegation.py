@@ -176,6 +176,55 @@ def test_another_tenants_token_cannot_act(env: Env) -> None:
                        400, "invalid_request")
 
 
+def test_a_child_carries_and_dies_with_its_parents_grants(env: Env) -> None:
+    agent = env.agent(approval_models=["o1*"])
+    grant = env.broker.client.post("/v1/admin/grants", headers=env.broker.admin(), json={
+        "workload_id": agent["id"], "model": "o1-test", "ttl_s": 600, "reason": "eval"})
+    assert grant.status_code == 201, grant.text
+    parent = env.broker.token(agent["client_id"], agent["client_secret"])
+    child = child_of(env.broker, parent, scope="gpt-test o1-test", budget_micros=1000)
+    got = claims(child)
+    assert got["grants"] == [grant.json()["id"]] and got["grant_models"] == ["o1-test"]
+    assert got["grant_exp"] == claims(parent)["grant_exp"]
+    narrower = claims(child_of(env.broker, parent, scope="gpt-test", budget_micros=1000))
+    assert narrower["grant_models"] == []
+    revoked = env.broker.client.post(f"/v1/admin/grants/{grant.json()['id']}/revoke",
+                                     headers=env.broker.admin(), json={"reason": "done"})
+    assert revoked.status_code == 200, revoked.text
+    assert chat(env, child).status_code == 401
+
+
+def test_an_actor_cannot_widen_beyond_its_own_policy(env: Env) -> None:
+    tenant = env.broker.create_tenant()
+    lead = env.broker.create_workload(tenant["id"], policy={
+        "models": ["gpt-test", "claude-test"], "token_budget_micros": 500_000})
+    helper = env.broker.create_workload(tenant["id"], policy={
+        "models": ["gpt-test"], "token_budget_micros": 500_000})
+    parent = env.broker.token(lead["client_id"], lead["client_secret"])
+    actor = env.broker.token(helper["client_id"], helper["client_secret"])
+    assert_oauth_error(delegate(env.broker, parent, actor_token=actor, actor_token_type=ACCESS,
+                                scope="claude-test"), 400, "invalid_scope")
+
+
+def test_delegations_count_toward_the_workloads_issuance_rate(
+        make_live_broker: Any, sqlite_url: str, fake: Any) -> None:
+    env = make_env(make_live_broker, sqlite_url, fake,
+                   adjust=lambda sections: sections.setdefault("auth", {}).update(issuance_rpm=3))
+    agent = env.agent()
+    parent = env.broker.token(agent["client_id"], agent["client_secret"])
+    answers = [delegate(env.broker, parent, budget_micros=1).status_code for _ in range(4)]
+    assert answers[:2] == [200, 200] and answers[-1] == 429
+
+
+def test_delegation_can_be_turned_off(make_live_broker: Any, sqlite_url: str, fake: Any) -> None:
+    env = make_env(make_live_broker, sqlite_url, fake,
+                   adjust=lambda sections: sections.setdefault("tokens", {}).update(
+                       max_delegation_depth=0))
+    agent = env.agent()
+    parent = env.broker.token(agent["client_id"], agent["client_secret"])
+    assert_oauth_error(delegate(env.broker, parent), 400, "invalid_request")
+
+
 # --- revocation and the return of money ------------------------------------------------------
 
 

@@ -209,6 +209,41 @@ def test_the_vault_type_is_refused_while_vault_tokens_are_off(env: Env) -> None:
     assert_oauth_error(exchange(env.broker, "hvs.whatever", VAULT_TYPE), 401, "invalid_client")
 
 
+@pytest.mark.parametrize(("params", "status", "error"), [
+    pytest.param({"subject_token": "t"}, 400, "invalid_request", id="no-subject-token-type"),
+    pytest.param({"subject_token_type": JWT_TYPE}, 400, "invalid_request", id="no-subject-token"),
+    pytest.param({"subject_token": "t", "subject_token_type": "urn:x:saml"}, 400,
+                 "invalid_request", id="unknown-subject-token-type"),
+    pytest.param({"subject_token": "t", "subject_token_type": JWT_TYPE, "actor_token": "a",
+                  "actor_token_type": "urn:ietf:params:oauth:token-type:access_token"}, 400,
+                 "invalid_request", id="actor-outside-delegation"),
+    pytest.param({"subject_token": "t", "subject_token_type":
+                  "urn:ietf:params:oauth:token-type:access_token", "actor_token": "a",
+                  "actor_token_type": JWT_TYPE}, 400, "invalid_request", id="actor-of-wrong-type"),
+    pytest.param({"subject_token": "t", "subject_token_type": JWT_TYPE,
+                  "requested_token_type": "urn:ietf:params:oauth:token-type:saml2"}, 400,
+                 "invalid_request", id="unissuable-token-type"),
+    pytest.param({"subject_token": "", "subject_token_type": JWT_TYPE}, 401, "invalid_client",
+                 id="empty-subject-token"),
+    pytest.param({"subject_token": "t\u0000", "subject_token_type": JWT_TYPE}, 400,
+                 "invalid_request", id="nul-in-subject-token"),
+    pytest.param({"subject_token": "t\u00e9\u200f", "subject_token_type": JWT_TYPE}, 401,
+                 "invalid_client", id="not-a-jwt-at-all"),
+])
+def test_malformed_exchanges_are_refused(ex: Env, params: dict[str, str], status: int,
+                                         error: str) -> None:
+    assert_oauth_error(ex.broker.client.post("/v1/token", data={"grant_type": EXCHANGE, **params}),
+                       status, error)
+
+
+def test_an_exchange_takes_no_client_secret(ex: Env, fake_issuer: FakeIssuer) -> None:
+    bound(ex, "kubernetes", K8S)
+    resp = ex.broker.client.post("/v1/token", auth=("someone", "secret"), data={
+        "grant_type": EXCHANGE, "subject_token": fake_issuer.mint("kubernetes"),
+        "subject_token_type": JWT_TYPE})
+    assert_oauth_error(resp, 400, "invalid_request")
+
+
 # --- bindings through the admin API -----------------------------------------------------------
 
 
