@@ -126,13 +126,14 @@ def bound_client(services: Services, conn: Connection, identity: ExternalIdentit
                               "external_jti": identity.jti}
     if len(matched) > 1:
         workloads = sorted(w for w, _ in matched)
-        log.warning("token exchange refused: %s/%s matches the bindings of %d workloads (%s)",
+        log.warning("token exchange refused: %s/%r matches the bindings of %d workloads (%s)",
                     identity.issuer, identity.sub[:256], len(matched), ", ".join(workloads))
         record(conn, "broker:exchange", "token.exchange_clash", identity.issuer,
                {**detail, "workloads": workloads, "bindings": sorted(b for _, b in matched)}, now)
         return None
     if not matched:
-        log.info("token exchange refused: %s/%s matches no binding", identity.issuer,
+        # %r: a claim is the issuer's text, and must not forge lines of this log.
+        log.info("token exchange refused: %s/%r matches no binding", identity.issuer,
                  identity.sub[:256])
         return None
     workload_id, binding_id = matched[0]
