@@ -305,3 +305,24 @@ def test_another_tenants_workload_and_its_bindings_are_out_of_sight(ex: Env) -> 
     listed = ex.broker.client.get("/v1/admin/workloads", headers=headers).json()["data"]
     assert theirs["id"] not in [w["id"] for w in listed]
 
+
+
+def test_bindings_are_listed_in_the_callers_sight(ex: Env) -> None:
+    first = bound(ex, "kubernetes", K8S)
+    second = bound(ex, "github-actions", GITHUB)
+    admin = ex.broker.admin()
+    every = ex.broker.client.get("/v1/admin/bindings", headers=admin).json()["data"]
+    assert {b["workload_id"] for b in every} >= {first["id"], second["id"]}
+    only = ex.broker.client.get("/v1/admin/bindings", headers=admin,
+                                params={"issuer": "github-actions"}).json()["data"]
+    assert [b["workload_id"] for b in only] == [second["id"]]
+    assert only[0]["claims"] == GITHUB and only[0]["tenant_id"] == second["tenant_id"]
+    page = ex.broker.client.get("/v1/admin/bindings", headers=admin, params={"limit": 1}).json()
+    assert len(page["data"]) == 1 and page["next_cursor"] == page["data"][0]["id"]
+    # A tenant-admin sees its own tenant's bindings only.
+    tenant_admin = ex.broker.create_workload(first["tenant_id"], kind="admin",
+                                             roles=["tenant-admin"])
+    token = ex.broker.token(tenant_admin["client_id"], tenant_admin["client_secret"])
+    mine = ex.broker.client.get("/v1/admin/bindings",
+                                headers={"authorization": f"Bearer {token}"}).json()["data"]
+    assert [b["workload_id"] for b in mine] == [first["id"]]

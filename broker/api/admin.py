@@ -24,7 +24,8 @@ from broker.api.http import (
 )
 from broker.api.openapi import ApiRoute
 from broker.api.pagination import id_page_params
-from broker.api.views import tenant_view, workload_view
+from broker.api.views import binding_view, tenant_view, workload_view
+from broker.identity import bindings
 from broker.identity import identities as ids
 from broker.identity.identities import Actor
 from broker.revocation import actions
@@ -177,6 +178,17 @@ async def delete_workload(request: Request, svc: Services, actor: Actor) -> Resp
     return Response(status_code=204)
 
 
+async def list_bindings(request: Request, svc: Services, actor: Actor) -> Response:
+    """Every binding in the caller's sight, of one tenant or issuer if asked: who may exchange
+    which outside identity for which workload."""
+    cursor, limit = id_page_params(request)
+    tenant_id = query_str(request, "tenant_id", 64)
+    issuer = query_str(request, "issuer", 64)
+    data, nxt = await svc.db.read(lambda conn: bindings.list_page(
+        conn, lambda column: actor.scope(column, tenant_id), issuer, cursor, limit))
+    return json_response({"data": [binding_view(b) for b in data], "next_cursor": nxt})
+
+
 routes = [
     ApiRoute("/v1/admin/tenants", admin(create_tenant, write=True), methods=["POST"],
              body=ids.TenantCreate),
@@ -192,4 +204,5 @@ routes = [
     ApiRoute("/v1/admin/workloads/{id}", admin(patch_workload, write=True), methods=["PATCH"],
              body=ids.WorkloadPatch),
     Route("/v1/admin/workloads/{id}", admin(delete_workload, write=True), methods=["DELETE"]),
+    Route("/v1/admin/bindings", admin(list_bindings), methods=["GET"]),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from broker.identity.bindings import Binding
 from broker.identity.identities import TenantRecord, WorkloadRecord
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -52,6 +53,11 @@ def workload_view(w: WorkloadRecord) -> dict[str, Any]:
             "policy": w.policy, "client_id": w.client_id, "created_at": iso(w.created_at),
             "suspended": w.suspended,
             "bindings": [{"id": b.id, "issuer": b.issuer, "claims": b.claims} for b in w.bindings]}
+
+
+def binding_view(b: Binding) -> dict[str, Any]:
+    return {"id": b.id, "workload_id": b.workload_id, "tenant_id": b.tenant_id,
+            "issuer": b.issuer, "claims": b.claims}
 
 
 def identity_view(identity: TenantRecord | WorkloadRecord) -> dict[str, Any]:

@@ -21,12 +21,12 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import ColumnElement, Connection, delete, insert, select
 
 from broker.errors import Conflict, ValidationFailed
 from broker.plugin import ExternalIdentity
@@ -98,6 +98,7 @@ class Binding:
     workload_id: str
     issuer: str
     claims: dict[str, str]
+    tenant_id: str = ""
 
 
 def replace(conn: Connection, workload_id: str, tenant_id: str, rules: Sequence[BindingRule],
@@ -138,8 +139,26 @@ def of_workloads(conn: Connection, workload_ids: Sequence[str]) -> dict[str, lis
     out: dict[str, list[Binding]] = {}
     for row in rows:
         out.setdefault(row.workload_id, []).append(
-            Binding(row.id, row.workload_id, row.issuer, dict(_json(row.claims))))
+            Binding(row.id, row.workload_id, row.issuer, dict(_json(row.claims)), row.tenant_id))
     return out
+
+
+def list_page(conn: Connection, scope: Callable[[ColumnElement[Any]], ColumnElement[bool]],
+              issuer: str | None, cursor: str | None,
+              limit: int) -> tuple[list[Binding], str | None]:
+    """Bindings by id, within ``scope`` (a ``WHERE`` clause on the tenant column, from
+    :meth:`broker.identity.identities.Actor.scope`) and of one issuer if named."""
+    b = _binding.c
+    stmt = select(_binding).where(scope(b.tenant_id)).order_by(b.id).limit(limit + 1)
+    if issuer is not None:
+        stmt = stmt.where(b.issuer == issuer)
+    if cursor:
+        stmt = stmt.where(b.id > cursor)
+    rows = conn.execute(stmt).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    found = [Binding(r.id, r.workload_id, r.issuer, dict(_json(r.claims)), r.tenant_id) for r in rows]
+    return found, (found[-1].id if more else None)
 
 
 def delete_for(conn: Connection, workload_id: str) -> None:
@@ -232,6 +251,3 @@ def _json(raw: Any) -> Mapping[str, str]:
     value = json.loads(raw) if isinstance(raw, str) else raw
     return value if isinstance(value, dict) else {}
 
-
-def view(binding: Binding) -> dict[str, Any]:
-    return {"id": binding.id, "issuer": binding.issuer, "claims": binding.claims}
