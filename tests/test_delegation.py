@@ -7,6 +7,7 @@ replica. What it leaves unspent goes back into the parent's slice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
@@ -223,6 +224,31 @@ def test_delegation_can_be_turned_off(make_live_broker: Any, sqlite_url: str, fa
     agent = env.agent()
     parent = env.broker.token(agent["client_id"], agent["client_secret"])
     assert_oauth_error(delegate(env.broker, parent), 400, "invalid_request")
+
+
+def test_concurrent_delegations_never_carve_more_than_the_parent_holds(both: Env) -> None:
+    agent = both.agent(budget=1_000_000)
+    parent = both.broker.token(agent["client_id"], agent["client_secret"])
+    url = both.broker.url
+    assert url is not None
+
+    async def race() -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            answers = await asyncio.gather(*(client.post("/v1/token", data={
+                "grant_type": EXCHANGE, "subject_token": parent, "subject_token_type": ACCESS,
+                "budget_micros": "100000"}) for _ in range(30)))
+        for answer in answers:
+            if answer.status_code == 200:
+                SECRETS.add(answer.json()["access_token"])
+        return [a.status_code for a in answers]
+
+    statuses = asyncio.run(race())
+    assert statuses.count(200) == 10
+    assert set(statuses) == {200, 403}
+    assert remaining(both.broker, parent) == 0
+    children = both.query("SELECT SUM(budget_micros) AS total FROM token_slice WHERE parent_jti = :p",
+                          p=claims(parent)["jti"])
+    assert children[0]["total"] == 1_000_000
 
 
 # --- revocation and the return of money ------------------------------------------------------
