@@ -55,6 +55,10 @@ def ex(make_live_broker: Any, sqlite_url: str, fake: Any, fake_issuer: FakeIssue
 
 
 def exchange(broker: Broker, token: str, kind: str = JWT_TYPE, **params: Any) -> httpx.Response:
+    if len(token) >= 40:
+        # A platform token is a bearer credential: the session's scan checks it appears in no
+        # response, log line or audit entry.
+        SECRETS.add(token)
     resp: httpx.Response = broker.client.post("/v1/token", data={
         "grant_type": EXCHANGE, "subject_token": token, "subject_token_type": kind, **params})
     return resp
