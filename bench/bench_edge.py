@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in servers:
                 s.stop()
     text = report(results, concurrencies, args)
-    print(text)
-    if args.write:
-        harness.write_section(SECTION, text)
-        print(f"written to {harness.RESULTS}")
-    return 0
+    return harness.publish(SECTION, text, write=args.write)
 
 
 if __name__ == "__main__":

@@ -278,25 +278,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile == "always" or (args.profile == "auto" and harness.py_spy() is not None):
                 rs = next(t for t in targets(broker, bare, cluster, seeded) if t.name == EXCHANGE_RS)
                 check(rs, EXPECT[rs.name])
-                profile = profile_exchange(broker, rs, work, args.duration)
+                profile = harness.profile_section(
+                    "Where the exchange's time goes (RS256)", broker.pid, rs, args.duration, work)
             text = report(results, concurrencies, args, jwks_fetches(jwks)) + profile
         finally:
             broker.stop()
             bare.stop()
             jwks.stop()
-    print(text)
-    if not args.no_write:
-        harness.write_section(SECTION, text)
-        print(f"written to {harness.RESULTS}")
-    return 0
-
-
-def profile_exchange(broker: BrokerUnderTest, target: Target, work: Path, seconds: float) -> str:
-    return f"""
-### Where the exchange's time goes (RS256, py-spy {harness.PROFILE_HZ} Hz, concurrency 16, {seconds:g} s each)
-
-{harness.profile_under_load(broker.pid, target, 16, seconds, work)}
-"""
+    return harness.publish(SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

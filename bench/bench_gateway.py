@@ -254,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 other.stop()
             upstream.stop()
             bare.stop()
-    print(text)
-    if not args.no_write:
-        harness.write_section(SECTION, text)
-        print(f"written to {harness.RESULTS}")
-    return 0
+    return harness.publish(SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import sys
-from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
@@ -156,23 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                     ))
             text, met = report(results, concurrencies, args)
             if args.profile == "always" or (args.profile == "auto" and not met):
-                text += "\n" + profile_issuance(broker, tgts[2], work, args.duration)
+                text += "\n" + harness.profile_section(
+                    "Where issuance time goes", broker.pid, tgts[2], args.duration, work)
         finally:
             broker.stop()
             bare.stop()
-    print(text)
-    if not args.no_write:
-        harness.write_section(SECTION, text)
-        print(f"written to {harness.RESULTS}")
-    return 0
-
-
-def profile_issuance(broker: BrokerUnderTest, target: Target, work: Path, seconds: float) -> str:
-    return f"""
-### Where issuance time goes (py-spy {harness.PROFILE_HZ} Hz, concurrency 16, {seconds:g} s each)
-
-{harness.profile_under_load(broker.pid, target, 16, seconds, work)}
-"""
+    return harness.publish(SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

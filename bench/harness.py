@@ -581,6 +581,25 @@ def write_section(name: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
+def publish(name: str, text: str, *, write: bool) -> int:
+    """Print a benchmark's report and, unless told not to, write it as its section of
+    RESULTS.md; the benchmark's exit status."""
+    print(text)
+    if write:
+        write_section(name, text)
+        print(f"written to {RESULTS}")
+    return 0
+
+
+def profile_section(title: str, pid: int, target: Target, seconds: float, work: Path) -> str:
+    """A profile under load (concurrency 16) as a report section headed ``title``."""
+    return f"""
+### {title} (py-spy {PROFILE_HZ} Hz, concurrency 16, {seconds:g} s each)
+
+{profile_under_load(pid, target, 16, seconds, work)}
+"""
+
+
 # --- profiling ---------------------------------------------------------------------------------
 
 
