@@ -8,6 +8,7 @@ import functools
 import time
 
 from broker.approvals import grants, requests
+from broker.gateway import conversations
 from broker.money.sweeper import sweep_once
 from broker.monitoring import webhooks
 from broker.revocation import log as revocation_log
@@ -21,6 +22,8 @@ PRUNE_INTERVAL_S = 3600.0
 PROVIDER_REVOKE_INTERVAL_S = 30.0
 # Delivered webhook rows are kept this long (for an operator looking into a delivery).
 OUTBOX_RETENTION_S = 7 * 86_400
+# OpenAI keeps a stored response 30 days; a continuation of an older one is refused as unbounded.
+CONTEXT_RETENTION_S = 30 * 86_400
 
 
 def scheduled_jobs(svc: Services) -> list[Job]:
@@ -35,6 +38,8 @@ def scheduled_jobs(svc: Services) -> list[Job]:
             lambda conn: webhooks.prune_delivered(conn, int(time.time()) - OUTBOX_RETENTION_S))),
         Job("revocation.prune_log", PRUNE_INTERVAL_S,
             lambda: svc.db.transaction(lambda conn: revocation_log.prune_log(conn, int(time.time())))),
+        Job("responses.prune_contexts", PRUNE_INTERVAL_S, lambda: svc.db.transaction(
+            lambda conn: conversations.prune(conn, int(time.time()) - CONTEXT_RETENTION_S))),
     ]
     if any(p.vault_path for p in settings.providers.values()):
         jobs.append(Job("provider_key.revoke_retired", PROVIDER_REVOKE_INTERVAL_S,

@@ -111,8 +111,9 @@ JsonObject = dict[str, object]
 PROVIDERS_GROUP = "broker.providers"
 AUTH_METHODS_GROUP = "broker.auth_methods"
 
-# chat: OpenAI /v1/chat/completions; embeddings: OpenAI /v1/embeddings; messages: Anthropic.
-Operation = Literal["chat", "embeddings", "messages"]
+# chat: OpenAI /v1/chat/completions; embeddings: OpenAI /v1/embeddings; responses: OpenAI
+# /v1/responses; messages: Anthropic /v1/messages.
+Operation = Literal["chat", "embeddings", "responses", "messages"]
 # Why the broker ends a stream before the provider did.
 EndReason = Literal["limit", "revoked", "upstream", "expired"]
 
@@ -197,6 +198,13 @@ class Provider(Protocol):
 
     def ask_stream_usage(self, op: Operation, body: JsonObject) -> bool:
         """Make the provider report usage in the stream; True when the client asked itself."""
+        ...
+
+    def continues(self, op: Operation, body: JsonObject) -> str | None:
+        """The id of a context stored at the provider that this request continues (and the
+        provider bills again as input), or None. The gateway bounds it by what it metered when
+        that context was made (:attr:`BoundContext.prior_context_tokens`), and refuses an id
+        it did not meter."""
         ...
 
     def build_request(

@@ -15,15 +15,15 @@ Token rules, so that tests can compute the expected usage. `MockState.billing` p
   minimum) of the generated answer text, as one string.
 
 Bills: every generation request that gets past authentication, the faults and validation
-(chat, messages, embeddings) appends one `Bill` to `MockState.bills`, with `prompt_tokens`
-holding the prompt tokens billed at the plain input price (the total minus cache reads and
-writes). A non-stream bill is filled at once with what the usage reports (even when
-`omit_usage` hides it). A stream's bill holds the prompt from the start and counts the
-completion as the server sends each content chunk: one token per chunk in words mode, the
-tokenizer count of the text sent so far in tokenizer mode; `complete` turns True after the last
-event went out, `ended` whenever the stream stops (finished, cut by `cut_after_chunks`, or
-abandoned by the client). `MockState.total_billed` prices them, each bill rounded up to a whole
-micro-dollar on its own.
+(chat, messages, embeddings, responses -- see :mod:`plugins.mock_responses`) appends one `Bill`
+to `MockState.bills`, with `prompt_tokens` holding the prompt tokens billed at the plain input
+price (the total minus cache reads and writes). A non-stream bill is filled at once with what
+the usage reports (even when `omit_usage` hides it). A stream's bill holds the prompt from the
+start and counts the completion as the server sends each content chunk: one token per chunk in
+words mode, the tokenizer count of the text sent so far in tokenizer mode; `complete` turns
+True after the last event went out, `ended` whenever the stream stops (finished, cut by
+`cut_after_chunks`, or abandoned by the client). `MockState.total_billed` prices them, each bill
+rounded up to a whole micro-dollar on its own.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 Billing = Literal["words", "tokenizer"]
 Script = Literal["latin", "cjk"]
-BillRoute = Literal["chat", "messages", "embeddings"]
+BillRoute = Literal["chat", "messages", "embeddings", "responses"]
 
 CJK_WORDS = "字文中語言模型測試"  # a "cjk" answer cycles through these, one per word
 PER_MILLION = 1_000_000
@@ -57,6 +57,8 @@ class Bill:
     cache_write_tokens: int = 0  # Anthropic 5-minute cache writes
     cache_write_1h_tokens: int = 0  # Anthropic 1-hour cache writes
     cache_read_tokens: int = 0
+    reasoning_tokens: int = 0  # Responses API: the part of `completion_tokens` spent reasoning
+    web_search_calls: int = 0  # Responses API: `web_search_call` items (not priced here)
     complete: bool = False  # the whole answer was sent
     ended: bool = False  # nothing more will be billed (finished, cut or abandoned)
 

@@ -8,7 +8,8 @@ what the fake billed for each request, so that a test can compare the broker's l
 provider's invoice.
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/embeddings` (OpenAI);
-`POST /v1/messages` (Anthropic); `POST|GET /admin/keys`, `DELETE /admin/keys/{id}` (key rotation,
+`POST /v1/messages` (Anthropic); `POST /v1/responses` and `POST /v1/messages/count_tokens` (in
+:mod:`plugins.mock_responses`); `POST|GET /admin/keys`, `DELETE /admin/keys/{id}` (key rotation,
 authenticated by the `x-admin-key` header).
 
 Token rules (`MockState.billing`: `"words"` or `"tokenizer"`): see :mod:`plugins.mock_billing`.
@@ -110,6 +111,8 @@ class Faults:
     answer_script: Script = "latin"  # "w0 w1 ..." or one CJK ideograph per word
     cache_read_tokens: int = 0  # report this many prompt tokens (at most all) as cache reads
     omit_final_usage: bool = False  # streams: no final usage (Anthropic keeps message_start's)
+    web_searches: int = 1  # Responses: web_search_call items when a web search tool is offered
+    reasoning_tokens: int = 8  # Responses: reasoning tokens of a reasoning request
 
 
 @dataclass
@@ -125,12 +128,14 @@ class MockState:
     models: tuple[str, ...] = DEFAULT_MODELS
     billing: Billing = "words"
     bills: list[Bill] = field(default_factory=list)
+    responses: dict[str, int] = field(default_factory=dict)  # stored id -> its context tokens
 
     def reset(self) -> None:
-        """Forget the recorded keys, requests and bills; turn every fault off; bill by words."""
+        """Forget the recorded keys, requests, bills and responses; turn faults off; bill by words."""
         self.received_keys.clear()
         self.requests.clear()
         self.bills.clear()
+        self.responses.clear()
         self.faults = Faults()
         self.billing = "words"
 
@@ -151,13 +156,18 @@ class MockState:
 
 def create_mock_upstream(state: MockState | None = None) -> Starlette:
     """Build the fake provider app around `state` (a fresh one if not given)."""
+    from plugins.mock_responses import ResponsesApi  # it builds on this module
+
     upstream = _Upstream(state if state is not None else MockState())
+    responses = ResponsesApi(upstream)
     app = Starlette(
         routes=[
             Route("/v1/models", upstream.list_models, methods=["GET"]),
             Route("/v1/chat/completions", upstream.chat_completions, methods=["POST"]),
             Route("/v1/embeddings", upstream.embeddings, methods=["POST"]),
             Route("/v1/messages", upstream.messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", responses.count_tokens, methods=["POST"]),
+            Route("/v1/responses", responses.create, methods=["POST"]),
             Route("/admin/keys", upstream.create_key, methods=["POST"]),
             Route("/admin/keys", upstream.list_keys, methods=["GET"]),
             Route("/admin/keys/{key_id}", upstream.delete_key, methods=["DELETE"]),

@@ -304,6 +304,9 @@ class AnthropicWire:
     def ask_stream_usage(self, op: Operation, body: dict[str, Any]) -> bool:
         return True  # usage is always part of the stream; nothing to strip
 
+    def continues(self, op: Operation, body: dict[str, Any]) -> str | None:
+        return None  # the Messages API keeps no conversation at the provider
+
     # --- the wire ------------------------------------------------------------------------
 
     def build_request(

@@ -31,7 +31,7 @@ _ORIGIN = "http://mock-upstream.invalid"
 
 
 class MockProvider:
-    operations: frozenset[Operation] = frozenset({"chat", "embeddings", "messages"})
+    operations: frozenset[Operation] = frozenset({"chat", "embeddings", "responses", "messages"})
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -60,6 +60,9 @@ class MockProvider:
 
     def ask_stream_usage(self, op: Operation, body: dict[str, Any]) -> bool:
         return self._wire(op).ask_stream_usage(op, body)
+
+    def continues(self, op: Operation, body: dict[str, Any]) -> str | None:
+        return self._wire(op).continues(op, body)
 
     def build_request(
         self, op: Operation, body: dict[str, Any], *, key: str, client_headers: Mapping[str, str]

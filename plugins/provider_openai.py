@@ -1,8 +1,9 @@
 """The ``openai`` provider plugin, and the OpenAI wire format that other plugins reuse.
 
-Chat completions and embeddings. Usage comes from the response's ``usage``; in a stream it comes
-from the final chunk, which the provider sends only when ``stream_options.include_usage`` is
-set, so the broker always sets it and drops that chunk when the client had not asked for it.
+Chat completions, embeddings and the Responses API (:mod:`plugins.openai_responses`). Usage
+comes from the response's ``usage``; in a chat stream it comes from the final chunk, which the
+provider sends only when ``stream_options.include_usage`` is set, so the broker always sets it
+and drops that chunk when the client had not asked for it.
 
 The hold's input bound (see :mod:`broker.money.bounds`): every field the plugin knows is counted as
 text, image parts by OpenAI's tile rule, PDF files by their pages; audio, server-side web search,
@@ -28,6 +29,7 @@ from broker.plugin import (
     ProviderConfig,
     RequestBound,
     SseEvent,
+    StreamMeter,
     Unbounded,
     UpstreamRequest,
     Usage,
@@ -47,6 +49,7 @@ from broker.plugin import (
     unsized_tokens,
     without,
 )
+from plugins import openai_responses as responses
 
 # A chat request's framing: a few tokens per message and for priming the reply.
 PER_REQUEST_TOKENS = 3
@@ -179,7 +182,7 @@ class OpenAIWire:
     # Which field to set when the client sent no limit; OpenAI's own API prefers the newer one,
     # servers that only mimic it (vLLM, Ollama) all know ``max_tokens``.
     limit_field = "max_completion_tokens"
-    operations: frozenset[Operation] = frozenset({"chat", "embeddings"})
+    operations: frozenset[Operation] = frozenset({"chat", "embeddings", "responses"})
 
     def __init__(self, config: ProviderConfig, base: str) -> None:
         self.config = config
@@ -197,6 +200,9 @@ class OpenAIWire:
         if op == "embeddings":
             check_fields(body, EMBEDDING_FIELDS, ctx)
             return RequestBound(max(1, _embedding_tokens(body.get("input"))))
+        if op == "responses":
+            return responses.bound(body, ctx, lambda tier: self._tier_percent(tier, ctx),
+                                   lambda part, where: self._part_tokens(part, where, ctx))
         check_fields(body, CHAT_FIELDS, ctx, CHAT_REFUSED)
         percent = self._tier_percent(body.get("service_tier"), ctx)
         if body.get("modalities") not in (None, ["text"]):
@@ -272,6 +278,8 @@ class OpenAIWire:
     def output_limit(self, op: Operation, body: dict[str, Any]) -> tuple[int | None, int]:
         if op == "embeddings":
             return 0, 1
+        if op == "responses":
+            return responses.output_limit(body)
         limits = []
         for name in _LIMIT_FIELDS:
             if body.get(name) is not None:
@@ -288,11 +296,16 @@ class OpenAIWire:
     def set_output_limit(self, op: Operation, body: dict[str, Any], limit: int) -> None:
         if op == "embeddings":
             return
+        if op == "responses":
+            body["max_output_tokens"] = limit
+            return
         present = [name for name in _LIMIT_FIELDS if body.get(name) is not None]
         for name in present or [self.limit_field]:
             body[name] = limit
 
     def ask_stream_usage(self, op: Operation, body: dict[str, Any]) -> bool:
+        if op == "responses":
+            return True  # the terminal event always carries usage; nothing to strip
         options = body.get("stream_options")
         if options is None:
             options = {}
@@ -302,21 +315,29 @@ class OpenAIWire:
         body["stream_options"] = {**options, "include_usage": True}
         return asked
 
+    def continues(self, op: Operation, body: dict[str, Any]) -> str | None:
+        return responses.continues(body) if op == "responses" else None
+
     # --- the wire ------------------------------------------------------------------------
 
     def build_request(
         self, op: Operation, body: dict[str, Any], *, key: str, client_headers: Mapping[str, str]
     ) -> UpstreamRequest:
-        path = "/embeddings" if op == "embeddings" else "/chat/completions"
+        path = {"embeddings": "/embeddings", "responses": responses.PATH}.get(
+            op, "/chat/completions")
         headers = {"content-type": "application/json", "accept": "application/json"}
         if key:
             headers["authorization"] = f"Bearer {key}"
         return UpstreamRequest(self.base + path, headers, json_bytes(body))
 
     def read_usage(self, op: Operation, response: Any) -> Usage | None:
+        if op == "responses":
+            return responses.read_usage(response)
         return _usage(response.get("usage")) if isinstance(response, dict) else None
 
     def output_bound(self, op: Operation, response: Any) -> int:
+        if op == "responses":
+            return responses.output_bound(response)
         if op == "embeddings" or not isinstance(response, dict):
             return 0
         choices = response.get("choices")
@@ -324,7 +345,9 @@ class OpenAIWire:
             return 0
         return sum(json_tokens(c.get("message")) for c in choices if isinstance(c, dict))
 
-    def stream_meter(self, op: Operation, *, client_wants_usage: bool) -> OpenAIStreamMeter:
+    def stream_meter(self, op: Operation, *, client_wants_usage: bool) -> StreamMeter:
+        if op == "responses":
+            return responses.ResponsesStreamMeter()
         return OpenAIStreamMeter(client_wants_usage=client_wants_usage)
 
 

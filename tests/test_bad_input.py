@@ -46,7 +46,7 @@ from tests.conftest import (
 # --- the spec's dialects -------------------------------------------------------------------
 
 OAUTH_PATHS = {"/v1/token", "/v1/introspect"}
-OPENAI_PREFIXES = ("/v1/chat/completions", "/v1/embeddings", "/v1/models")
+OPENAI_PREFIXES = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/models")
 ANTHROPIC_PREFIXES = ("/v1/messages",)
 # RFC 6749 §5.2 / RFC 6750 §3.1 codes and the spec's own additions for the OAuth routes.
 OAUTH_CODES = {

@@ -1,7 +1,8 @@
 """Gateway routes (OpenAI- and Anthropic-compatible): parse, call :mod:`broker.gateway.calls`, render.
 
 Errors are rendered by :mod:`broker.api.http` in the route's dialect: OpenAI's shape on
-``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/models``, Anthropic's on ``/v1/messages``.
+``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/responses`` and ``/v1/models``,
+Anthropic's on ``/v1/messages``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ _CHAT_BODY: dict[str, Any] = {
 _EMBEDDINGS_BODY: dict[str, Any] = {
     "type": "object", "required": ["model", "input"],
     "properties": {"model": {"type": "string"}, "input": {}},
+}
+_RESPONSES_BODY: dict[str, Any] = {
+    "type": "object", "required": ["model", "input"],
+    "properties": {"model": {"type": "string"}, "input": {}, "stream": {"type": "boolean"},
+                   "max_output_tokens": {"type": "integer"},
+                   "previous_response_id": {"type": "string"}},
 }
 _MESSAGES_BODY: dict[str, Any] = {
     "type": "object", "required": ["model", "messages", "max_tokens"],
@@ -93,6 +100,10 @@ class GatewayRoutes:
         """Create embeddings (OpenAI wire format), metered against the token's slice."""
         return await self._call(request, "embeddings")
 
+    async def responses(self, request: Request) -> Response:
+        """Create a response (OpenAI Responses API), metered against the token's slice."""
+        return await self._call(request, "responses")
+
     async def messages(self, request: Request) -> Response:
         """Create a message (Anthropic wire format), metered against the token's slice."""
         return await self._call(request, "messages")
@@ -146,5 +157,6 @@ def gateway_extension(svc: Services) -> list[BaseRoute]:
         Route("/v1/models", routes.models, methods=["GET"]),
         ApiRoute("/v1/chat/completions", routes.chat_completions, methods=["POST"], body=_CHAT_BODY),
         ApiRoute("/v1/embeddings", routes.embeddings, methods=["POST"], body=_EMBEDDINGS_BODY),
+        ApiRoute("/v1/responses", routes.responses, methods=["POST"], body=_RESPONSES_BODY),
         ApiRoute("/v1/messages", routes.messages, methods=["POST"], body=_MESSAGES_BODY),
     ]

@@ -57,7 +57,7 @@ def request_id(request: Request) -> str:
 # --- dialects ------------------------------------------------------------------------------
 
 OAUTH_PATHS = ("/v1/token", "/v1/introspect")
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/embeddings", "/v1/models")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/models")
 ANTHROPIC_PATHS = ("/v1/messages",)
 
 

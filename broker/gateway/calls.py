@@ -32,6 +32,7 @@ budgets go past their limits, the call is audited and alerted, and the token is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -54,9 +55,11 @@ from broker.errors import (
     ModelNotAllowed,
     ModelNotFound,
     RateLimited,
+    Unbounded,
     UpstreamError,
     UpstreamTimeout,
 )
+from broker.gateway import conversations
 from broker.gateway.quote import Quote, quote
 from broker.gateway.stream import MeteredStream, body_chunks
 from broker.gateway.upstream_http import ProviderPools, Upstream
@@ -261,7 +264,11 @@ class Gateway:
         if not isinstance(stream, bool) or (stream and op == "embeddings"):
             raise InvalidRequest("stream must be a boolean (and is not supported for embeddings)",
                                  param="stream")
-        bound = provider.bound_request(op, body, self._contexts[model], client_headers)
+        ctx = self._contexts[model]
+        continued = provider.continues(op, body)
+        if continued is not None:
+            ctx = await self._continuing(ctx, continued, token.tenant, spec.provider)
+        bound = provider.bound_request(op, body, ctx, client_headers)
         requested, choices = provider.output_limit(op, body)
         # Asking for stream usage may refuse a malformed request: do it before money moves.
         client_wants_usage = provider.ask_stream_usage(op, body) if stream else False
@@ -293,6 +300,18 @@ class Gateway:
             await self.settle(call, _nothing(Outcome.REFUSED))
             raise
         return call
+
+    async def _continuing(self, ctx: BoundContext, context_id: str, tenant_id: str,
+                          provider: str) -> BoundContext:
+        """The bound context of a request that continues a stored conversation: it knows the
+        conversation's tokens, or the request is refused (input the broker cannot see)."""
+        tokens = await self.svc.db.read(lambda conn: conversations.context_tokens(
+            conn, context_id, tenant_id=tenant_id, provider=provider))
+        if tokens is None:
+            raise Unbounded("previous_response_id: not a response this broker metered for this "
+                            "tenant, so the input it adds cannot be bounded",
+                            param="previous_response_id")
+        return dataclasses.replace(ctx, prior_context_tokens=tokens)
 
     # --- forwarding --------------------------------------------------------------------
 
@@ -412,7 +431,7 @@ class Gateway:
         with anyio.CancelScope(shield=True):
             try:
                 remaining = await self.svc.db.run(
-                    lambda conn: self._settle_in(conn, call, cost, event, charge.outcome))
+                    lambda conn: self._settle_in(conn, call, cost, event, charge))
             except Exception as exc:
                 # The hold stays; the sweeper settles it at the full amount once it is orphaned.
                 log.error("settling hold %s failed: %s", call.hold_id, type(exc).__name__)
@@ -443,10 +462,16 @@ class Gateway:
                             now=now, group=token.tenant)
 
     def _settle_in(self, conn: Connection, call: Call, cost: int, event: dict[str, Any],
-                   ended: Outcome) -> int | None:
+                   charge: Charge) -> int | None:
         done = ledger.settle_hold(conn, hold_id=call.hold_id, cost=cost, event=event)
         if done is None:
             return None
+        ended, usage = charge.outcome, charge.usage
+        if usage.context_id is not None and not charge.estimated:
+            conversations.remember(conn, usage.context_id, tenant_id=call.token.tenant,
+                                   provider=call.provider.config.name,
+                                   tokens=usage.prompt_tokens + usage.completion_tokens,
+                                   now=int(event["ts"]))
         if done.excess:
             entry = actions.revoke_for_overrun(
                 conn, jti=done.jti, workload_id=done.workload_id, tenant_id=done.tenant_id,

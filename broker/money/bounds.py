@@ -52,6 +52,9 @@ class BoundContext:
     unsized_part_tokens: int | None = None
     pdf_page_tokens: int = 6_000
     max_media_bytes: int = 64 * 1024 * 1024
+    # Tokens of the stored context a request continues (see Provider.continues): the gateway
+    # sets it per request from what it metered, and the provider bills them again as input.
+    prior_context_tokens: int = 0
 
     @classmethod
     def of(cls, model: ModelSettings, provider: ProviderSettings, *,

@@ -38,6 +38,9 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    # The provider's id of the context this call left behind, which a later call may continue
+    # (an OpenAI response, for ``previous_response_id``): its tokens are remembered, not it.
+    context_id: str | None = None
 
     @property
     def uncached_tokens(self) -> int:

@@ -318,3 +318,17 @@ class WorkloadBinding(SQLModel, table=True):
     match_sub: str | None = Field(default=None, max_length=1024)
     position: int = Field(sa_type=BigInteger)
     created_at: int = Field(sa_type=BigInteger)
+
+
+class ResponseContext(SQLModel, table=True):
+    """How many tokens a response the gateway metered left stored at its provider (OpenAI
+    Responses): what a later request that continues it (``previous_response_id``) is billed
+    again as input. Never the conversation itself."""
+
+    __tablename__ = "response_context"
+
+    id: str = Field(primary_key=True, max_length=128)
+    tenant_id: str = Field(max_length=40)
+    provider: str = Field(max_length=64)
+    context_tokens: int = Field(sa_type=BigInteger)
+    created_at: int = Field(sa_type=BigInteger, index=True)
