@@ -64,6 +64,10 @@ REFUSED = {
     "background": "background responses run after the call has ended, outside its hold",
 }
 CLIENT_TOOLS = frozenset({"function", "custom"})
+# Input items whose every token is in the request: messages, and the calls of client-side
+# tools with their outputs.
+INPUT_ITEMS = frozenset({"message", "function_call", "function_call_output", "custom_tool_call",
+                         "custom_tool_call_output"})
 _DELTAS = frozenset({
     "response.output_text.delta", "response.refusal.delta",
     "response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
@@ -140,13 +144,18 @@ def _input_tokens(items: Any, part: Callable[[Any, str], int]) -> int:
     total = 0
     for i, item in enumerate(items):
         total += PER_ITEM_TOKENS
-        content = item.get("content") if isinstance(item, dict) else None
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind not in INPUT_ITEMS:
+            # A reference to stored items, a reasoning item (billed as the reasoning it stands
+            # for, which the broker never saw) or a server-side tool's item: input the broker
+            # cannot bound. previous_response_id continues such a conversation instead.
+            raise Unbounded(f"input[{i}].type: {str(kind)[:40]!r} items are input the broker "
+                            "cannot bound (continue with previous_response_id instead)",
+                            param=f"input[{i}]")
+        content = item.get("content")
         if isinstance(content, list):
             total += json_tokens(without(item, ("content",)))
             total += sum(part(p, f"input[{i}].content[{j}]") for j, p in enumerate(content))
-        elif isinstance(item, dict) and item.get("type") == "item_reference":
-            raise Unbounded(f"input[{i}]: an item reference is input the broker cannot see",
-                            param=f"input[{i}]")
         else:
             total += json_tokens(item)
     return total

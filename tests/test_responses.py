@@ -135,6 +135,11 @@ def test_a_conversation_the_broker_did_not_meter_is_refused_before_the_provider(
     pytest.param({"background": True}, "background", id="background-job"),
     pytest.param({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]",
                  id="item-reference"),
+    pytest.param({"input": [{"type": "reasoning", "id": "rs_1", "summary": [],
+                             "encrypted_content": "gAAAA"}]}, "input[0]", id="reasoning-item"),
+    pytest.param({"input": [{"role": "user", "content": "hi"},
+                            {"type": "web_search_call", "id": "ws_1", "status": "completed"}]},
+                 "input[1]", id="server-tool-item"),
     pytest.param({"max_output_tokens": 0}, "max_output_tokens", id="zero-output-limit"),
     pytest.param({"previous_response_id": 7}, "previous_response_id", id="id-not-a-string"),
 ])
