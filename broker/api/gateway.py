@@ -19,6 +19,7 @@ from broker.api.http import bearer_token, client_address, json_object, json_resp
 from broker.api.openapi import ApiRoute
 from broker.approvals.grants import LIMITS_MESSAGE
 from broker.errors import BrokerError
+from broker.gateway import counting
 from broker.gateway.calls import Gateway, Reply
 from broker.gateway.stream import MeteredStream
 from broker.plugin import Operation
@@ -42,6 +43,10 @@ _RESPONSES_BODY: dict[str, Any] = {
     "properties": {"model": {"type": "string"}, "input": {}, "stream": {"type": "boolean"},
                    "max_output_tokens": {"type": "integer"},
                    "previous_response_id": {"type": "string"}},
+}
+_COUNT_BODY: dict[str, Any] = {
+    "type": "object", "required": ["model", "messages"],
+    "properties": {"model": {"type": "string"}, "messages": {"type": "array"}},
 }
 _MESSAGES_BODY: dict[str, Any] = {
     "type": "object", "required": ["model", "messages", "max_tokens"],
@@ -108,6 +113,14 @@ class GatewayRoutes:
         """Create a message (Anthropic wire format), metered against the token's slice."""
         return await self._call(request, "messages")
 
+    async def count_tokens(self, request: Request) -> Response:
+        """Count a message's input tokens (Anthropic wire format): free, but a call of the
+        token all the same (its model must be allowed; it counts against the rates)."""
+        token = _token(request)
+        body = await json_object(request, self.gateway.settings.server.max_body_bytes)
+        reply = await counting.count_tokens(self.gateway, token, body, request.headers)
+        return Response(reply.content, status_code=reply.status, headers=reply.headers)
+
     async def models(self, request: Request) -> Response:
         """The models this token may use (OpenAI list; Anthropic's when it sends its version)."""
         token = _token(request)
@@ -159,4 +172,6 @@ def gateway_extension(svc: Services) -> list[BaseRoute]:
         ApiRoute("/v1/embeddings", routes.embeddings, methods=["POST"], body=_EMBEDDINGS_BODY),
         ApiRoute("/v1/responses", routes.responses, methods=["POST"], body=_RESPONSES_BODY),
         ApiRoute("/v1/messages", routes.messages, methods=["POST"], body=_MESSAGES_BODY),
+        ApiRoute("/v1/messages/count_tokens", routes.count_tokens, methods=["POST"],
+                 body=_COUNT_BODY),
     ]

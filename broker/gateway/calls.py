@@ -32,7 +32,6 @@ budgets go past their limits, the call is audited and alerted, and the token is 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import secrets
@@ -55,7 +54,6 @@ from broker.errors import (
     ModelNotAllowed,
     ModelNotFound,
     RateLimited,
-    Unbounded,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -226,21 +224,10 @@ class Gateway:
         self._policies[workload_id] = (now + keep, policy)
         return policy
 
-    async def begin(
-        self,
-        token: VerifiedToken,
-        op: Operation,
-        body: dict[str, Any],
-        client_headers: Mapping[str, str],
-        *,
-        request_id: str,
-        client_ip: str | None,
-    ) -> Call:
-        """Check the call, bound it, admit it, hold its worst case; the caller must then
-        settle it."""
-        started = time.perf_counter()
-        original = dict(body) if self.svc.monitor is not None else None
-        model = body.get("model")
+    async def admit_model(self, token: VerifiedToken, model: object, op: Operation
+                          ) -> tuple[str, ModelSettings, Provider, Policy]:
+        """The model a call names, if it exists, is served on this route and may be called
+        with this token under the workload's current policy; and that policy."""
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model is required", param="model")
         spec = self.settings.models.get(model)
@@ -260,6 +247,23 @@ class Gateway:
                 raise ApprovalRequired(f"the model {model!r} needs an approval")
         elif not model_allowed(model, policy.models):
             raise ModelNotAllowed(f"the policy no longer allows the model {model!r}")
+        return model, spec, provider, policy
+
+    async def begin(
+        self,
+        token: VerifiedToken,
+        op: Operation,
+        body: dict[str, Any],
+        client_headers: Mapping[str, str],
+        *,
+        request_id: str,
+        client_ip: str | None,
+    ) -> Call:
+        """Check the call, bound it, admit it, hold its worst case; the caller must then
+        settle it."""
+        started = time.perf_counter()
+        original = dict(body) if self.svc.monitor is not None else None
+        model, spec, provider, policy = await self.admit_model(token, body.get("model"), op)
         stream = body.get("stream", False)
         if not isinstance(stream, bool) or (stream and op == "embeddings"):
             raise InvalidRequest("stream must be a boolean (and is not supported for embeddings)",
@@ -267,7 +271,8 @@ class Gateway:
         ctx = self._contexts[model]
         continued = provider.continues(op, body)
         if continued is not None:
-            ctx = await self._continuing(ctx, continued, token.tenant, spec.provider)
+            ctx = await conversations.continuing(self.svc.db, ctx, continued,
+                                                 tenant_id=token.tenant, provider=spec.provider)
         bound = provider.bound_request(op, body, ctx, client_headers)
         requested, choices = provider.output_limit(op, body)
         # Asking for stream usage may refuse a malformed request: do it before money moves.
@@ -300,18 +305,6 @@ class Gateway:
             await self.settle(call, _nothing(Outcome.REFUSED))
             raise
         return call
-
-    async def _continuing(self, ctx: BoundContext, context_id: str, tenant_id: str,
-                          provider: str) -> BoundContext:
-        """The bound context of a request that continues a stored conversation: it knows the
-        conversation's tokens, or the request is refused (input the broker cannot see)."""
-        tokens = await self.svc.db.read(lambda conn: conversations.context_tokens(
-            conn, context_id, tenant_id=tenant_id, provider=provider))
-        if tokens is None:
-            raise Unbounded("previous_response_id: not a response this broker metered for this "
-                            "tenant, so the input it adds cannot be bounded",
-                            param="previous_response_id")
-        return dataclasses.replace(ctx, prior_context_tokens=tokens)
 
     # --- forwarding --------------------------------------------------------------------
 
@@ -349,10 +342,14 @@ class Gateway:
         key = await self.keys.get(provider.config.name)
         upstream = provider.build_request(call.op, call.body, key=key,
                                           client_headers=client_headers)
-        config = provider.config
-        up = self.pools.get(config.name, provider.transport(), timeout_s=config.timeout_s,
-                            max_connections=self.settings.providers[config.name].max_connections)
+        up = self.pool(provider)
         return up, up.request(upstream.url, upstream.headers, upstream.content)
+
+    def pool(self, provider: Provider) -> Upstream:
+        """The provider's own connection pool."""
+        config = provider.config
+        return self.pools.get(config.name, provider.transport(), timeout_s=config.timeout_s,
+                              max_connections=self.settings.providers[config.name].max_connections)
 
     def _answer(self, call: Call, response: httpx.Response, raw: bytes) -> tuple[Charge, Reply]:
         """The charge and the client's reply of a complete answer; raises :class:`_Ended`
@@ -540,7 +537,7 @@ async def _read(response: httpx.Response, quote: Quote) -> bytes:
         return _whole_hold(outcome, quote) if response.status_code == 200 else _nothing(outcome)
 
     try:
-        return await _read_capped(response)
+        return await read_capped(response)
     except httpx.TimeoutException:
         raise _Ended(charge(Outcome.UPSTREAM_TIMEOUT), UpstreamTimeout()) from None
     except httpx.HTTPError:
@@ -581,7 +578,7 @@ def _refusal(response: httpx.Response) -> tuple[Charge, Exception | None]:
     return _nothing(Outcome.UPSTREAM_ERROR), UpstreamError(f"the provider answered {status}")
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def read_capped(response: httpx.Response) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in body_chunks(response):

@@ -8,9 +8,13 @@ names input the broker cannot see, so its cost has no bound and it is refused.
 
 from __future__ import annotations
 
+import dataclasses
+
 from sqlalchemy import Connection
 
-from broker.storage.db import Sql
+from broker.errors import Unbounded
+from broker.money.bounds import BoundContext
+from broker.storage.db import Database, Sql
 
 _REMEMBER = Sql("""
     INSERT INTO response_context (id, tenant_id, provider, context_tokens, created_at)
@@ -43,3 +47,16 @@ def prune(conn: Connection, before: int, batch: int = 1000) -> int:
     """Forget contexts recorded before ``before`` (the provider keeps a stored response for
     30 days; a continuation of an older one is refused as unbounded)."""
     return int(_PRUNE.run(conn, before=before, batch=batch).rowcount or 0)
+
+
+async def continuing(db: Database, ctx: BoundContext, context_id: str, *, tenant_id: str,
+                     provider: str) -> BoundContext:
+    """The bound context of a request that continues a stored conversation: it knows the
+    conversation's tokens, or the request is refused (input the broker cannot see)."""
+    tokens = await db.read(lambda conn: context_tokens(conn, context_id, tenant_id=tenant_id,
+                                                       provider=provider))
+    if tokens is None:
+        raise Unbounded("previous_response_id: not a response this broker metered for this "
+                        "tenant, so the input it adds cannot be bounded",
+                        param="previous_response_id")
+    return dataclasses.replace(ctx, prior_context_tokens=tokens)

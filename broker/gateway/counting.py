@@ -1,0 +1,53 @@
+"""Anthropic's token counting (``POST /v1/messages/count_tokens``), passed through.
+
+The provider does not bill it, so nothing is held or charged; but it is a call of a verified
+token for a model its policy allows, and it counts against the workload's request rate and
+concurrency like any other call (an agent looping on it is still throttled).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from broker.errors import RateLimited, UpstreamError, UpstreamTimeout
+from broker.gateway.calls import Gateway, Reply, read_capped
+from broker.tokens.tokens import VerifiedToken
+
+COUNT_PATH = "/count_tokens"
+
+
+async def count_tokens(gateway: Gateway, token: VerifiedToken, body: dict[str, Any],
+                       client_headers: Mapping[str, str]) -> Reply:
+    model, spec, provider, policy = await gateway.admit_model(token, body.get("model"),
+                                                              "messages")
+    key = await gateway.keys.get(spec.provider)
+    gateway.limiter.admit(token.sub, policy, tokens=0, cost_micros=0, now=time.time(),
+                          group=token.tenant,
+                          group_cap=gateway.settings.gateway.tenant_max_concurrent)
+    try:
+        body["model"] = spec.upstream_model or model
+        upstream = provider.build_request("messages", body, key=key,
+                                          client_headers=client_headers)
+        up = gateway.pool(provider)
+        # The Messages API's free sibling lives under its path.
+        request = up.request(upstream.url + COUNT_PATH, upstream.headers, upstream.content)
+        try:
+            response = await up.send(request)
+            raw = await read_capped(response)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout() from None
+        except httpx.HTTPError:
+            raise UpstreamError("the provider could not be reached") from None
+    finally:
+        gateway.limiter.settle(token.sub, policy, held_tokens=0, used_tokens=0, held_micros=0,
+                               used_micros=0, now=time.time(), group=token.tenant)
+    status = response.status_code
+    if status == 429:
+        raise RateLimited("the provider is rate limiting this model")
+    if status in (401, 403, 407) or status >= 500:
+        raise UpstreamError("the provider refused the call")
+    return Reply(status, raw, {"content-type": "application/json"})
