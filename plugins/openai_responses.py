@@ -63,6 +63,7 @@ REFUSED = {
               "cost",
     "background": "background responses run after the call has ended, outside its hold",
 }
+# Tools the client runs itself: they cost only the tokens of their definitions.
 CLIENT_TOOLS = frozenset({"function", "custom"})
 # Input items whose every token is in the request: messages, and the calls of client-side
 # tools with their outputs.
@@ -119,15 +120,7 @@ def bound(body: dict[str, Any], ctx: BoundContext, tier_percent: Callable[[Any],
     check_fields(body, FIELDS, ctx, REFUSED)
     percent = tier_percent(body.get("service_tier"))
     tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise InvalidRequest("tools must be a list", param="tools")
-        for i, tool in enumerate(tools):
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            if kind not in CLIENT_TOOLS:
-                raise Unbounded(
-                    f"tools[{i}].type: {str(kind)[:60]!r} is not a client-side tool; the broker "
-                    "does not price server-side tools", param=f"tools[{i}].type")
+    check_client_tools(tools)
     total = PER_REQUEST_TOKENS + json_tokens(without(body, ("input",)))
     if tools:
         total += TOOL_FRAMING_TOKENS
@@ -136,6 +129,21 @@ def bound(body: dict[str, Any], ctx: BoundContext, tier_percent: Callable[[Any],
     total += _input_tokens(body.get("input"), lambda part, where: _part(part, where, ctx,
                                                                         part_tokens))
     return RequestBound(total, None, 0, percent)
+
+
+def check_client_tools(tools: Any) -> None:
+    """Refuse any tool the provider runs itself (billed per call, which the broker does not
+    price): chat completions and responses offer the same kinds of client-side tools."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list", param="tools")
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in CLIENT_TOOLS:
+            raise Unbounded(
+                f"tools[{i}].type: {str(kind)[:60]!r} is not a client-side tool; the broker "
+                "does not price server-side tools", param=f"tools[{i}].type")
 
 
 def _input_tokens(items: Any, part: Callable[[Any, str], int]) -> int:

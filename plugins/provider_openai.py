@@ -73,8 +73,6 @@ CHAT_REFUSED = {
                           "does not price",
 }
 EMBEDDING_FIELDS = frozenset({"input", "model", "dimensions", "encoding_format", "user"})
-# Tools the client runs itself: they cost only the tokens of their definitions.
-CLIENT_TOOLS = frozenset({"function", "custom"})
 # Tiers billed at the list price; any other needs ``models.<name>.service_tier_percent``.
 LIST_PRICE_TIERS = frozenset({"auto", "default"})
 
@@ -209,15 +207,7 @@ class OpenAIWire:
             raise Unbounded("modalities: only text output is priced by the broker",
                             param="modalities")
         tools = body.get("tools")
-        if tools is not None:
-            if not isinstance(tools, list):
-                raise InvalidRequest("tools must be a list", param="tools")
-            for i, tool in enumerate(tools):
-                kind = tool.get("type") if isinstance(tool, dict) else None
-                if kind not in CLIENT_TOOLS:
-                    raise Unbounded(
-                        f"tools[{i}].type: {str(kind)[:60]!r} is not a client-side tool; the "
-                        "broker does not price server-side tools", param=f"tools[{i}].type")
+        responses.check_client_tools(tools)
         total = PER_REQUEST_TOKENS + json_tokens(without(body, ("messages",)))
         if tools or body.get("functions"):
             total += TOOL_FRAMING_TOKENS
