@@ -70,7 +70,7 @@ from bench import harness
 from bench.harness import BrokerUnderTest, Identity, Measurement, Target
 from broker.devvault import DevVault
 from broker.monitoring.detectors import Detectors, Finding, Observation
-from broker.settings import MonitoringSettings
+from broker.settings.monitoring import MonitoringSettings
 from broker.storage.db import Database, make_engine
 from broker.storage.models import Alert, AuditEvent, MonitorState, UsageEvent
 from tests.traffic import replay, steady_traffic

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from broker.monitoring.baselines import Baseline, WindowSums
 from broker.monitoring.detectors import PEER_PREFIX, Detectors, Finding, Observation, peer_key
-from broker.settings import MonitoringSettings
+from broker.settings.monitoring import MonitoringSettings
 from tests.traffic import (
     T0,
     call,

@@ -34,7 +34,8 @@ from broker.monitoring.webhooks import (
     target_of,
     verify,
 )
-from broker.settings import AlertSettings, VaultSettings
+from broker.settings import VaultSettings
+from broker.settings.monitoring import AlertSettings
 from broker.storage.db import Database, make_engine
 from broker.storage.models import AlertOutbox
 from broker.storage.vault import Vault

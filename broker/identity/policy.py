@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from broker.identity.names import normalize_name
-from broker.settings import MAX_MICROS, BudgetLimit, MonitorAction
+from broker.settings import MAX_MICROS, BudgetLimit
+from broker.settings.monitoring import MonitorAction
 
 Kind = Literal["agent", "service", "interactive", "admin"]
 Role = Literal["org-admin", "tenant-admin", "auditor"]
@@ -31,7 +32,18 @@ def _check_model_pattern(value: str) -> str:
     return value
 
 
+_TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def _check_tool_name(value: str) -> str:
+    if not _TOOL_NAME.match(value):
+        raise ValueError("must be a tool type name: lower case letters, digits and _")
+    return value
+
+
 Name = Annotated[StrictStr, AfterValidator(normalize_name)]
+ToolName = Annotated[StrictStr, AfterValidator(_check_tool_name)]
+BatchRule = Literal["allowed", "approval", "denied"]
 ModelPattern = Annotated[StrictStr, AfterValidator(_check_model_pattern)]
 
 
@@ -84,17 +96,28 @@ class Policy(_Strict):
     max_live_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     max_concurrent: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     monitoring: MonitoringPolicy | None = None
+    # Tool types the workload may send (``function``: client-side functions; server-side tools
+    # by name, as ``tools.<name>`` prices them), and those that need a live grant.
+    tools: list[ToolName] | None = Field(default=None, max_length=64)
+    approval_tools: list[ToolName] = Field(default_factory=list, max_length=64)
+    # Whether the workload may launch batch jobs: freely, under a live grant, or not at all.
+    batch: BatchRule | None = None
 
 
 # Autonomous agents get the strictest defaults: short tokens, small slices, tight rates.
+# Every kind may send client-side functions and nothing the provider runs (and bills per call)
+# unless its policy says so; an agent's batch jobs need an approval.
 KIND_DEFAULTS: dict[str, Policy] = {
     "agent": Policy(token_ttl_s=300, token_budget_micros=500_000, rate=Rate(rpm=60, tpm=100_000),
-                    max_live_tokens=20, max_concurrent=8),
+                    max_live_tokens=20, max_concurrent=8, tools=["function"], batch="approval"),
     "service": Policy(token_ttl_s=600, token_budget_micros=1_000_000,
-                      rate=Rate(rpm=600, tpm=1_000_000), max_live_tokens=100, max_concurrent=64),
+                      rate=Rate(rpm=600, tpm=1_000_000), max_live_tokens=100, max_concurrent=64,
+                      tools=["function"], batch="allowed"),
     "interactive": Policy(token_ttl_s=900, token_budget_micros=1_000_000,
-                          rate=Rate(rpm=120, tpm=400_000), max_live_tokens=20, max_concurrent=16),
-    "admin": Policy(token_ttl_s=300, token_budget_micros=0, max_live_tokens=20, max_concurrent=4),
+                          rate=Rate(rpm=120, tpm=400_000), max_live_tokens=20, max_concurrent=16,
+                          tools=["function"], batch="allowed"),
+    "admin": Policy(token_ttl_s=300, token_budget_micros=0, max_live_tokens=20, max_concurrent=4,
+                    tools=["function"], batch="denied"),
 }
 
 
@@ -113,6 +136,8 @@ def effective(policy: Policy, kind: str) -> Policy:
             else base.max_live_tokens,
             "max_concurrent": policy.max_concurrent if policy.max_concurrent is not None
             else base.max_concurrent,
+            "tools": policy.tools if policy.tools is not None else base.tools,
+            "batch": policy.batch if policy.batch is not None else base.batch,
         }
     )
 

@@ -51,7 +51,7 @@ from broker.monitoring.baselines import (
     WindowSums,
     WorkloadState,
 )
-from broker.settings import MonitoringSettings
+from broker.settings.monitoring import MonitoringSettings
 
 PEER_PREFIX = "peers/"
 _KEY_MAX = 40  # monitor_state.workload_id

@@ -53,7 +53,7 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 
 from broker.errors import VaultUnavailable
 from broker.metrics import Metrics
-from broker.settings import SEVERITIES, AlertSettings, WebhookSettings
+from broker.settings.monitoring import SEVERITIES, AlertSettings, WebhookSettings
 from broker.storage.db import Database
 from broker.storage.models import AlertOutbox
 from broker.storage.vault import Vault

@@ -151,6 +151,8 @@ class UsageEvent(SQLModel, table=True):
     stream: bool = False
     estimated: bool = False
     client_ip: str | None = Field(default=None, max_length=64)
+    # The server-side tool calls the provider billed, by tool name, as compact JSON.
+    tool_calls: str | None = Field(default=None, max_length=1024)
 
 
 class AuditEvent(SQLModel, table=True):
@@ -263,6 +265,7 @@ class Approval(SQLModel, table=True):
     tenant_id: str = Field(index=True, max_length=40)
     workload_id: str = Field(index=True, max_length=40)
     model: str | None = Field(default=None, max_length=256)
+    tool: str | None = Field(default=None, max_length=64)
     budget_micros: int = Field(default=0, sa_type=BigInteger)
     rpm: int | None = Field(default=None, sa_type=BigInteger)
     tpm: int | None = Field(default=None, sa_type=BigInteger)
@@ -289,6 +292,7 @@ class AccessGrant(SQLModel, table=True):
     workload_id: str = Field(max_length=40)
     approval_id: str | None = Field(default=None, max_length=40)
     model: str | None = Field(default=None, max_length=256)
+    tool: str | None = Field(default=None, max_length=64)
     budget_micros: int = Field(default=0, sa_type=BigInteger)
     rpm: int | None = Field(default=None, sa_type=BigInteger)
     tpm: int | None = Field(default=None, sa_type=BigInteger)

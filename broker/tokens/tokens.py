@@ -47,6 +47,8 @@ class VerifiedToken:
     # them, and at ``grant_exp`` (the soonest to expire) at the latest.
     grants: tuple[str, ...] = ()
     grant_models: tuple[str, ...] = ()
+    # Tools (and ``batch``) behind approval that a live grant lets it use.
+    grant_tools: tuple[str, ...] = ()
     grant_exp: int | None = None
     # Delegation (RFC 8693 ``act``): the jtis and subs of the tokens this one was delegated
     # from, nearest first. It dies with any of them.
@@ -153,6 +155,7 @@ def verify(token: str, keyring: Keyring, *, issuer: str, audience: str) -> Verif
             claims=claims,
             grants=tuple(_str(g) for g in _list(claims.get("grants", []))),
             grant_models=tuple(_str(m) for m in _list(claims.get("grant_models", []))),
+            grant_tools=tuple(_str(m) for m in _list(claims.get("grant_tools", []))),
             grant_exp=_int(claims["grant_exp"]) if "grant_exp" in claims else None,
             ancestors=ancestors,
             ancestor_subs=ancestor_subs,
