@@ -17,19 +17,22 @@ Token rules, so that tests can compute the expected usage. `MockState.billing` p
 Bills: every generation request that gets past authentication, the faults and validation
 (chat, messages, embeddings, responses -- see :mod:`plugins.mock_responses`) appends one `Bill`
 to `MockState.bills`, with `prompt_tokens` holding the prompt tokens billed at the plain input
-price (the total minus cache reads and writes). A non-stream bill is filled at once with what
-the usage reports (even when `omit_usage` hides it). A stream's bill holds the prompt from the
-start and counts the completion as the server sends each content chunk: one token per chunk in
-words mode, the tokenizer count of the text sent so far in tokenizer mode; `complete` turns
-True after the last event went out, `ended` whenever the stream stops (finished, cut by
-`cut_after_chunks`, or abandoned by the client). `MockState.total_billed` prices them, each bill
-rounded up to a whole micro-dollar on its own.
+price (the total minus cache reads and writes), web search and fetch results included (see
+:mod:`plugins.mock_server_tools`; `web_search_calls` and `web_fetch_calls` count the calls). A
+non-stream bill is filled at once with what the usage reports (even when `omit_usage` hides
+it). A stream's bill holds the prompt from the start and counts the completion as the server
+sends each content chunk: one token per chunk in words mode, the tokenizer count of the text
+sent so far in tokenizer mode -- and a server tool's call and result once its result went out;
+`complete` turns True after the last event went out, `ended` whenever the stream stops
+(finished, cut by `cut_after_chunks`, or abandoned by the client). Each line a batch answers
+appends its route's bill, with `batch_id` set (see :mod:`plugins.mock_batches`).
+`MockState.total_billed` prices them all, each bill rounded up to a whole micro-dollar on its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,7 +49,9 @@ class Bill:
     """What the fake billed for one generation request; a stream's grows as it is sent.
 
     `prompt_tokens` are the prompt tokens billed at the plain input price: the prompt minus its
-    cache writes and reads, which have fields of their own.
+    cache writes and reads, which have fields of their own; they include the web search and fetch
+    results the provider fed the model (billed as input, as the real providers do). The tool
+    calls' own fees are not in `cost_micros`: a test adds `web_search_calls` x its price.
     """
 
     route: BillRoute
@@ -58,9 +63,11 @@ class Bill:
     cache_write_1h_tokens: int = 0  # Anthropic 1-hour cache writes
     cache_read_tokens: int = 0
     reasoning_tokens: int = 0  # Responses API: the part of `completion_tokens` spent reasoning
-    web_search_calls: int = 0  # Responses API: `web_search_call` items (not priced here)
+    web_search_calls: int = 0  # web searches: `web_search_call` items, Anthropic's web_search (not priced)
+    web_fetch_calls: int = 0  # Anthropic's web_fetch calls (not priced here)
     complete: bool = False  # the whole answer was sent
     ended: bool = False  # nothing more will be billed (finished, cut or abandoned)
+    batch_id: str | None = None  # the batch that answered this request (see plugins.mock_batches)
 
     def cost_micros(
         self,
@@ -86,6 +93,38 @@ class Bill:
         )
         quarters = 4 * whole + self.cache_write_tokens * write_quarters
         return -(-quarters // (4 * PER_MILLION))
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """A request's prompt tokens, split the way the provider bills them."""
+
+    total: int
+    cache_read: int = 0
+    cache_write: int = 0  # 5-minute writes
+    cache_write_1h: int = 0
+    caching: bool = False  # report Anthropic's cache fields
+
+    @property
+    def uncached(self) -> int:
+        return self.total - self.cache_read - self.cache_write - self.cache_write_1h
+
+    def anthropic_usage(self, output_tokens: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {"input_tokens": self.uncached}
+        if self.caching:
+            usage["cache_creation_input_tokens"] = self.cache_write + self.cache_write_1h
+            usage["cache_read_input_tokens"] = self.cache_read
+            usage["cache_creation"] = {
+                "ephemeral_5m_input_tokens": self.cache_write,
+                "ephemeral_1h_input_tokens": self.cache_write_1h,
+            }
+        usage["output_tokens"] = output_tokens
+        return usage
+
+
+# What a stream event bills once it went out: its answer text (counted by a `Meter`), an action on
+# the bill (a server tool's result: more input, one more call), or nothing.
+Sent = str | Callable[[Bill], None] | None
 
 
 def _texts(content: object) -> Iterator[str]:
@@ -175,7 +214,8 @@ def _fit(words: list[str], limit: int) -> list[str]:
 
 
 class Meter:
-    """Counts a stream's output into its bill as the chunks are sent."""
+    """Counts a stream's output into its bill as the chunks are sent (and applies the billing
+    action of an event that is no text: a server tool's result)."""
 
     def __init__(self, bill: Bill, billing: Billing) -> None:
         self.bill = bill
@@ -183,7 +223,10 @@ class Meter:
         self.ascii_chars = 0
         self.other_chars = 0
 
-    def sent(self, text: str) -> None:
+    def sent(self, text: str | Callable[[Bill], None]) -> None:
+        if callable(text):
+            text(self.bill)
+            return
         if self.billing == "words":
             self.bill.completion_tokens += 1
             return

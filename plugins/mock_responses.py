@@ -14,10 +14,15 @@ billed again: plus that response's input and output tokens (so a chain accumulat
 is stored when it was generated with `store` not false (a stream: once its last event went
 out); an id the fake never stored is a 404 `previous_response_not_found`, as OpenAI answers.
 `faults.cache_read_tokens = k` reports `min(k, input)` as `input_tokens_details.cached_tokens`.
+Last, each `web_search_call` adds `faults.search_result_tokens` (100 by default) to
+`input_tokens`: its results are fed to the model, billed as input as OpenAI does, never cached
+(a continued conversation carries them too, being part of the stored input).
 
 Output, in order: a `reasoning` item when the request has a `reasoning` (other than effort
 "none") or the model name starts with "o"; `faults.web_searches` `web_search_call` items (at
-most `max_tool_calls`) when `tools` has `web_search` / `web_search_preview`; then the answer:
+most `max_tool_calls`) when `tools` has `web_search` / `web_search_preview` (without one,
+`faults.unoffered_tool_calls` of them: a provider running a tool it was not offered); then the
+answer:
 
 * a `function_call` of the first function tool (or the one `tool_choice` names) when the input
   has no `function_call_output` item and `tool_choice` is not "none"; its `arguments` are the
@@ -46,8 +51,10 @@ its usage. No `[DONE]`. `cut_after_chunks`, `chunk_delay_s`, `omit_usage` and
 `omit_final_usage` (no usage on the final event) apply as on the chat routes.
 
 Bills: one `Bill` with route "responses" per response, like a chat call; `completion_tokens`
-include the reasoning, also kept in `reasoning_tokens`; `web_search_calls` counts the searches.
-A stream's bill grows as each billed event goes out. `count_tokens` answers
+include the reasoning, also kept in `reasoning_tokens`; `web_search_calls` counts the searches,
+whose results are in `prompt_tokens`. A stream's bill grows as each billed event goes out (a
+search: its call and its results' input, once its `output_item.done` went out). `respond(body)`
+answers an admitted body, for the route and for a batch's lines. `count_tokens` answers
 `{"input_tokens": N}`, N being the input the messages route bills for the same body (with a
 `max_tokens`); it is free: no bill.
 """
@@ -68,13 +75,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from plugins.mock_billing import (
     Bill,
     _char_counts,
+    _Prompt,
     _texts,
     _tokenizer_count,
     _words,
     count_tokens,
     tokenizer_tokens,
 )
-from plugins.mock_upstream import CREATED, StreamCut, _error, _Prompt, _sse
+from plugins.mock_upstream import CREATED, StreamCut, _error, _sse
 
 if TYPE_CHECKING:
     from plugins.mock_upstream import _Upstream
@@ -256,10 +264,15 @@ class _Plan:
     searches: list[str]  # one query per web_search_call
     main: _Main
     truncated: bool
+    result_tokens: int  # input tokens of each search's results (in `prompt`)
 
     @property
     def output_tokens(self) -> int:
         return self.reasoning + self.main.tokens
+
+    def prompt_billed(self, searched: int) -> int:
+        """The plain input billed once `searched` searches are done (a stream's bill grows)."""
+        return self.prompt.uncached - (len(self.searches) - searched) * self.result_tokens
 
 
 class ResponsesApi:
@@ -271,13 +284,19 @@ class ResponsesApi:
 
     # --- planning ----------------------------------------------------------------------------
 
-    def _input_tokens(self, body: dict[str, Any], context: int) -> _Prompt:
+    def _input_tokens(self, body: dict[str, Any], context: int, searches: int) -> _Prompt:
+        """The request's tokens, the stored context's, then the search results' (never cached)."""
         if self.state.billing == "tokenizer":
             total = tokenizer_tokens(body)
         else:
             total = count_tokens(responses_texts(body))
         total += context
-        return _Prompt(total, cache_read=min(max(self.state.faults.cache_read_tokens, 0), total))
+        cached = min(max(self.state.faults.cache_read_tokens, 0), total)
+        return _Prompt(total + searches * self._result_tokens, cache_read=cached)
+
+    @property
+    def _result_tokens(self) -> int:
+        return max(self.state.faults.search_result_tokens, 0)
 
     def _main(self, body: dict[str, Any], items: list[dict[str, Any]]) -> _Main:
         faults = self.state.faults
@@ -321,10 +340,13 @@ class ResponsesApi:
             cap = body.get("max_tool_calls")
             if isinstance(cap, int):
                 searches = min(searches, max(cap, 0))
+        elif faults.unoffered_tool_calls > 0:
+            searches = faults.unoffered_tool_calls  # a provider that misbehaves
         query = _query(items)
         queries = [query if searches == 1 else f"{query} ({i + 1})" for i in range(searches)]
         return _Plan(f"resp_{secrets.token_hex(24)}", str(body["model"]),
-                     self._input_tokens(body, context), reasoning, queries, main, truncated)
+                     self._input_tokens(body, context, searches), reasoning, queries, main, truncated,
+                     self._result_tokens)
 
     # --- shapes ------------------------------------------------------------------------------
 
@@ -412,8 +434,10 @@ class ResponsesApi:
 
     async def create(self, request: Request) -> Response:
         body = await self.upstream._admit(request, "openai")
-        if isinstance(body, Response):
-            return body
+        return body if isinstance(body, Response) else self.respond(body)
+
+    def respond(self, body: dict[str, Any]) -> Response:
+        """The response to an admitted body (the route's, and a batch line's)."""
         if not isinstance(body.get("model"), str):
             return _error("openai", 400, "Missing required parameter: 'model'.")
         if "input" not in body and "previous_response_id" not in body:
@@ -445,6 +469,7 @@ class ResponsesApi:
             return JSONResponse(self._response(plan, body, final=True,
                                                usage=not faults.omit_usage))
         usage = not (faults.omit_usage or faults.omit_final_usage)
+        bill.prompt_tokens = plan.prompt_billed(0)
         events = self._events(plan, body, usage)
         return StreamingResponse(self._send(events, bill, plan, store),
                                  media_type="text/event-stream")
@@ -528,6 +553,7 @@ class ResponsesApi:
                 yield event
                 if mark is not None:
                     bill.completion_tokens, bill.reasoning_tokens, bill.web_search_calls = mark
+                    bill.prompt_tokens = plan.prompt_billed(mark.searches)
             bill.complete = True
             if store:
                 self.state.responses[plan.response_id] = plan.prompt.total + plan.output_tokens

@@ -8,9 +8,12 @@ what the fake billed for each request, so that a test can compare the broker's l
 provider's invoice.
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/embeddings` (OpenAI);
-`POST /v1/messages` (Anthropic); `POST /v1/responses` and `POST /v1/messages/count_tokens` (in
-:mod:`plugins.mock_responses`); `POST|GET /admin/keys`, `DELETE /admin/keys/{id}` (key rotation,
-authenticated by the `x-admin-key` header).
+`POST /v1/messages` (Anthropic; its web search and fetch tools in :mod:`plugins.mock_server_tools`);
+`POST /v1/responses` and `POST /v1/messages/count_tokens` (in :mod:`plugins.mock_responses`);
+`POST /v1/files`, `GET|DELETE /v1/files/{id}`, `GET /v1/files/{id}/content`, `POST /v1/batches`,
+`GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel` (in :mod:`plugins.mock_batches`, whose jobs
+follow the test's `MockState.clock`); `POST|GET /admin/keys`, `DELETE /admin/keys/{id}` (key
+rotation, authenticated by the `x-admin-key` header).
 
 Token rules (`MockState.billing`: `"words"` or `"tokenizer"`): see :mod:`plugins.mock_billing`.
 
@@ -32,7 +35,8 @@ reports the rest of its prompt as cache writes -- 1-hour writes if any `cache_co
 `"ttl": "1h"`, else 5-minute ones -- in `cache_creation_input_tokens` and `usage.cache_creation`,
 with `input_tokens` 0. Without either, usage has exactly the fields it always had.
 
-Bills: one `Bill` per generation request in `MockState.bills` (see :mod:`plugins.mock_billing`).
+Bills: one `Bill` per generation request, or batch line, in `MockState.bills` (see
+:mod:`plugins.mock_billing`).
 
 Each chat completion echoes the request's `service_tier` (or `"default"`), as OpenAI does.
 
@@ -48,9 +52,9 @@ import hashlib
 import json
 import secrets
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -63,14 +67,20 @@ from plugins.mock_billing import (
     BillRoute,
     Meter,
     Script,
+    Sent,
     _cache_ttls,
     _fit,
+    _Prompt,
     _prompt_tokens,
     _words,
     count_tokens,
     text_tokens,
     tokenizer_tokens,
 )
+from plugins.mock_server_tools import ServerTools
+
+if TYPE_CHECKING:
+    from plugins.mock_batches import BatchJob
 
 Dialect = Literal["openai", "anthropic"]
 
@@ -111,8 +121,15 @@ class Faults:
     answer_script: Script = "latin"  # "w0 w1 ..." or one CJK ideograph per word
     cache_read_tokens: int = 0  # report this many prompt tokens (at most all) as cache reads
     omit_final_usage: bool = False  # streams: no final usage (Anthropic keeps message_start's)
-    web_searches: int = 1  # Responses: web_search_call items when a web search tool is offered
+    web_searches: int = 1  # web searches (Responses, Anthropic) when a web search tool is offered
+    unoffered_tool_calls: int = 0  # Responses: web searches although no search tool was offered
+    web_fetches: int = 1  # Anthropic: web fetches when a web_fetch_* tool is offered
+    search_result_tokens: int = 100  # input tokens each web search or fetch result adds
     reasoning_tokens: int = 8  # Responses: reasoning tokens of a reasoning request
+    batch_duration_s: float = 0.0  # a batch finishes once `MockState.clock` is this far past its start
+    batch_outcome: Literal["completed", "failed", "expired"] = "completed"  # how a batch then ends
+    batch_failed_lines: Collection[str] = ()  # custom_ids a batch answers with an error (unbilled)
+    batch_done_lines: int | None = None  # lines answered before expiry (None: all) or a cancel (none)
 
 
 @dataclass
@@ -129,15 +146,25 @@ class MockState:
     billing: Billing = "words"
     bills: list[Bill] = field(default_factory=list)
     responses: dict[str, int] = field(default_factory=dict)  # stored id -> its context tokens
+    files: dict[str, bytes] = field(default_factory=dict)  # id -> content (see plugins.mock_batches)
+    file_objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> its FileObject
+    batches: dict[str, BatchJob] = field(default_factory=dict)
+    clock: float | None = None  # the batches' time, which the test moves (None: `time.time()`)
 
     def reset(self) -> None:
-        """Forget the recorded keys, requests, bills and responses; turn faults off; bill by words."""
+        """Forget keys, requests, bills, responses, files and batches; faults off; words; real time."""
         self.received_keys.clear()
         self.requests.clear()
         self.bills.clear()
         self.responses.clear()
-        self.faults = Faults()
-        self.billing = "words"
+        self.files.clear()
+        self.file_objects.clear()
+        self.batches.clear()
+        self.faults, self.billing, self.clock = Faults(), "words", None
+
+    def forget_batches(self) -> None:
+        """Drop every batch job, as a provider that lost them: retrieving one answers 404."""
+        self.batches.clear()
 
     def total_billed(
         self,
@@ -156,7 +183,8 @@ class MockState:
 
 def create_mock_upstream(state: MockState | None = None) -> Starlette:
     """Build the fake provider app around `state` (a fresh one if not given)."""
-    from plugins.mock_responses import ResponsesApi  # it builds on this module
+    from plugins.mock_batches import batch_routes  # they build on this module
+    from plugins.mock_responses import ResponsesApi
 
     upstream = _Upstream(state if state is not None else MockState())
     responses = ResponsesApi(upstream)
@@ -171,6 +199,7 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
             Route("/admin/keys", upstream.create_key, methods=["POST"]),
             Route("/admin/keys", upstream.list_keys, methods=["GET"]),
             Route("/admin/keys/{key_id}", upstream.delete_key, methods=["DELETE"]),
+            *batch_routes(upstream, responses),
         ]
     )
     app.state.mock = upstream.state
@@ -214,33 +243,6 @@ def _api_key(request: Request) -> str | None:
     if scheme.lower() == "bearer" and token:
         return token
     return request.headers.get("x-api-key") or None
-
-
-@dataclass(frozen=True)
-class _Prompt:
-    """A request's prompt tokens, split the way the provider bills them."""
-
-    total: int
-    cache_read: int = 0
-    cache_write: int = 0  # 5-minute writes
-    cache_write_1h: int = 0
-    caching: bool = False  # report Anthropic's cache fields
-
-    @property
-    def uncached(self) -> int:
-        return self.total - self.cache_read - self.cache_write - self.cache_write_1h
-
-    def anthropic_usage(self, output_tokens: int) -> dict[str, Any]:
-        usage: dict[str, Any] = {"input_tokens": self.uncached}
-        if self.caching:
-            usage["cache_creation_input_tokens"] = self.cache_write + self.cache_write_1h
-            usage["cache_read_input_tokens"] = self.cache_read
-            usage["cache_creation"] = {
-                "ephemeral_5m_input_tokens": self.cache_write,
-                "ephemeral_1h_input_tokens": self.cache_write_1h,
-            }
-        usage["output_tokens"] = output_tokens
-        return usage
 
 
 @dataclass(frozen=True)
@@ -340,13 +342,14 @@ class _Upstream:
         self.state.bills.append(bill)
         return bill
 
-    def _bill_whole(self, route: BillRoute, answer: _Answer) -> None:
+    def _bill_whole(self, route: BillRoute, answer: _Answer) -> Bill:
         bill = self._bill(route, answer.model, False, answer.prompt)
         bill.completion_tokens = answer.completion_tokens
         bill.complete = bill.ended = True
+        return bill
 
     async def _stream(
-        self, events: list[tuple[str, str | None]], meter: Meter
+        self, events: list[tuple[str, Sent]], meter: Meter
     ) -> AsyncIterator[str]:
         """Send the events; the meter counts an event's text once the server took the event."""
         faults = self.state.faults
@@ -364,7 +367,7 @@ class _Upstream:
             meter.bill.ended = True
 
     def _event_stream(
-        self, events: list[tuple[str, str | None]], route: BillRoute, answer: _Answer
+        self, events: list[tuple[str, Sent]], route: BillRoute, answer: _Answer
     ) -> StreamingResponse:
         bill = self._bill(route, answer.model, True, answer.prompt)
         meter = Meter(bill, self.state.billing)
@@ -384,8 +387,10 @@ class _Upstream:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._admit(request, "openai")
-        if isinstance(body, Response):
-            return body
+        return body if isinstance(body, Response) else self.chat(body)
+
+    def chat(self, body: dict[str, Any]) -> Response:
+        """The chat completion of an admitted body (the route's, and a batch line's)."""
         if not isinstance(body.get("model"), str) or not isinstance(body.get("messages"), list):
             return _error("openai", 400, "'model' and 'messages' are required.")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -446,7 +451,7 @@ class _Upstream:
         def delta(content: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
             return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]
 
-        events: list[tuple[str, str | None]] = [
+        events: list[tuple[str, Sent]] = [
             (chunk(delta({"role": "assistant", "content": ""})), None)
         ]
         events += [(chunk(delta({"content": word})), word) for word in answer.words]
@@ -467,8 +472,9 @@ class _Upstream:
 
     async def embeddings(self, request: Request) -> Response:
         body = await self._admit(request, "openai")
-        if isinstance(body, Response):
-            return body
+        return body if isinstance(body, Response) else self.embed(body)
+
+    def embed(self, body: dict[str, Any]) -> Response:
         raw = body.get("input")
         inputs = [raw] if isinstance(raw, str) else raw
         if not isinstance(body.get("model"), str) or not _is_texts(inputs):
@@ -503,6 +509,7 @@ class _Upstream:
             return _error("anthropic", 400, "max_tokens: Field required (a positive integer)")
         faults = self.state.faults
         answer = self._answer(body, limit, "anthropic")
+        tools = ServerTools(body, faults)
         message_id = f"msg_mock_{len(self.state.requests)}"
         stop_reason = "max_tokens" if answer.truncated else "end_turn"
         message: dict[str, Any] = {
@@ -510,14 +517,14 @@ class _Upstream:
             "type": "message",
             "role": "assistant",
             "model": answer.model,
-            "content": [{"type": "text", "text": answer.text}],
+            "content": [*tools.blocks, {"type": "text", "text": answer.text}],
             "stop_reason": stop_reason,
             "stop_sequence": None,
         }
         if not body.get("stream"):
-            self._bill_whole("messages", answer)
+            tools.bill(self._bill_whole("messages", answer))
             if not faults.omit_usage:
-                message["usage"] = answer.prompt.anthropic_usage(answer.completion_tokens)
+                message["usage"] = tools.usage(answer.prompt.anthropic_usage(answer.completion_tokens))
             return JSONResponse(message)
 
         start = {**message, "content": [], "stop_reason": None}
@@ -528,33 +535,21 @@ class _Upstream:
         if not faults.omit_usage:
             start["usage"] = answer.prompt.anthropic_usage(1)
             if not faults.omit_final_usage:
-                final_delta["usage"] = {"output_tokens": answer.completion_tokens}
-        block = {
-            "type": "content_block_start",
-            "index": 0,
-            "content_block": {"type": "text", "text": ""},
-        }
-        events: list[tuple[str, str | None]] = [
+                final_usage = answer.prompt.anthropic_usage(answer.completion_tokens)
+                final_delta["usage"] = tools.usage(final_usage, delta=True)
+        text = len(tools.blocks)  # the answer's block comes after the server tools' blocks
+        block = {"type": "content_block_start", "index": text, "content_block": {"type": "text", "text": ""}}
+        events: list[tuple[str, Sent]] = [
             (_sse({"type": "message_start", "message": start}, "message_start"), None),
+            *[(_sse(data, data["type"]), sent) for data, sent in tools.events()],
             (_sse(block, "content_block_start"), None),
             (_sse({"type": "ping"}, "ping"), None),
         ]
+        events += [(_sse({"type": "content_block_delta", "index": text,
+                          "delta": {"type": "text_delta", "text": word}}, "content_block_delta"), word)
+                   for word in answer.words]
         events += [
-            (
-                _sse(
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "text_delta", "text": word},
-                    },
-                    "content_block_delta",
-                ),
-                word,
-            )
-            for word in answer.words
-        ]
-        events += [
-            (_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"), None),
+            (_sse({"type": "content_block_stop", "index": text}, "content_block_stop"), None),
             (_sse(final_delta, "message_delta"), None),
             (_sse({"type": "message_stop"}, "message_stop"), None),
         ]
