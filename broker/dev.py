@@ -36,6 +36,12 @@ DEV_MODELS: dict[str, dict[str, Any]] = {
     "text-embedding-3-small": {"provider": "mock", "upstream_model": "mock-embedding",
                                "input_micros_per_mtok": 20_000, "output_micros_per_mtok": 0},
 }
+# Web search at its published price ($10 per 1,000 calls at OpenAI and Anthropic); the mock's
+# results are small, so a small ceiling per call keeps the demo's holds small.
+DEV_TOOLS: dict[str, dict[str, Any]] = {
+    "web_search": {"micros_per_call": 10_000, "default_max_calls": 3,
+                   "result_tokens_per_call": 2_000},
+}
 
 
 def _seed(services: Any) -> dict[str, str]:
@@ -62,6 +68,9 @@ def _seed(services: Any) -> dict[str, str]:
                 policy=Policy.model_validate({
                     "models": list(DEV_MODELS), "token_budget_micros": 200_000,
                     "budgets": [{"period": "day", "limit_micros": 5_000_000}],
+                    # The demo may search and launch batches; an agent's defaults allow
+                    # neither without an admin's say.
+                    "tools": ["function", *DEV_TOOLS], "batch": "allowed",
                 }),
             ),
             services.pepper, now, services.binding_pinning,
@@ -134,6 +143,7 @@ def run_dev(config: Path | None, port: int) -> int:
             server={"host": "127.0.0.1", "port": port},
             providers={"mock": {"plugin": "mock"}},
             models=DEV_MODELS,
+            tools=DEV_TOOLS,
             bootstrap_admin_secret=admin_secret,
         )
         env = {k: v for k, v in os.environ.items() if k != "BROKER_DATABASE_URL"}

@@ -162,6 +162,20 @@ class ApprovalRequired(BrokerError):
     title = "Model requires an approval that was not granted"
 
 
+class ToolNotAllowed(BrokerError):
+    status = 403
+    code = "tool_not_allowed"
+    title = "Tool type not allowed by the policy"
+
+
+class BatchNotAllowed(BrokerError):
+    """The workload's policy forbids batch jobs (``policy.batch`` ``denied``)."""
+
+    status = 403
+    code = "batch_not_allowed"
+    title = "Batch jobs are not allowed for this workload"
+
+
 class InsufficientQuota(BrokerError):
     status = 429
     code = "insufficient_quota"

@@ -84,6 +84,7 @@ __all__ = [
     "SseParser",
     "StreamMeter",
     "SubjectVerifier",
+    "ToolUse",
     "Unbounded",
     "UpstreamRequest",
     "Usage",
@@ -116,6 +117,23 @@ AUTH_METHODS_GROUP = "broker.auth_methods"
 Operation = Literal["chat", "embeddings", "responses", "messages"]
 # Why the broker ends a stream before the provider did.
 EndReason = Literal["limit", "revoked", "upstream", "expired"]
+
+@dataclass(frozen=True)
+class ToolUse:
+    """One tool a request offers the model, by the name a policy gives it (``policy.tools``).
+
+    The gateway checks every one against the workload's policy, prices the server-side ones
+    (``tools.<name>``) and caps their calls, so a plugin lists every tool the request names,
+    even one it would refuse to bound."""
+
+    name: str  # "function" for the client's own functions; else the tool type's policy name
+    index: int  # its place in the request's ``tools``
+    server: bool = False  # the provider runs it and bills each call
+    max_calls: int | None = None  # the request's own cap on its calls, if it set one
+    # The cap counts the calls of every shared tool together (OpenAI ``max_tool_calls``),
+    # rather than this tool's alone (Anthropic ``max_uses``).
+    shared: bool = False
+
 
 @dataclass(frozen=True)
 class ProviderConfig:
@@ -198,6 +216,18 @@ class Provider(Protocol):
 
     def ask_stream_usage(self, op: Operation, body: JsonObject) -> bool:
         """Make the provider report usage in the stream; True when the client asked itself."""
+        ...
+
+    def tools(self, op: Operation, body: JsonObject) -> list[ToolUse]:
+        """Every tool the request offers; :class:`broker.errors.InvalidRequest` when ``tools``
+        is malformed."""
+        ...
+
+    def cap_tools(self, op: Operation, body: JsonObject, tool: ToolUse, calls: int,
+                  result_tokens: int) -> None:
+        """Cap the calls of a server-side ``tool`` (of every shared tool, for a shared cap) at
+        ``calls``, and, where the provider enforces such a limit, the tokens one call's result
+        may add at ``result_tokens``."""
         ...
 
     def continues(self, op: Operation, body: JsonObject) -> str | None:

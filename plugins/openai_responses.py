@@ -2,10 +2,13 @@
 
 Bound like a chat completion: every known field as text, ``input`` items by their kind (messages
 with text, image and file parts; function calls and their outputs; reasoning items), image and
-file parts by the same rules as chat. Server-side tools (web search, file search, code
-interpreter, ...) are billed per call at prices the broker does not know yet, so they are refused,
-as are the fields that make the provider read input the broker cannot see: a stored
-``conversation``, a reusable ``prompt``, a ``background`` job. ``previous_response_id`` is
+file parts by the same rules as chat. Server-side tools billed per call with results billed as
+input (web search, file search) are listed for the gateway, which prices them
+(``tools.<name>``), caps their calls with ``max_tool_calls`` and counts the calls the provider
+reports (its ``*_call`` output items). Server-side tools billed otherwise (code interpreter
+containers, image generation, remote MCP servers, ...) are refused, as are the fields that make
+the provider read input the broker cannot see: a stored ``conversation``, a reusable ``prompt``,
+a ``background`` job. ``previous_response_id`` is
 accepted when the broker metered that response itself: the gateway then tells the bound how many
 tokens the stored conversation holds (:attr:`BoundContext.prior_context_tokens`), which the
 provider bills again as input.
@@ -28,6 +31,7 @@ from broker.plugin import (
     InvalidRequest,
     RequestBound,
     SseEvent,
+    ToolUse,
     Unbounded,
     Usage,
     base64_data,
@@ -65,6 +69,11 @@ REFUSED = {
 }
 # Tools the client runs itself: they cost only the tokens of their definitions.
 CLIENT_TOOLS = frozenset({"function", "custom"})
+# Server-side tools billed per call, whose results are input tokens: what the broker meters.
+METERED_TOOLS = ("web_search", "file_search")
+# Output items of tools the client runs: not calls the provider bills.
+_CLIENT_CALLS = frozenset({"function_call", "custom_tool_call", "computer_call",
+                           "local_shell_call", "shell_call", "apply_patch_call"})
 # Input items whose every token is in the request: messages, and the calls of client-side
 # tools with their outputs.
 INPUT_ITEMS = frozenset({"message", "function_call", "function_call_output", "custom_tool_call",
@@ -88,7 +97,55 @@ def read_usage(response: Any) -> Usage | None:
     details = raw.get("input_tokens_details")
     cached = _count(details, "cached_tokens") if isinstance(details, dict) else None
     return Usage(prompt, completion, cached_tokens=min(cached or 0, prompt),
-                 context_id=response_id(response))
+                 context_id=response_id(response), tool_calls=tool_calls(response))
+
+
+def tool_calls(response: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """The server-side tool calls of a response: its ``<tool>_call`` output items, by tool.
+    Where the response says which of them are billable (``tool_usage.<tool>.num_requests``:
+    opening a page is an item, not a billed search), that count replaces the items'."""
+    output = response.get("output")
+    counts: dict[str, int] = {}
+    for item in output if isinstance(output, list) else ():
+        kind = item.get("type") if isinstance(item, dict) else None
+        if isinstance(kind, str) and kind.endswith("_call") and kind not in _CLIENT_CALLS:
+            name = kind[: -len("_call")][:64]
+            counts[name] = counts.get(name, 0) + 1
+    billed = response.get("tool_usage")
+    billed = billed if isinstance(billed, dict) else {}
+    for name in list(counts):
+        entry = billed.get(name)
+        requests = _count(entry, "num_requests") if isinstance(entry, dict) else None
+        if requests is not None:
+            counts[name] = requests
+    return tuple(sorted((name, n) for name, n in counts.items() if n))
+
+
+def tools(body: dict[str, Any]) -> list[ToolUse]:
+    """The tools a request offers, by policy name: client-side functions (and custom tools) are
+    ``function``; a server-side tool is its ``type``, all under one ``max_tool_calls``."""
+    raw = body.get("tools")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidRequest("tools must be a list", param="tools")
+    cap = body.get("max_tool_calls")
+    if cap is not None and positive_int(cap) is None:
+        raise InvalidRequest("max_tool_calls must be a positive integer", param="max_tool_calls")
+    found = []
+    for i, tool in enumerate(raw):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if not isinstance(kind, str) or not kind:
+            raise InvalidRequest(f"tools[{i}].type is required", param=f"tools[{i}].type")
+        if kind in CLIENT_TOOLS:
+            found.append(ToolUse("function", i))
+        else:
+            found.append(ToolUse(kind[:64], i, server=True, max_calls=cap, shared=True))
+    return found
+
+
+def cap_tools(body: dict[str, Any], calls: int) -> None:
+    body["max_tool_calls"] = calls
 
 
 def response_id(response: Any) -> str | None:
@@ -120,7 +177,7 @@ def bound(body: dict[str, Any], ctx: BoundContext, tier_percent: Callable[[Any],
     check_fields(body, FIELDS, ctx, REFUSED)
     percent = tier_percent(body.get("service_tier"))
     tools = body.get("tools")
-    check_client_tools(tools)
+    check_client_tools(tools, METERED_TOOLS)
     total = PER_REQUEST_TOKENS + json_tokens(without(body, ("input",)))
     if tools:
         total += TOOL_FRAMING_TOKENS
@@ -131,19 +188,22 @@ def bound(body: dict[str, Any], ctx: BoundContext, tier_percent: Callable[[Any],
     return RequestBound(total, None, 0, percent)
 
 
-def check_client_tools(tools: Any) -> None:
-    """Refuse any tool the provider runs itself (billed per call, which the broker does not
-    price): chat completions and responses offer the same kinds of client-side tools."""
+def check_client_tools(tools: Any, metered: tuple[str, ...] = ()) -> None:
+    """Refuse any tool whose cost the broker cannot bound: a server-side tool other than the
+    ``metered`` ones (by type prefix), which the gateway prices per call. Chat completions and
+    responses offer the same kinds of client-side tools."""
     if tools is None:
         return
     if not isinstance(tools, list):
         raise InvalidRequest("tools must be a list", param="tools")
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind not in CLIENT_TOOLS:
-            raise Unbounded(
-                f"tools[{i}].type: {str(kind)[:60]!r} is not a client-side tool; the broker "
-                "does not price server-side tools", param=f"tools[{i}].type")
+        if kind in CLIENT_TOOLS or (isinstance(kind, str) and kind.startswith(metered)
+                                    and metered):
+            continue
+        raise Unbounded(
+            f"tools[{i}].type: {str(kind)[:60]!r} is a server-side tool the broker cannot "
+            "price on this route", param=f"tools[{i}].type")
 
 
 def _input_tokens(items: Any, part: Callable[[Any, str], int]) -> int:

@@ -16,7 +16,9 @@ content block are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +35,7 @@ from broker.plugin import (
     ProviderConfig,
     RequestBound,
     SseEvent,
+    ToolUse,
     Unbounded,
     UpstreamRequest,
     Usage,
@@ -61,6 +64,12 @@ TOOL_FRAMING_TOKENS = 1024
 # size (bash 245, text editor about 700, computer 735 plus 499 of system prompt), held at a
 # ceiling well above it.
 CLIENT_TOOL_TOKENS = {"bash_": 1_000, "text_editor_": 1_500, "computer_": 2_500}
+# Server-side tools billed per call (``usage.server_tool_use.<name>_requests``), whose results
+# are input tokens: the gateway prices and caps them (``max_uses``); their definitions are a
+# hidden prompt too, held at this ceiling. Code execution is billed by container time: refused.
+SERVER_TOOL_TOKENS = {"web_search": 1_000, "web_fetch": 1_000}
+SERVER_TOOLS = frozenset({"web_search", "web_fetch", "code_execution"})
+_DATED = re.compile(r"_\d{8}$")
 FIELDS = frozenset({
     "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
     "temperature", "top_k", "top_p", "tools", "tool_choice", "thinking", "service_tier",
@@ -106,8 +115,26 @@ def _input_usage(raw: Mapping[str, Any]) -> Usage | None:
 
 
 def _with_output(usage: Usage, output: int) -> Usage:
-    return Usage(usage.prompt_tokens, output, usage.cached_tokens, usage.cache_write_tokens,
-                 usage.cache_write_1h_tokens)
+    return dataclasses.replace(usage, completion_tokens=output)
+
+
+def _server_tool_calls(raw: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    """``usage.server_tool_use``: ``{"web_search_requests": 3}`` is three ``web_search`` calls."""
+    counts = raw.get("server_tool_use")
+    if not isinstance(counts, dict):
+        return ()
+    found = []
+    for key in counts:
+        n = _count(counts, key)
+        if isinstance(key, str) and key.endswith("_requests") and n:
+            found.append((key[: -len("_requests")][:64], n))
+    return tuple(sorted(found))
+
+
+def tool_name(kind: str) -> str:
+    """The policy's name of an Anthropic tool type: its date suffix dropped
+    (``web_search_20250305`` is ``web_search``)."""
+    return _DATED.sub("", kind)[:64]
 
 
 def _delta_text(delta: Any) -> str:
@@ -159,11 +186,28 @@ class AnthropicStreamMeter:
             raw = data.get("usage")
             if isinstance(raw, dict) and (out := _count(raw, "output_tokens")) is not None:
                 # The final delta may repeat the input counts; else message_start's stand.
-                known = [u for u in (_input_usage(raw), self.usage) if u is not None]
+                known = [u for u in (self._delta_input(raw), self.usage) if u is not None]
                 if known:
                     reported = max(known, key=lambda u: u.prompt_tokens)
-                    self.usage, self.final = _with_output(reported, out), True
+                    calls = _server_tool_calls(raw) or reported.tool_calls
+                    self.usage = dataclasses.replace(reported, completion_tokens=out,
+                                                     tool_calls=calls)
+                    self.final = True
         return True
+
+    def _delta_input(self, raw: Mapping[str, Any]) -> Usage | None:
+        """The input counts a ``message_delta`` repeats. It does not repeat how the cache
+        writes split into five-minute and one-hour ones (``cache_creation``): without it,
+        ``message_start``'s split stands, or one-hour writes would be charged as five-minute
+        ones, below the bill."""
+        usage = _input_usage(raw)
+        start = self.usage
+        if usage is None or start is None or isinstance(raw.get("cache_creation"), dict):
+            return usage
+        written = usage.cache_write_tokens + usage.cache_write_1h_tokens
+        hour = min(written, start.cache_write_1h_tokens)
+        return dataclasses.replace(usage, cache_write_tokens=written - hour,
+                                   cache_write_1h_tokens=hour)
 
     def epilogue(self, reason: EndReason) -> bytes:
         if reason == "limit":
@@ -231,12 +275,50 @@ class AnthropicWire:
                 continue
             ceiling = next((t for prefix, t in CLIENT_TOOL_TOKENS.items()
                             if isinstance(kind, str) and kind.startswith(prefix)), None)
+            if ceiling is None and isinstance(kind, str):
+                ceiling = SERVER_TOOL_TOKENS.get(tool_name(kind))
             if ceiling is None:
                 raise Unbounded(
-                    f"tools[{i}].type: {str(kind)[:60]!r} is not a client-side tool; the broker "
-                    "does not price server-side tools", param=f"tools[{i}].type")
+                    f"tools[{i}].type: {str(kind)[:60]!r} is a tool the broker cannot price",
+                    param=f"tools[{i}].type")
             total += ceiling
         return total
+
+    def tools(self, op: Operation, body: dict[str, Any]) -> list[ToolUse]:
+        raw = body.get("tools")
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise InvalidRequest("tools must be a list", param="tools")
+        found = []
+        for i, tool in enumerate(raw):
+            if not isinstance(tool, dict):
+                raise InvalidRequest(f"tools[{i}] must be an object", param=f"tools[{i}]")
+            kind = tool.get("type")
+            if kind is None or kind == "custom":
+                found.append(ToolUse("function", i))
+                continue
+            if not isinstance(kind, str) or not kind:
+                raise InvalidRequest(f"tools[{i}].type must be a string", param=f"tools[{i}].type")
+            name = tool_name(kind)
+            if name not in SERVER_TOOLS:
+                found.append(ToolUse(name, i))
+                continue
+            cap = tool.get("max_uses")
+            if cap is not None and positive_int(cap) is None:
+                raise InvalidRequest(f"tools[{i}].max_uses must be a positive integer",
+                                     param=f"tools[{i}].max_uses")
+            found.append(ToolUse(name, i, server=True, max_calls=cap))
+        return found
+
+    def cap_tools(self, op: Operation, body: dict[str, Any], tool: ToolUse, calls: int,
+                  result_tokens: int) -> None:
+        entry = body["tools"][tool.index]
+        entry["max_uses"] = calls
+        if tool.name == "web_fetch" and result_tokens:
+            # The provider cuts a fetched page to this many tokens: the result's bound holds.
+            asked = positive_int(entry.get("max_content_tokens"))
+            entry["max_content_tokens"] = min(asked or result_tokens, result_tokens)
 
     def _block_tokens(self, block: Any, where: str, ctx: BoundContext) -> int:
         if not isinstance(block, dict):
@@ -327,7 +409,10 @@ class AnthropicWire:
         if not isinstance(raw, dict):
             return None
         start, out = _input_usage(raw), _count(raw, "output_tokens")
-        return None if start is None or out is None else _with_output(start, out)
+        if start is None or out is None:
+            return None
+        return dataclasses.replace(start, completion_tokens=out,
+                                   tool_calls=_server_tool_calls(raw))
 
     def output_bound(self, op: Operation, response: Any) -> int:
         content = response.get("content") if isinstance(response, dict) else None

@@ -18,6 +18,7 @@ from broker.plugin import (
     ProviderConfig,
     RequestBound,
     StreamMeter,
+    ToolUse,
     UpstreamRequest,
     Usage,
 )
@@ -60,6 +61,13 @@ class MockProvider:
 
     def ask_stream_usage(self, op: Operation, body: dict[str, Any]) -> bool:
         return self._wire(op).ask_stream_usage(op, body)
+
+    def tools(self, op: Operation, body: dict[str, Any]) -> list[ToolUse]:
+        return self._wire(op).tools(op, body)
+
+    def cap_tools(self, op: Operation, body: dict[str, Any], tool: ToolUse, calls: int,
+                  result_tokens: int) -> None:
+        self._wire(op).cap_tools(op, body, tool, calls, result_tokens)
 
     def continues(self, op: Operation, body: dict[str, Any]) -> str | None:
         return self._wire(op).continues(op, body)

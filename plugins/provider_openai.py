@@ -30,6 +30,7 @@ from broker.plugin import (
     RequestBound,
     SseEvent,
     StreamMeter,
+    ToolUse,
     Unbounded,
     UpstreamRequest,
     Usage,
@@ -304,6 +305,21 @@ class OpenAIWire:
         asked = options.get("include_usage") is True
         body["stream_options"] = {**options, "include_usage": True}
         return asked
+
+    def tools(self, op: Operation, body: dict[str, Any]) -> list[ToolUse]:
+        if op == "responses":
+            return responses.tools(body)
+        if op == "embeddings":
+            return []
+        found = responses.tools({"tools": body.get("tools")})
+        if body.get("functions"):
+            found.append(ToolUse("function", len(found)))
+        return found
+
+    def cap_tools(self, op: Operation, body: dict[str, Any], tool: ToolUse, calls: int,
+                  result_tokens: int) -> None:
+        if op == "responses":
+            responses.cap_tools(body, calls)
 
     def continues(self, op: Operation, body: dict[str, Any]) -> str | None:
         return responses.continues(body) if op == "responses" else None

@@ -155,7 +155,9 @@ def test_org_admin_creates_reads_updates_and_deletes_a_workload(broker: Broker) 
     SECRETS.add(created["client_secret"])
     assert created["id"].startswith("wl_") and created["client_id"]
     assert created["client_secret"].startswith("bks_")
-    assert created["policy"] == policy and created["kind"] == "agent" and created["roles"] == []
+    # Unset fields stay unset (the kind's defaults apply); lists default to empty.
+    assert created["policy"] == {**policy, "approval_tools": []}
+    assert created["kind"] == "agent" and created["roles"] == []
 
     got = c.get(f"/v1/admin/workloads/{created['id']}", headers=h).json()
     assert "client_secret" not in got and "secret_hash" not in got
@@ -170,7 +172,7 @@ def test_org_admin_creates_reads_updates_and_deletes_a_workload(broker: Broker) 
                    json={"policy": {"models": ["gpt-4o-mini"]}}, headers=h)
     assert resp.status_code == 200, resp.text
     assert resp.json()["policy"] == {"models": ["gpt-4o-mini"], "approval_models": [],
-                                     "budgets": []}
+                                     "budgets": [], "approval_tools": []}
     assert resp.json()["name"] == "bot"
 
     assert c.delete(f"/v1/admin/workloads/{created['id']}", headers=h).status_code == 204

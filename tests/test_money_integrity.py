@@ -167,7 +167,7 @@ def test_each_vector_is_charged_exactly_what_the_provider_billed(env: Env, kind:
                  "service_tier", id="priority-tier-unpriced"),
     pytest.param("/v1/chat/completions", {"model": "gpt-test", "messages": PROMPT,
                                           "tools": [{"type": "web_search"}]},
-                 "tools[0].type", id="server-tool"),
+                 "tools[0]", id="server-tool-unpriced"),
     pytest.param("/v1/chat/completions", {"model": "gpt-test", "messages": [
         {"role": "user", "content": [{"type": "input_audio",
                                       "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]},
@@ -179,11 +179,12 @@ def test_each_vector_is_charged_exactly_what_the_provider_billed(env: Env, kind:
     pytest.param("/v1/messages", {"model": "claude-test", "max_tokens": 5, "messages": PROMPT,
                                   "tools": [{"type": "web_search_20250305", "name": "web_search",
                                              "max_uses": 5}]},
-                 "tools[0].type", id="anthropic-web-search"),
+                 "tools[0]", id="anthropic-web-search-unpriced"),
 ])
 def test_what_cannot_be_bounded_is_refused_naming_the_field_and_never_forwarded(
         env: Env, path: str, body: dict[str, Any], param: str) -> None:
-    token = env.token()
+    # The policy allows web search; this broker has no price for it (no [tools.web_search]).
+    token = env.token(tools=["function", "web_search"])
     send = _anthropic if path == "/v1/messages" else _openai
     resp = send(env, token, body)
     assert resp.status_code == 400, resp.text

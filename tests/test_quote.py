@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.errors import InsufficientQuota
-from broker.gateway.quote import DEFAULT_OUTPUT_LIMIT, Quote, quote
+from broker.gateway.quote import DEFAULT_OUTPUT_LIMIT, NO_TOOLS, Quote, ToolLoad, quote
 from broker.money.bounds import RequestBound
 from broker.money.pricing import CacheTtl, Price, Usage
 from broker.plugin import Operation
@@ -41,7 +41,7 @@ def test_the_held_amount_is_the_cost_of_the_worst_case() -> None:
 def test_the_worst_case_cannot_disagree_with_the_rest_of_the_quote() -> None:
     q = _quote(10**9, requested=10)
     with pytest.raises(TypeError):
-        Quote(q.price, 1, None, 0, 1, 1, q.worst, q.held)  # type: ignore[call-arg]
+        Quote(q.price, 1, None, 0, 1, 1, q.worst, q.held)  # type: ignore[call-arg, arg-type]
     with pytest.raises(dataclasses.FrozenInstanceError):
         q.held = 0  # type: ignore[misc]
     assert dataclasses.replace(q, output_limit=20).held == 100 + 2 * 20
@@ -185,3 +185,47 @@ def test_the_quote_matches_the_arithmetic_it_replaced(
     assert within.held <= remaining
     if op == "chat" and held < limit:  # lowered as little as the money allows
         assert dataclasses.replace(within, output_limit=held + 1).held > remaining
+
+
+# --- server-side tools ------------------------------------------------------------------------
+
+
+def _tool_quote(budget: int, load: ToolLoad, *, input_tokens: int = 100,
+                requested: int | None = 10) -> Quote:
+    return quote(RequestBound(input_tokens), MODEL, op="responses", requested=requested,
+                 choices=1, budget=budget, tools=load)
+
+
+def test_with_server_side_tools_every_turn_rereads_input_results_and_output() -> None:
+    # Two calls: up to three model turns, each reading the input (100), both results (50) and
+    # the output (10): 480 input tokens, 10 output tokens and 30 of fees.
+    q = _tool_quote(10**9, ToolLoad(calls=2, result_tokens=50, fee_micros=30))
+    assert q.billed_input_tokens == 3 * (100 + 50 + 10)
+    assert q.worst == Usage(480, 10, cached_tokens=0)
+    assert q.held == 480 + 2 * 10 + 30
+    assert _tool_quote(10**9, NO_TOOLS).held == 100 + 2 * 10
+
+
+def test_with_tools_the_output_limit_is_the_largest_the_budget_pays_for() -> None:
+    load = ToolLoad(calls=1, result_tokens=0, fee_micros=100)
+    # 2 turns x (100 + o) input + 2 o output + 100 fees <= 1000  =>  o <= 175.
+    q = _tool_quote(1000, load, requested=4096)
+    assert (q.output_limit, q.held) == (175, 1000)
+    with pytest.raises(InsufficientQuota):
+        _tool_quote(10**9, load).within(200 + 100 + 3)  # not one token of output fits
+
+
+@given(budget=st.integers(0, 10**6), input_tokens=st.integers(0, 5_000),
+       calls=st.integers(1, 8), result=st.integers(0, 5_000), fee=st.integers(0, 50_000),
+       requested=st.integers(1, 10_000))
+def test_a_tool_quote_that_fits_is_the_most_that_fits_and_bounds_every_bill(
+        budget: int, input_tokens: int, calls: int, result: int, fee: int,
+        requested: int) -> None:
+    load = ToolLoad(calls, calls * result, fee)
+    q = _tool_quote(budget, load, input_tokens=input_tokens, requested=requested)
+    if q.held <= budget and q.output_limit < requested:
+        assert dataclasses.replace(q, output_limit=q.output_limit + 1).held > budget
+    # Whatever the provider bills within the caps costs at most the hold.
+    turns = calls + 1
+    bill = Usage(turns * (input_tokens + calls * result + q.output_cap), q.output_cap)
+    assert q.price.cost(bill) + fee <= q.held

@@ -129,7 +129,6 @@ def test_a_conversation_the_broker_did_not_meter_is_refused_before_the_provider(
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    pytest.param({"tools": [{"type": "web_search"}]}, "tools[0].type", id="server-side-tool"),
     pytest.param({"conversation": "conv_123"}, "conversation", id="stored-conversation"),
     pytest.param({"prompt": {"id": "pmpt_1"}}, "prompt", id="stored-prompt"),
     pytest.param({"background": True}, "background", id="background-job"),

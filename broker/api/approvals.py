@@ -38,7 +38,7 @@ from broker.services import Services
 def grant_view(grant: GrantRecord, now: int) -> dict[str, Any]:
     return {
         "id": grant.id, "workload_id": grant.workload_id, "tenant_id": grant.tenant_id,
-        "approval_id": grant.approval_id, "model": grant.model,
+        "approval_id": grant.approval_id, "model": grant.model, "tool": grant.tool,
         "budget_micros": grant.budget_micros, "spent_micros": grant.spent_micros,
         "rpm": grant.rpm, "tpm": grant.tpm, "status": grant.status(now),
         "created_at": iso(grant.created_at), "expires_at": iso(grant.expires_at),
@@ -50,7 +50,7 @@ def grant_view(grant: GrantRecord, now: int) -> dict[str, Any]:
 def approval_view(approval: ApprovalRecord, now: int) -> dict[str, Any]:
     return {
         "id": approval.id, "workload_id": approval.workload_id,
-        "tenant_id": approval.tenant_id, "model": approval.model,
+        "tenant_id": approval.tenant_id, "model": approval.model, "tool": approval.tool,
         "budget_micros": approval.budget_micros, "rpm": approval.rpm, "tpm": approval.tpm,
         "ttl_s": approval.ttl_s, "reason": approval.reason, "status": approval.status(now),
         "created_at": iso(approval.created_at),

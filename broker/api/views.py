@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,6 +41,8 @@ def event_view(row: Any) -> dict[str, Any]:
         "stream": bool(row.stream),
         "estimated": bool(row.estimated),
         "client_ip": row.client_ip,
+        # Server-side tool calls by tool name (``{"web_search": 3}``); {} without any.
+        "tool_calls": json.loads(row.tool_calls) if row.tool_calls else {},
     }
 
 

@@ -5,6 +5,8 @@ A live grant may do three things for its workload:
 
 * **a model** that the policy lists in ``approval_models``: tokens issued while the grant lives
   carry it (``grant_models``) and the gateway lets them call it;
+* **a tool** that the policy lists in ``approval_tools`` (or ``batch``, when the policy puts batch
+  jobs behind approval): tokens carry it in ``grant_tools`` and the gateway lets them use it;
 * **extra budget**: reserved from the tenant and organisation budgets when granted, as a slice
   of kind ``grant`` with the grant's id (:mod:`broker.money.ledger`). Tokens whose slice the
   workload's own budgets cannot hold are funded from it (their slice is carved out of it), and
@@ -27,7 +29,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from broker.errors import Conflict, NotFound, ValidationFailed
 from broker.identity.identities import Actor, require_may_manage
-from broker.identity.policy import Micros, Policy, Rate, model_allowed
+from broker.identity.policy import Micros, Policy, Rate, ToolName, effective, model_allowed
 from broker.money import ledger
 from broker.revocation import log as revocation_log
 from broker.revocation.log import Entry
@@ -63,6 +65,7 @@ class Ask(_Body):
     """What a grant gives: the fields of a workload's request and of an admin's direct grant."""
 
     model: StrictStr | None = Field(default=None, min_length=1, max_length=256)
+    tool: ToolName | None = None
     budget_micros: Micros = 0
     rpm: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     tpm: StrictInt | None = Field(default=None, ge=1, le=10**12)
@@ -85,6 +88,7 @@ class GrantRecord:
     workload_id: str
     approval_id: str | None
     model: str | None
+    tool: str | None
     budget_micros: int
     rpm: int | None
     tpm: int | None
@@ -106,7 +110,8 @@ class GrantRecord:
 def _record(row: Any, spent: int = 0) -> GrantRecord:
     return GrantRecord(
         id=row.id, tenant_id=row.tenant_id, workload_id=row.workload_id,
-        approval_id=row.approval_id, model=row.model, budget_micros=int(row.budget_micros),
+        approval_id=row.approval_id, model=row.model, tool=row.tool,
+        budget_micros=int(row.budget_micros),
         rpm=row.rpm, tpm=row.tpm, created_at=int(row.created_at), expires_at=int(row.expires_at),
         created_by=row.created_by, reason=row.reason, revoked_at=row.revoked_at,
         revoked_by=row.revoked_by, ended_at=row.ended_at, spent_micros=spent)
@@ -144,8 +149,16 @@ def check_ask(settings: Settings, workload: Target, ask: Ask) -> None:
     """What may be asked or granted at all: 422 otherwise."""
     if ask.ttl_s > settings.approvals.max_ttl_s:
         raise ValidationFailed(f"ttl_s: at most {settings.approvals.max_ttl_s} (approvals.max_ttl_s)")
-    if ask.model is None and not ask.budget_micros and ask.rpm is None and ask.tpm is None:
-        raise ValidationFailed("a grant needs a model, budget_micros, rpm or tpm")
+    if (ask.model is None and ask.tool is None and not ask.budget_micros and ask.rpm is None
+            and ask.tpm is None):
+        raise ValidationFailed("a grant needs a model, a tool, budget_micros, rpm or tpm")
+    if ask.tool is not None:
+        policy = effective(workload.policy, workload.kind)
+        gated = ask.tool in policy.approval_tools or (ask.tool == "batch"
+                                                      and policy.batch == "approval")
+        if not gated:
+            raise ValidationFailed("tool: not one this workload's policy puts behind approval "
+                                   "(policy.approval_tools, or batch = \"approval\")")
     if ask.model is not None:
         if ask.model not in settings.models:
             raise ValidationFailed(f"model: {ask.model[:200]!r} is not a configured model")
@@ -175,12 +188,13 @@ def create(conn: Connection, settings: Settings, actor: Actor, workload: Target,
                              budgets=refs, issued_at=now, expires_at=expires_at, kind="grant")
     conn.execute(insert(_grant).values(
         id=grant_id, tenant_id=workload.tenant_id, workload_id=workload.id,
-        approval_id=approval_id, model=ask.model, budget_micros=ask.budget_micros, rpm=ask.rpm,
+        approval_id=approval_id, model=ask.model, tool=ask.tool, budget_micros=ask.budget_micros,
+        rpm=ask.rpm,
         tpm=ask.tpm, created_at=now, expires_at=expires_at, created_by=actor.id,
         reason=ask.reason))
     record(conn, actor.id, "grant.create", grant_id,
            {"workload_id": workload.id, "tenant_id": workload.tenant_id, "model": ask.model,
-            "budget_micros": ask.budget_micros, "rpm": ask.rpm, "tpm": ask.tpm,
+            "tool": ask.tool, "budget_micros": ask.budget_micros, "rpm": ask.rpm, "tpm": ask.tpm,
             "expires_at": expires_at, "approval_id": approval_id, "reason": ask.reason}, now)
     publish(conn, LIMITS_MESSAGE, {"workload_id": workload.id})
     return get(conn, actor, grant_id)

@@ -58,6 +58,7 @@ class ApprovalRecord:
     tenant_id: str
     workload_id: str
     model: str | None
+    tool: str | None
     budget_micros: int
     rpm: int | None
     tpm: int | None
@@ -88,7 +89,7 @@ def _record(conn: Connection, row: Any) -> ApprovalRecord:
         grant = grants._record(found) if found is not None else None
     return ApprovalRecord(
         id=row.id, tenant_id=row.tenant_id, workload_id=row.workload_id, model=row.model,
-        budget_micros=int(row.budget_micros), rpm=row.rpm, tpm=row.tpm, ttl_s=int(row.ttl_s),
+        tool=row.tool, budget_micros=int(row.budget_micros), rpm=row.rpm, tpm=row.tpm, ttl_s=int(row.ttl_s),
         reason=row.reason, stored_status=row.status, created_at=int(row.created_at),
         expires_at=int(row.expires_at), decided_at=row.decided_at, decided_by=row.decided_by,
         decision_reason=row.decision_reason, grant_id=row.grant_id, grant=grant)
@@ -108,12 +109,12 @@ def ask(conn: Connection, settings: Settings, workload_id: str, body: Ask,
     approval_id = "ap_" + secrets.token_hex(8)
     conn.execute(insert(_approval).values(
         id=approval_id, tenant_id=workload.tenant_id, workload_id=workload_id, model=body.model,
-        budget_micros=body.budget_micros, rpm=body.rpm, tpm=body.tpm, ttl_s=body.ttl_s,
+        tool=body.tool, budget_micros=body.budget_micros, rpm=body.rpm, tpm=body.tpm, ttl_s=body.ttl_s,
         reason=body.reason, status="pending", created_at=now,
         expires_at=now + settings.approvals.pending_ttl_s))
     record(conn, workload_id, "approval.request", approval_id,
            {"workload_id": workload_id, "tenant_id": workload.tenant_id, "model": body.model,
-            "budget_micros": body.budget_micros, "rpm": body.rpm, "tpm": body.tpm,
+            "tool": body.tool, "budget_micros": body.budget_micros, "rpm": body.rpm, "tpm": body.tpm,
             "ttl_s": body.ttl_s, "reason": body.reason}, now)
     return get_own(conn, workload_id, approval_id)
 
@@ -183,6 +184,7 @@ def approve(conn: Connection, settings: Settings, actor: Actor, approval_id: str
             raise ValidationFailed(f"{name}: an approval may lower what was asked, never raise it")
     granted = Ask(
         model=found.model,
+        tool=found.tool,
         budget_micros=found.budget_micros if decision.budget_micros is None else decision.budget_micros,
         rpm=found.rpm if decision.rpm is None else decision.rpm,
         tpm=found.tpm if decision.tpm is None else decision.tpm,

@@ -53,13 +53,21 @@ from broker.errors import (
     InvalidToken,
     ModelNotAllowed,
     ModelNotFound,
-    RateLimited,
     UpstreamError,
-    UpstreamTimeout,
 )
-from broker.gateway import conversations
+from broker.gateway import conversations, tools
+from broker.gateway.charges import (
+    Charge,
+    Ended,
+    nothing,
+    read,
+    refusal,
+    send,
+    unfinished,
+    whole_hold,
+)
 from broker.gateway.quote import Quote, quote
-from broker.gateway.stream import MeteredStream, body_chunks
+from broker.gateway.stream import MeteredStream
 from broker.gateway.upstream_http import ProviderPools, Upstream
 from broker.identity.policy import Policy, effective, model_allowed
 from broker.money import ledger
@@ -84,42 +92,12 @@ _workload = Workload.__table__  # type: ignore[attr-defined]
 
 POLICY_CACHE_S = 5.0
 POLICY_CACHE_MAX = 10_000
-MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 HOLD_ATTEMPTS = 3
 
 
 # Outcomes the monitor's ``failures`` detector counts (with the gateway's own refusals).
 _FAILED_UPSTREAM = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT,
                               Outcome.UPSTREAM_RATE_LIMITED})
-
-
-@dataclass(frozen=True)
-class Charge:
-    """How a call ended and what it used: what settlement charges."""
-
-    outcome: Outcome
-    usage: Usage
-    estimated: bool = False
-
-
-def _nothing(outcome: Outcome) -> Charge:
-    """The provider never took the request (or refused it): nothing to pay."""
-    return Charge(outcome, NOTHING)
-
-
-def _whole_hold(outcome: Outcome, quote: Quote) -> Charge:
-    """The request went out and no usage came back: the provider may bill all of it."""
-    return Charge(outcome, quote.worst, estimated=True)
-
-
-class _Ended(Exception):
-    """A call that failed after its request was built: what it is charged, and the error the
-    client sees."""
-
-    def __init__(self, charge: Charge, error: Exception) -> None:
-        super().__init__(charge.outcome)
-        self.charge = charge
-        self.error = error
 
 
 @dataclass
@@ -144,6 +122,7 @@ class Call:
     # The request as the client sent it (a shallow copy taken before the broker changed it):
     # what the monitor's loop fingerprint is made of.
     original: dict[str, Any] | None = None
+    tools: tools.ToolPlan = tools.NO_PLAN
     settled: bool = False
 
 
@@ -273,13 +252,14 @@ class Gateway:
         if continued is not None:
             ctx = await conversations.continuing(self.svc.db, ctx, continued,
                                                  tenant_id=token.tenant, provider=spec.provider)
+        plan = tools.plan(provider, op, body, policy, token, self.settings.tools)
         bound = provider.bound_request(op, body, ctx, client_headers)
         requested, choices = provider.output_limit(op, body)
         # Asking for stream usage may refuse a malformed request: do it before money moves.
         client_wants_usage = provider.ask_stream_usage(op, body) if stream else False
         # Quoted against the whole slice, so the limiter's worst case needs no database read.
         admitted = quote(bound, spec, op=op, requested=requested, choices=choices,
-                         budget=token.budget_micros)
+                         budget=token.budget_micros, tools=plan.load)
         await self.keys.get(spec.provider)  # a Vault outage refuses the call before money moves
         self.limiter.admit(token.sub, policy, tokens=admitted.worst.tokens,
                            cost_micros=admitted.held, now=time.time(), group=token.tenant,
@@ -295,14 +275,14 @@ class Gateway:
             token=token, op=op, model=model, provider=provider, policy=policy, body=body,
             stream=stream, client_wants_usage=client_wants_usage, quote=held, admitted=admitted,
             hold_id=hold_id, remaining=remaining, request_id=request_id, client_ip=client_ip,
-            started=started, original=original,
+            started=started, original=original, tools=plan,
         )
         try:
             if op != "embeddings":
                 provider.set_output_limit(op, body, held.output_limit)
             body["model"] = spec.upstream_model or model
         except BaseException:
-            await self.settle(call, _nothing(Outcome.REFUSED))
+            await self.settle(call, nothing(Outcome.REFUSED))
             raise
         return call
 
@@ -318,15 +298,15 @@ class Gateway:
         response: httpx.Response | None = None
         try:
             up, request = await self._prepare(call, client_headers)
-            response = await _send(up, request, call.quote)
+            response = await send(up, request, call.quote)
             if response.status_code == 200 and call.stream:
                 return self._stream(call, response)
-            charge, reply = self._answer(call, response, await _read(response, call.quote))
-        except _Ended as ended:
+            charge, reply = self._answer(call, response, await read(response, call.quote))
+        except Ended as ended:
             await self.settle(call, ended.charge)
             raise ended.error from None
         except BaseException:
-            await self.settle(call, _unfinished(call.quote, request, response))
+            await self.settle(call, unfinished(call.quote, request, response))
             raise
         cost, remaining = await self.settle(call, charge)
         if reply.status != 200:
@@ -352,17 +332,17 @@ class Gateway:
                               max_connections=self.settings.providers[config.name].max_connections)
 
     def _answer(self, call: Call, response: httpx.Response, raw: bytes) -> tuple[Charge, Reply]:
-        """The charge and the client's reply of a complete answer; raises :class:`_Ended`
+        """The charge and the client's reply of a complete answer; raises :class:`Ended`
         when the client gets an error instead."""
         if response.status_code != 200:
-            charge, error = _refusal(response)
+            charge, error = refusal(response)
             if error is not None:
-                raise _Ended(charge, error)
+                raise Ended(charge, error)
             return charge, Reply(response.status_code, raw, {"content-type": "application/json"})
         try:
             parsed = json.loads(raw)
         except ValueError:
-            raise _Ended(_whole_hold(Outcome.UPSTREAM_ERROR, call.quote),
+            raise Ended(whole_hold(Outcome.UPSTREAM_ERROR, call.quote),
                          UpstreamError("the provider's answer is not JSON")) from None
         usage = call.provider.read_usage(call.op, parsed)
         if usage is not None:
@@ -371,7 +351,7 @@ class Gateway:
             out = call.provider.output_bound(call.op, parsed)
             charge = Charge(Outcome.OK, call.quote.bounded(None, out), estimated=True)
         if parsed is None:  # JSON, but no answer: what it reported is charged all the same
-            raise _Ended(charge, UpstreamError("the provider's answer is not JSON"))
+            raise Ended(charge, UpstreamError("the provider's answer is not JSON"))
         return charge, Reply(200, raw, {"content-type": "application/json"})
 
     def _stream(self, call: Call, response: httpx.Response) -> MeteredStream:
@@ -408,7 +388,10 @@ class Gateway:
             return 0, None
         call.settled = True
         usage = charge.usage
-        cost = call.quote.price.cost(usage)
+        # Without the provider's count, every call the cap allowed may have been made.
+        fees = (tools.ToolFees(call.quote.tools.fee_micros) if charge.estimated
+                else tools.fees(call.tools, usage.tool_calls, self.settings.tools))
+        cost = call.quote.price.cost(usage) + fees.micros
         status = Outcome.OVERRUN if cost > call.quote.held else charge.outcome
         now = time.time()
         event = {
@@ -423,12 +406,13 @@ class Gateway:
             "stream": call.stream,
             "estimated": charge.estimated,
             "client_ip": call.client_ip[:64] if call.client_ip else None,
+            "tool_calls": fees.column,
         }
         remaining: int | None = None
         with anyio.CancelScope(shield=True):
             try:
                 remaining = await self.svc.db.run(
-                    lambda conn: self._settle_in(conn, call, cost, event, charge))
+                    lambda conn: self._settle_in(conn, call, cost, event, charge, fees))
             except Exception as exc:
                 # The hold stays; the sweeper settles it at the full amount once it is orphaned.
                 log.error("settling hold %s failed: %s", call.hold_id, type(exc).__name__)
@@ -459,10 +443,17 @@ class Gateway:
                             now=now, group=token.tenant)
 
     def _settle_in(self, conn: Connection, call: Call, cost: int, event: dict[str, Any],
-                   charge: Charge) -> int | None:
+                   charge: Charge, fees: tools.ToolFees) -> int | None:
         done = ledger.settle_hold(conn, hold_id=call.hold_id, cost=cost, event=event)
         if done is None:
             return None
+        if fees.unauthorised:
+            _alert, cut = tools.flag_unauthorised(
+                conn, self.settings, workload_id=done.workload_id, tenant_id=done.tenant_id,
+                unauthorised=fees.unauthorised, now=int(event["ts"]),
+                detail={"request_id": event["request_id"], "model": call.model,
+                        "provider": call.provider.config.name, "offered": list(call.tools.offered)})
+            apply_here(self.svc.token_gate, cut)
         ended, usage = charge.outcome, charge.usage
         if usage.context_id is not None and not charge.estimated:
             conversations.remember(conn, usage.context_id, tenant_id=call.token.tenant,
@@ -514,76 +505,3 @@ def _hold(conn: Connection, hold_id: str, jti: str, admitted: Quote) -> tuple[Qu
         except InsufficientQuota:
             continue
     raise InsufficientQuota("the token's remaining slice is taken by running requests")
-
-
-async def _send(up: Upstream, request: httpx.Request, quote: Quote) -> httpx.Response:
-    try:
-        return await up.send(request)
-    except (httpx.ConnectTimeout, httpx.PoolTimeout):
-        # No connection was made: the provider never saw the request.
-        raise _Ended(_nothing(Outcome.UPSTREAM_TIMEOUT), UpstreamTimeout()) from None
-    except httpx.TimeoutException:
-        raise _Ended(_whole_hold(Outcome.UPSTREAM_TIMEOUT, quote), UpstreamTimeout()) from None
-    except httpx.HTTPError:
-        raise _Ended(_nothing(Outcome.UPSTREAM_ERROR),
-                     UpstreamError("the provider could not be reached")) from None
-
-
-async def _read(response: httpx.Response, quote: Quote) -> bytes:
-    """The whole body of a non-stream answer, the response closed after. A 200 cut off may be
-    billed in full; an error status took nothing."""
-
-    def charge(outcome: Outcome) -> Charge:
-        return _whole_hold(outcome, quote) if response.status_code == 200 else _nothing(outcome)
-
-    try:
-        return await read_capped(response)
-    except httpx.TimeoutException:
-        raise _Ended(charge(Outcome.UPSTREAM_TIMEOUT), UpstreamTimeout()) from None
-    except httpx.HTTPError:
-        raise _Ended(charge(Outcome.UPSTREAM_ERROR),
-                     UpstreamError("the provider's answer was cut off")) from None
-    except UpstreamError as exc:
-        raise _Ended(charge(Outcome.UPSTREAM_ERROR), exc) from None
-    finally:
-        await response.aclose()
-
-
-def _unfinished(quote: Quote, request: httpx.Request | None,
-                response: httpx.Response | None) -> Charge:
-    """The charge of a call stopped by anything but a named failure (a cancellation, a failure
-    before sending): nothing until the request goes out, then the whole hold, unless the
-    provider answered an error status."""
-    if request is None:
-        return _nothing(Outcome.NOT_SENT)
-    if response is not None and response.status_code != 200:
-        return _nothing(Outcome.UPSTREAM_ERROR)
-    return _whole_hold(Outcome.CANCELLED, quote)
-
-
-def _refusal(response: httpx.Response) -> tuple[Charge, Exception | None]:
-    """How an upstream error status reaches the client; the provider took nothing."""
-    status = response.status_code
-    if status == 429:
-        retry = response.headers.get("retry-after", "")
-        headers = {"retry-after": retry} if retry.isdigit() else {}
-        return _nothing(Outcome.UPSTREAM_RATE_LIMITED), RateLimited(
-            "the provider is rate limiting this model", headers=headers)
-    if status in (401, 403, 407):
-        log.error("provider refused the broker's credentials (HTTP %d)", status)
-        return _nothing(Outcome.UPSTREAM_ERROR), UpstreamError("the provider refused the call")
-    if 400 <= status < 500:
-        # The client's request is at fault: its own provider error, in its own wire format.
-        return _nothing(Outcome.UPSTREAM_REJECTED), None
-    return _nothing(Outcome.UPSTREAM_ERROR), UpstreamError(f"the provider answered {status}")
-
-
-async def read_capped(response: httpx.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in body_chunks(response):
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise UpstreamError("the provider's answer is too large")
-        chunks.append(chunk)
-    return b"".join(chunks)

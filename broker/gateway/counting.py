@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 
 from broker.errors import RateLimited, UpstreamError, UpstreamTimeout
-from broker.gateway.calls import Gateway, Reply, read_capped
+from broker.gateway.calls import Gateway, Reply
+from broker.gateway.charges import read_capped
 from broker.tokens.tokens import VerifiedToken
 
 COUNT_PATH = "/count_tokens"

@@ -25,6 +25,20 @@ DEFAULT_OUTPUT_LIMIT = 4096
 
 
 @dataclass(frozen=True)
+class ToolLoad:
+    """The worst a request's server-side tools can add (:mod:`broker.gateway.tools`): ``calls``
+    in all, each adding at most its result ceiling (``result_tokens`` all together) as input,
+    and ``fee_micros`` of per-call fees."""
+
+    calls: int = 0
+    result_tokens: int = 0
+    fee_micros: int = 0
+
+
+NO_TOOLS = ToolLoad()
+
+
+@dataclass(frozen=True)
 class Quote:
     """The most one call can be billed, and its price.
 
@@ -39,13 +53,24 @@ class Quote:
     extra_output_tokens: int  # billable beyond the output limit (an OpenAI prediction)
     output_limit: int
     choices: int
+    tools: ToolLoad = NO_TOOLS
     worst: Usage = field(init=False)
     held: int = field(init=False)
 
     def __post_init__(self) -> None:
-        worst = self.price.worst_case(self.input_tokens, self.output_cap, self.cache)
+        worst = self.price.worst_case(self.billed_input_tokens, self.output_cap, self.cache)
         object.__setattr__(self, "worst", worst)
-        object.__setattr__(self, "held", self.price.cost(worst))
+        object.__setattr__(self, "held", self.price.cost(worst) + self.tools.fee_micros)
+
+    @property
+    def billed_input_tokens(self) -> int:
+        """Every input token the provider may bill. With server-side tools the provider samples
+        again after each call, and every turn reads the input, the results so far and the output
+        so far: at most ``calls + 1`` turns of all of it."""
+        if not self.tools.calls:
+            return self.input_tokens
+        return (self.tools.calls + 1) * (self.input_tokens + self.tools.result_tokens
+                                         + self.output_cap)
 
     @property
     def answer_tokens(self) -> int:
@@ -61,8 +86,8 @@ class Quote:
     def bounded(self, reported: Usage | None, output_bound: int) -> Usage:
         """The charge when the provider's final usage is missing: the input it reported (else the
         input bound) and the output seen, counted high, never above the hold's."""
-        source = reported if reported is not None else self.price.worst_input(self.input_tokens,
-                                                                               self.cache)
+        source = reported if reported is not None else self.price.worst_input(
+            self.billed_input_tokens, self.cache)
         seen = max(output_bound, reported.completion_tokens if reported is not None else 0)
         return Usage(source.prompt_tokens, min(self.output_cap, seen), source.cached_tokens,
                      source.cache_write_tokens, source.cache_write_1h_tokens)
@@ -72,7 +97,7 @@ class Quote:
         :class:`InsufficientQuota` when ``budget`` cannot pay for one token per answer (or, without
         answers, for the input)."""
         smaller = _fit(self.price, self.input_tokens, self.cache, self.extra_output_tokens,
-                       self.output_limit, self.choices, budget)
+                       self.output_limit, self.choices, budget, self.tools)
         if smaller.held <= budget:
             return smaller
         if self.output_limit:
@@ -81,7 +106,7 @@ class Quote:
 
 
 def quote(bound: RequestBound, model: ModelSettings, *, op: Operation, requested: int | None,
-          choices: int, budget: int) -> Quote:
+          choices: int, budget: int, tools: ToolLoad = NO_TOOLS) -> Quote:
     """The call's quote against ``budget`` (the token's whole slice): the output limit the client
     asked for (:data:`DEFAULT_OUTPUT_LIMIT` when none), lowered to what ``budget`` pays for.
 
@@ -90,15 +115,19 @@ def quote(bound: RequestBound, model: ModelSettings, *, op: Operation, requested
     price = Price.of(model, bound.price_percent)
     wanted = 0 if op == "embeddings" else requested or DEFAULT_OUTPUT_LIMIT
     return _fit(price, bound.input_tokens, bound.cache, bound.extra_output_tokens, wanted, choices,
-                budget)
+                budget, tools)
 
 
 def _fit(price: Price, input_tokens: int, cache: CacheTtl | None, extra_output_tokens: int,
-         wanted: int, choices: int, budget: int) -> Quote:
+         wanted: int, choices: int, budget: int, tools: ToolLoad) -> Quote:
     limit = wanted
-    most = price.max_output_tokens(price.worst_input(input_tokens, cache), budget)
+    if tools.calls:
+        most = price.max_output_in_turns(input_tokens + tools.result_tokens, cache,
+                                         tools.calls + 1, tools.fee_micros, budget)
+    else:
+        most = price.max_output_tokens(price.worst_input(input_tokens, cache), budget)
     # None: output is free and the input fits, so money sets no limit. Without answers (wanted
     # 0) there is no limit to lower.
     if most is not None and wanted:
         limit = max(1, min(wanted, (most - extra_output_tokens) // choices))
-    return Quote(price, input_tokens, cache, extra_output_tokens, limit, choices)
+    return Quote(price, input_tokens, cache, extra_output_tokens, limit, choices, tools)

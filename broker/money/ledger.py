@@ -13,6 +13,11 @@ instead of the budgets (their ``parent_jti``): the parent holds each child's who
 ``held`` while the child lives, moves what the child spends from held to spent, and can only be
 released once every child is.
 
+A batch job's money is a slice too (``kind`` ``job``), carved out of the slice of the token that
+launched it like a child's, but outliving that token: the job's holds stay in it until the
+batch poller settles them from the provider's output (the sweeper leaves them alone), and the
+token's slice cannot be released while the job holds part of it.
+
 A hold is a proven upper bound on what the provider can bill (:mod:`broker.money.bounds`), so a
 settlement normally charges at most the hold. If a provider ever bills more, the broker charges
 what was billed: the slice's ``spent`` and the budgets' ``spent`` then pass their limits (an
@@ -169,7 +174,7 @@ _SETTLE_SLICE = Sql("""
 _USAGE_COLUMNS = (
     "id", "request_id", "ts", "tenant_id", "workload_id", "jti", "model", "provider",
     "prompt_tokens", "completion_tokens", "cost_micros", "status", "latency_ms", "stream",
-    "estimated", "client_ip",
+    "estimated", "client_ip", "tool_calls",
 )
 # Built from the constant column list above, never from input.
 _INSERT_USAGE = Sql(
@@ -178,7 +183,7 @@ _INSERT_USAGE = Sql(
 )
 _USAGE_DEFAULTS: dict[str, Any] = {
     "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": 0, "stream": False,
-    "estimated": False, "client_ip": None,
+    "estimated": False, "client_ip": None, "tool_calls": None,
 }
 
 
@@ -245,6 +250,32 @@ def reserve_child_slice(
                       tenant_id=tenant_id, amount=amount, issued_at=issued_at,
                       expires_at=min(expires_at, int(row[0])))
     _count_live(conn, workload_id, max_live, retry_after_s)
+    return True
+
+
+def reserve_job_slice(
+    conn: Connection,
+    *,
+    jti: str,
+    parent: str,
+    workload_id: str,
+    tenant_id: str,
+    amount: int,
+    now: int,
+    expires_at: int,
+) -> bool:
+    """Record a background job's slice (``kind`` ``job``: a batch), carved out of ``parent``'s
+    (the token that launched it) like a delegated token's: False, with nothing written, when the
+    parent is gone, expired, revoked or has no room for ``amount``.
+
+    Unlike a token's, the job's slice is not clamped to the parent's expiry: the job runs for
+    hours at the provider after its token died, and its money must stay held until it is
+    settled. The parent cannot be released meanwhile (it holds the job's whole slice in its
+    ``held``), and the job is no live token (``live_slices`` does not count it)."""
+    if _CARVE.run(conn, amount=amount, parent=parent, now=now).first() is None:
+        return False
+    _INSERT_SLICE.run(conn, jti=jti, kind="job", parent=parent, workload_id=workload_id,
+                      tenant_id=tenant_id, amount=amount, issued_at=now, expires_at=expires_at)
     return True
 
 
@@ -416,9 +447,15 @@ def _spend_above(conn: Connection, jti: str, parent: str | None, cost: int, with
 
 
 def orphaned_holds(conn: Connection, older_than: int, limit: int = 500) -> list[tuple[str, str, int]]:
-    h = _hold.c
+    """Holds older than ``older_than``: their request outlived any process that ran it. A job's
+    holds (a batch, in a ``job`` slice) are not: they last as long as the job runs at the
+    provider, and only its poller knows when it ended and what it cost."""
+    h, s = _hold.c, _slice.c
     rows = conn.execute(
-        select(h.id, h.jti, h.amount_micros).where(h.created_at < older_than).limit(limit)
+        select(h.id, h.jti, h.amount_micros)
+        .select_from(_hold.join(_slice, s.jti == h.jti))
+        .where(h.created_at < older_than, s.kind != "job")
+        .limit(limit)
     ).all()
     return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 

@@ -41,6 +41,9 @@ class Usage:
     # The provider's id of the context this call left behind, which a later call may continue
     # (an OpenAI response, for ``previous_response_id``): its tokens are remembered, not it.
     context_id: str | None = None
+    # The provider's server-side tool calls, by the tool's name (``web_search``): billed per
+    # call on top of the tokens (their results are input tokens, inside ``prompt_tokens``).
+    tool_calls: tuple[tuple[str, int], ...] = ()
 
     @property
     def uncached_tokens(self) -> int:
@@ -103,6 +106,15 @@ class Price:
         return Usage(worst.prompt_tokens, output_tokens, worst.cached_tokens,
                      worst.cache_write_tokens, worst.cache_write_1h_tokens)
 
+    def input_rate(self, cache: CacheTtl | None) -> int:
+        """The rate of the dearest input class a request may be billed at."""
+        rates = [self.input, self.cached_input]
+        if cache is not None:
+            rates.append(self.cache_write)
+        if cache == "1h":
+            rates.append(self.cache_write_1h)
+        return max(rates)
+
     def max_output_tokens(self, input_usage: Usage, budget_micros: int) -> int | None:
         """The largest completion count whose cost with ``input_usage`` stays within
         ``budget_micros``.
@@ -116,6 +128,22 @@ class Price:
         if self.output == 0:
             return None
         return room // self.output
+
+    def max_output_in_turns(self, input_tokens: int, cache: CacheTtl | None, turns: int,
+                            fixed_micros: int, budget_micros: int) -> int | None:
+        """The largest output count ``o`` such that ``turns`` model turns, each reading
+        ``input_tokens + o`` at the dearest input rate, plus ``o`` of output and
+        ``fixed_micros``, cost at most ``budget_micros`` (a request whose server-side tools make
+        the provider sample again after each call). ``None`` and negative as
+        :meth:`max_output_tokens`; exact for the same reason."""
+        rate = self.input_rate(cache)
+        room = (budget_micros - fixed_micros) * _DIVISOR - rate * turns * input_tokens
+        if room < 0:
+            return -1
+        per_token = rate * turns + self.output
+        if per_token == 0:
+            return None
+        return room // per_token
 
     def cost_units(self, usage: Usage) -> int:
         """The exact cost of ``usage`` in ``1 / (RATE_UNIT * MTOK)`` micro-dollars."""

@@ -134,6 +134,8 @@ def _carve(services: Services, conn: Connection, req: TokenRequest, parent: Veri
         # The child dies with the grants its parent was issued under.
         claims["grants"] = list(parent.grants)
         claims["grant_models"] = [m for m in parent.grant_models if model_allowed(m, models)]
+        if parent.grant_tools:
+            claims["grant_tools"] = list(parent.grant_tools)
         if parent.grant_exp is not None:
             claims["grant_exp"] = parent.grant_exp
     record(conn, parent.sub, "token.delegate", jti,

@@ -122,9 +122,10 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
         seen[:] = [(row.id, True)]
         policy = effective_policy(row.kind, row.policy_key)
         live = grants_store.live_for(conn, row.id, now)
-        # Tokens carry (and die with) the grants that give them something: a model or money.
-        # A grant of rates alone acts on the workload's limits, not on its tokens.
-        grants = [g for g in live if g.model is not None or g.budget_micros > 0]
+        # Tokens carry (and die with) the grants that give them something: a model, a tool or
+        # money. A grant of rates alone acts on the workload's limits, not on its tokens.
+        grants = [g for g in live
+                  if g.model is not None or g.tool is not None or g.budget_micros > 0]
         granted = [g.model for g in grants if g.model is not None]
         allowed = [*policy.models, *granted]
         if req.scope is not None:
@@ -175,6 +176,9 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
             claims["grants"] = [g.id for g in grants]
             # A scope that left a granted model out narrows the grant too.
             claims["grant_models"] = [m for m in granted if model_allowed(m, models)]
+            tools = sorted({g.tool for g in grants if g.tool})
+            if tools:
+                claims["grant_tools"] = tools
             claims["grant_exp"] = min(g.expires_at for g in grants)
         return claims
 
