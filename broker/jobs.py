@@ -1,6 +1,6 @@
 """The background jobs of a broker: sweeping, ending grants, retiring signing keys, pruning the
-revocation log, and scheduled rotation. :class:`broker.storage.scheduler.Scheduler` runs each
-once across every replica."""
+revocation log, scheduled rotation, and settling batch jobs.
+:class:`broker.storage.scheduler.Scheduler` runs each once across every replica."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import functools
 import time
 
 from broker.approvals import grants, requests
-from broker.gateway import conversations
+from broker.gateway import batch_poll, conversations
 from broker.money.sweeper import sweep_once
 from broker.monitoring import webhooks
 from broker.revocation import log as revocation_log
@@ -40,6 +40,9 @@ def scheduled_jobs(svc: Services) -> list[Job]:
             lambda: svc.db.transaction(lambda conn: revocation_log.prune_log(conn, int(time.time())))),
         Job("responses.prune_contexts", PRUNE_INTERVAL_S, lambda: svc.db.transaction(
             lambda conn: conversations.prune(conn, int(time.time()) - CONTEXT_RETENTION_S))),
+        # Settles finished batch jobs from their provider's output (exactly once).
+        Job("batches.poll", settings.batches.poll_interval_s,
+            functools.partial(batch_poll.poll_once, svc)),
     ]
     if any(p.vault_path for p in settings.providers.values()):
         jobs.append(Job("provider_key.revoke_retired", PROVIDER_REVOKE_INTERVAL_S,

@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from broker.api.auth import verify_bearer
+from broker.api.batches import batch_routes
 from broker.api.http import bearer_token, client_address, json_object, json_response, request_id, services_of
 from broker.api.openapi import ApiRoute
 from broker.approvals.grants import LIMITS_MESSAGE
@@ -174,4 +175,5 @@ def gateway_extension(svc: Services) -> list[BaseRoute]:
         ApiRoute("/v1/messages", routes.messages, methods=["POST"], body=_MESSAGES_BODY),
         ApiRoute("/v1/messages/count_tokens", routes.count_tokens, methods=["POST"],
                  body=_COUNT_BODY),
+        *batch_routes(gateway),
     ]

@@ -57,7 +57,8 @@ def request_id(request: Request) -> str:
 # --- dialects ------------------------------------------------------------------------------
 
 OAUTH_PATHS = ("/v1/token", "/v1/introspect")
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/models")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/models",
+                "/v1/files", "/v1/batches")
 ANTHROPIC_PATHS = ("/v1/messages",)
 
 

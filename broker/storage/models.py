@@ -336,3 +336,46 @@ class ResponseContext(SQLModel, table=True):
     provider: str = Field(max_length=64)
     context_tokens: int = Field(sa_type=BigInteger)
     created_at: int = Field(sa_type=BigInteger, index=True)
+
+
+class BatchFile(SQLModel, table=True):
+    """A batch input file the broker checked and uploaded to its provider (``id``: the
+    provider's file id). Its worst case is kept in token units, by model and by line, so that a
+    batch made from it is held (and a line without usage charged) at the prices of its day."""
+
+    __tablename__ = "batch_file"
+
+    id: str = Field(primary_key=True, max_length=128)
+    tenant_id: str = Field(index=True, max_length=40)
+    workload_id: str = Field(max_length=40)
+    provider: str = Field(max_length=64)
+    filename: str = Field(max_length=256)
+    bytes: int = Field(sa_type=BigInteger)  # the file as uploaded to the provider
+    lines: int = Field(sa_type=BigInteger)
+    models: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # model -> [prompt, completion, cached, cache write, 1-hour cache write] tokens, summed
+    worst: dict[str, Any] = _json()
+    # custom_id -> [model, the same five counts]: one line's worst case
+    line_worst: dict[str, Any] = _json()
+    created_at: int = Field(sa_type=BigInteger)
+
+
+class BatchJob(SQLModel, table=True):
+    """A batch job at a provider and the money it holds: a ``job`` token slice (``jti``) carved
+    out of the launching token's, with one hold per model (``hold_ids``), settled once by the
+    poller. ``id`` is the provider's batch id; until the provider answered the creation, it is
+    the job slice's jti (``status`` ``creating``)."""
+
+    __tablename__ = "batch_job"
+    __table_args__ = (Index("ix_batch_job_open", "settled_at", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=128)
+    tenant_id: str = Field(index=True, max_length=40)
+    workload_id: str = Field(max_length=40)
+    jti: str = Field(unique=True, max_length=64)
+    hold_ids: dict[str, Any] = _json()  # model -> the id of its hold in the job slice
+    provider: str = Field(max_length=64)
+    input_file_id: str = Field(max_length=128)
+    status: str = Field(max_length=32)
+    created_at: int = Field(sa_type=BigInteger)
+    settled_at: int | None = Field(default=None, sa_type=BigInteger)
