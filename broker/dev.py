@@ -24,15 +24,17 @@ DEV_DIR = Path(".broker-dev")
 # Public list prices (micro-dollars per million tokens) so the demo's cost headers look real:
 # as the providers published them when the models launched (gpt-4o-mini 2024-07: $0.15 in,
 # $0.075 cached in, $0.60 out; claude-3-5-haiku 2024-11: $0.80 in, $1.00 cache write, $0.08
-# cache read, $4.00 out). Check the providers' pricing pages before relying on them.
+# cache read, $4.00 out; both half price in a batch). Check the providers' pricing pages
+# before relying on them.
 DEV_MODELS: dict[str, dict[str, Any]] = {
     "gpt-4o-mini": {"provider": "mock", "upstream_model": "mock-gpt",
                     "input_micros_per_mtok": 150_000, "output_micros_per_mtok": 600_000,
-                    "cached_input_micros_per_mtok": 75_000},
+                    "cached_input_micros_per_mtok": 75_000, "batch_discount_percent": 50},
     "claude-3-5-haiku": {"provider": "mock", "upstream_model": "mock-claude",
                          "input_micros_per_mtok": 800_000, "output_micros_per_mtok": 4_000_000,
                          "cached_input_micros_per_mtok": 80_000,
-                         "cache_write_micros_per_mtok": 1_000_000},
+                         "cache_write_micros_per_mtok": 1_000_000,
+                         "batch_discount_percent": 50},
     "text-embedding-3-small": {"provider": "mock", "upstream_model": "mock-embedding",
                                "input_micros_per_mtok": 20_000, "output_micros_per_mtok": 0},
 }

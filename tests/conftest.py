@@ -29,7 +29,11 @@ from broker.services import Services
 from broker.settings import Settings, load_settings
 from broker.storage.db import Database, make_engine, migrate
 from tests.fake_issuer import fake_issuer, fake_issuer_server  # noqa: F401  (fixtures)
-from tests.fake_provider import FakeProviderServer
+from tests.fake_provider import (
+    FakeProviderServer,
+    module_fake,  # noqa: F401  (a fixture)
+)
+from tests.sdk_support import sdk  # noqa: F401  (a fixture)
 from tests.support import wait_for
 from tests.vault_support import approle  # noqa: F401  (a fixture)
 

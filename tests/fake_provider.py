@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 
+import pytest
 import uvicorn
 
 from plugins.mock_upstream import MockState, create_mock_upstream
@@ -122,3 +124,18 @@ class FakeProviderServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@pytest.fixture(scope="module")
+def module_fake() -> Iterator[FakeProviderServer]:
+    """One fake for a module whose tests talk to it alone and leave no call running: cheaper
+    than a server per test. Such a module's own ``fake`` fixture hands it out :func:`fresh`."""
+    with FakeProviderServer() as server:
+        yield server
+
+
+def fresh(server: FakeProviderServer) -> FakeProviderServer:
+    """The shared fake as a new one: no fault, recorded request or key check left over."""
+    server.reset()
+    server.state.valid_keys = None
+    return server

@@ -34,6 +34,7 @@ from plugins.mock_billing import Bill
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import PIN, POUT, Env, make_env
+from tests.sdk_support import Sdks
 from tests.test_replicas import start_replica
 
 MAX_FILE_BYTES = 64 * 1024
@@ -64,22 +65,6 @@ def env_both(make_live_broker: Callable[..., Broker], db_url: str,
     return make_env(make_live_broker, db_url, fake, adjust=_batch_config)
 
 
-_OPENED: list[openai.OpenAI] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _OPENED:
-        _OPENED.pop().close()
-
-
-def client(env: Env, token: str) -> openai.OpenAI:
-    opened = openai.OpenAI(base_url=f"{env.broker.url}/v1", api_key=token, max_retries=0)
-    _OPENED.append(opened)
-    return opened
-
-
 def line(custom_id: str, model: str = "gpt-test", text: str = "Summarise ticket 4711.",
          **body: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, "method": "POST", "url": ENDPOINT,
@@ -90,13 +75,13 @@ def jsonl(*lines: dict[str, Any]) -> bytes:
     return b"".join(json.dumps(entry).encode() + b"\n" for entry in lines)
 
 
-def upload(sdk: openai.OpenAI, content: bytes) -> str:
-    return sdk.files.create(file=("batch.jsonl", content, "application/jsonl"),
+def upload(api: openai.OpenAI, content: bytes) -> str:
+    return api.files.create(file=("batch.jsonl", content, "application/jsonl"),
                             purpose="batch").id
 
 
-def launch(sdk: openai.OpenAI, *lines: dict[str, Any]) -> str:
-    batch = sdk.batches.create(input_file_id=upload(sdk, jsonl(*lines)), endpoint=ENDPOINT,
+def launch(api: openai.OpenAI, *lines: dict[str, Any]) -> str:
+    batch = api.batches.create(input_file_id=upload(api, jsonl(*lines)), endpoint=ENDPOINT,
                                completion_window="24h")
     return batch.id
 
@@ -147,13 +132,13 @@ def batch_cost(prompt: int, completion: int) -> int:
 # --- a batch's life ------------------------------------------------------------------------
 
 
-def test_a_completed_batch_settles_exactly_what_the_provider_billed(env_both: Env) -> None:
+def test_a_completed_batch_settles_exactly_what_the_provider_billed(env_both: Env, sdk: Sdks) -> None:
     env = env_both
     token = env.token(batch="allowed", models=["gpt-test", "gpt-other"])
-    sdk = client(env, token)
+    api = sdk.broker_openai(env, token)
     lines = (line("a", max_completion_tokens=40), line("b", n=2, max_tokens=30), line("c"),
              line("d", model="gpt-other", max_completion_tokens=20))
-    file_id = upload(sdk, jsonl(*lines))
+    file_id = upload(api, jsonl(*lines))
 
     # The provider got the file rewritten: upstream models, every output limit explicit.
     sent = [json.loads(raw) for raw in env.fake.state.files[file_id].splitlines()]
@@ -165,7 +150,7 @@ def test_a_completed_batch_settles_exactly_what_the_provider_billed(env_both: En
     assert worst["gpt-test"][1] == 40 + 2 * 30 + DEFAULT_OUTPUT_LIMIT
     assert worst["gpt-other"][1] == 20
 
-    batch = sdk.batches.create(input_file_id=file_id, endpoint=ENDPOINT,
+    batch = api.batches.create(input_file_id=file_id, endpoint=ENDPOINT,
                                completion_window="24h")
     assert batch.status == "in_progress" and batch.id in env.fake.state.batches
     job = job_of(env, batch.id)
@@ -202,15 +187,15 @@ def test_a_completed_batch_settles_exactly_what_the_provider_billed(env_both: En
     # Settled once: polling again charges nothing more.
     assert poll(env) == 0
     assert len(env.events()) == 2 and env.slice_of(token)["spent_micros"] == spent
-    assert sdk.batches.retrieve(batch.id).status == "completed"
+    assert api.batches.retrieve(batch.id).status == "completed"
 
 
-def test_a_batch_over_the_slice_is_refused_before_the_provider_sees_it(env: Env) -> None:
+def test_a_batch_over_the_slice_is_refused_before_the_provider_sees_it(env: Env, sdk: Sdks) -> None:
     token = env.token(budget=2_000, batch="allowed")
-    sdk = client(env, token)
-    file_id = upload(sdk, jsonl(line("a")))  # 4096 output tokens: ~4,800 micro-dollars
+    api = sdk.broker_openai(env, token)
+    file_id = upload(api, jsonl(line("a")))  # 4096 output tokens: ~4,800 micro-dollars
     with pytest.raises(openai.RateLimitError) as refused:
-        sdk.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
+        api.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
     assert refused.value.status_code == 429 and refused.value.code == "insufficient_quota"
     assert env.fake.state.batches == {}
     assert env.query("SELECT * FROM batch_job") == []
@@ -222,32 +207,32 @@ def test_a_batch_over_the_slice_is_refused_before_the_provider_sees_it(env: Env)
     ({"batch": "denied"}, "batch_not_allowed"),
     ({}, "approval_required"),  # an agent's default: approval, and the token holds no grant
 ])
-def test_the_policy_gates_a_batch(env: Env, policy: dict[str, Any], code: str) -> None:
-    sdk = client(env, env.token(**policy))
-    file_id = upload(sdk, jsonl(line("a", max_completion_tokens=10)))
+def test_the_policy_gates_a_batch(env: Env, policy: dict[str, Any], code: str, sdk: Sdks) -> None:
+    api = sdk.broker_openai(env, env.token(**policy))
+    file_id = upload(api, jsonl(line("a", max_completion_tokens=10)))
     with pytest.raises(openai.PermissionDeniedError) as refused:
-        sdk.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
+        api.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
     assert refused.value.code == code
     assert env.fake.state.batches == {}
     assert env.query("SELECT * FROM token_slice WHERE kind = 'job'") == []
 
 
-def test_a_grant_of_batch_lets_an_agent_behind_approval_launch_one(env: Env) -> None:
+def test_a_grant_of_batch_lets_an_agent_behind_approval_launch_one(env: Env, sdk: Sdks) -> None:
     agent = env.agent()  # an agent's batches need an approval
     granted = env.broker.client.post("/v1/admin/grants", headers=env.broker.admin(), json={
         "workload_id": agent["id"], "tool": "batch", "ttl_s": 600})
     assert granted.status_code == 201, granted.text
     token = env.broker.token(agent["client_id"], agent["client_secret"])
-    batch_id = launch(client(env, token), line("a", max_completion_tokens=10))
+    batch_id = launch(sdk.broker_openai(env, token), line("a", max_completion_tokens=10))
     assert list(env.fake.state.batches) == [batch_id]
 
 
-def test_another_tenants_file_and_batch_are_not_found(env: Env) -> None:
-    owner = client(env, env.token(batch="allowed"))
+def test_another_tenants_file_and_batch_are_not_found(env: Env, sdk: Sdks) -> None:
+    owner = sdk.broker_openai(env, env.token(batch="allowed"))
     file_id = upload(owner, jsonl(line("a", max_completion_tokens=10)))
     batch = owner.batches.create(input_file_id=file_id, endpoint=ENDPOINT,
                                  completion_window="24h")
-    other = client(env, env.token(batch="allowed"))  # a workload of another tenant
+    other = sdk.broker_openai(env, env.token(batch="allowed"))  # a workload of another tenant
     with pytest.raises(openai.NotFoundError):
         other.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
     with pytest.raises(openai.NotFoundError):
@@ -258,13 +243,13 @@ def test_another_tenants_file_and_batch_are_not_found(env: Env) -> None:
     assert env.fake.state.batches[batch.id].batch["status"] != "cancelling"
 
 
-def test_a_batch_the_provider_refuses_costs_nothing(env: Env) -> None:
+def test_a_batch_the_provider_refuses_costs_nothing(env: Env, sdk: Sdks) -> None:
     token = env.token(batch="allowed")
-    sdk = client(env, token)
-    file_id = upload(sdk, jsonl(line("a", max_completion_tokens=10)))
+    api = sdk.broker_openai(env, token)
+    file_id = upload(api, jsonl(line("a", max_completion_tokens=10)))
     env.fake.state.faults.status = 500
     with pytest.raises(openai.APIStatusError) as failed:
-        sdk.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
+        api.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
     assert failed.value.status_code == 502
     [event] = env.events()
     assert (event["status"], event["cost_micros"]) == ("upstream_error", 0)
@@ -282,9 +267,9 @@ def test_a_crash_while_a_batch_runs_leaves_its_job_for_the_poller(env: Env) -> N
     token = env.token(batch="allowed")
     with contextlib.ExitStack() as stack:
         crashed = start_replica(stack, env.broker.settings)
-        sdk = openai.OpenAI(base_url="http://broker.test/v1", api_key=token, max_retries=0,
+        api = openai.OpenAI(base_url="http://broker.test/v1", api_key=token, max_retries=0,
                             http_client=crashed.client)
-        batch_id = launch(sdk, line("a", max_completion_tokens=30), line("b"))
+        batch_id = launch(api, line("a", max_completion_tokens=30), line("b"))
     # That broker is gone with the job open; the sweeper must leave the job's money alone,
     # and the token's slice, which the job was carved out of, stays unreleased after its expiry.
     job = job_of(env, batch_id)
@@ -311,11 +296,11 @@ def test_a_crash_while_a_batch_runs_leaves_its_job_for_the_poller(env: Env) -> N
 
 
 @pytest.mark.parametrize("forgotten", [True, False])
-def test_a_job_is_settled_at_its_whole_hold_only_after_max_age(env: Env, forgotten: bool) -> None:
+def test_a_job_is_settled_at_its_whole_hold_only_after_max_age(env: Env, forgotten: bool, sdk: Sdks) -> None:
     """A job the provider no longer knows, or that never finishes."""
     env.fake.state.faults.batch_duration_s = 10.0**9
     token = env.token(batch="allowed")
-    batch_id = launch(client(env, token), line("a", max_completion_tokens=30))
+    batch_id = launch(sdk.broker_openai(env, token), line("a", max_completion_tokens=30))
     if forgotten:
         env.fake.state.forget_batches()
     job = job_of(env, batch_id)
@@ -333,16 +318,16 @@ def test_a_job_is_settled_at_its_whole_hold_only_after_max_age(env: Env, forgott
 
 def test_a_batch_whose_creation_got_no_answer_stays_held_until_max_age(
         make_live_broker: Callable[..., Broker], sqlite_url: str,
-        fake: FakeProviderServer) -> None:
+        fake: FakeProviderServer, sdk: Sdks) -> None:
     """The provider may have made it: the job is held, under the broker's own id, and settled
     at its whole hold once it is too old to be running."""
     env = make_env(make_live_broker, sqlite_url, fake, adjust=_batch_config, timeout_s=1.0)
     token = env.token(batch="allowed")
-    sdk = client(env, token)
-    file_id = upload(sdk, jsonl(line("a", max_completion_tokens=30)))
+    api = sdk.broker_openai(env, token)
+    file_id = upload(api, jsonl(line("a", max_completion_tokens=30)))
     fake.state.faults.delay_s = 3.0
     with pytest.raises(openai.APIStatusError) as timed_out:
-        sdk.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
+        api.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
     assert timed_out.value.status_code == 504
     fake.state.faults.delay_s = 0.0
     [job] = env.query("SELECT * FROM batch_job")
@@ -356,9 +341,9 @@ def test_a_batch_whose_creation_got_no_answer_stays_held_until_max_age(
     assert env.slice_of(token)["held_micros"] == 0
 
 
-def test_a_provider_outage_leaves_the_job_for_the_next_poll(env: Env) -> None:
+def test_a_provider_outage_leaves_the_job_for_the_next_poll(env: Env, sdk: Sdks) -> None:
     token = env.token(batch="allowed")
-    batch_id = launch(client(env, token), line("a", max_completion_tokens=30))
+    batch_id = launch(sdk.broker_openai(env, token), line("a", max_completion_tokens=30))
     env.fake.state.faults.status = 503
     job = job_of(env, batch_id)
     assert poll(env, now=job["created_at"] + 10 * env.broker.settings.batches.max_age_s) == 0
@@ -369,13 +354,13 @@ def test_a_provider_outage_leaves_the_job_for_the_next_poll(env: Env) -> None:
     assert event["status"] == "ok" and event["cost_micros"] == invoice(batch_bills(env, batch_id))
 
 
-def test_a_cancelled_batch_settles_what_the_provider_billed(env: Env) -> None:
+def test_a_cancelled_batch_settles_what_the_provider_billed(env: Env, sdk: Sdks) -> None:
     fake = env.fake.state
     fake.faults.batch_duration_s, fake.faults.batch_done_lines = 10.0**9, 1
     token = env.token(batch="allowed")
-    sdk = client(env, token)
-    batch_id = launch(sdk, line("a", max_completion_tokens=30), line("b"), line("c"))
-    assert sdk.batches.cancel(batch_id).status == "cancelling"
+    api = sdk.broker_openai(env, token)
+    batch_id = launch(api, line("a", max_completion_tokens=30), line("b"), line("c"))
+    assert api.batches.cancel(batch_id).status == "cancelling"
     [audit] = env.query("SELECT * FROM audit_event WHERE action = 'batch.cancel'")
     assert audit["target"] == batch_id
     assert poll(env) == 1
@@ -392,11 +377,11 @@ def test_a_cancelled_batch_settles_what_the_provider_billed(env: Env) -> None:
     ("expired", "expired", 1),
 ])
 def test_a_failed_or_expired_batch_settles_what_the_provider_billed(
-        env: Env, outcome: str, status: str, answered: int) -> None:
+        env: Env, outcome: str, status: str, answered: int, sdk: Sdks) -> None:
     fake = env.fake.state
     fake.faults.batch_outcome, fake.faults.batch_done_lines = outcome, answered  # type: ignore[assignment]
     token = env.token(batch="allowed")
-    batch_id = launch(client(env, token), line("a", max_completion_tokens=30), line("b"))
+    batch_id = launch(sdk.broker_openai(env, token), line("a", max_completion_tokens=30), line("b"))
     assert poll(env) == 1
     [event] = env.events()
     bills = batch_bills(env, batch_id)
@@ -406,10 +391,10 @@ def test_a_failed_or_expired_batch_settles_what_the_provider_billed(
     assert (token_slice["spent_micros"], token_slice["held_micros"]) == (invoice(bills), 0)
 
 
-def test_a_line_answered_without_usage_is_charged_its_worst_case(env: Env) -> None:
+def test_a_line_answered_without_usage_is_charged_its_worst_case(env: Env, sdk: Sdks) -> None:
     env.fake.state.faults.omit_usage = True
     token = env.token(batch="allowed")
-    batch_id = launch(client(env, token), line("a", max_completion_tokens=30), line("b", n=3))
+    batch_id = launch(sdk.broker_openai(env, token), line("a", max_completion_tokens=30), line("b", n=3))
     [hold] = holds_of(env, job_of(env, batch_id)["jti"])
     assert poll(env) == 1
     [event] = env.events()
@@ -417,12 +402,12 @@ def test_a_line_answered_without_usage_is_charged_its_worst_case(env: Env) -> No
     assert event["cost_micros"] == hold["amount_micros"]
 
 
-def test_a_provider_billing_above_the_hold_is_charged_and_the_token_refused(env: Env) -> None:
+def test_a_provider_billing_above_the_hold_is_charged_and_the_token_refused(env: Env, sdk: Sdks) -> None:
     fake = env.fake.state
     fake.faults.ignore_max_tokens, fake.faults.overrun_tokens = True, 5_000
     token = env.token(batch="allowed")
-    sdk = client(env, token)
-    batch_id = launch(sdk, line("a", max_completion_tokens=5))
+    api = sdk.broker_openai(env, token)
+    batch_id = launch(api, line("a", max_completion_tokens=5))
     [hold] = holds_of(env, job_of(env, batch_id)["jti"])
     assert poll(env) == 1
     [event] = env.events()
@@ -433,10 +418,10 @@ def test_a_provider_billing_above_the_hold_is_charged_and_the_token_refused(env:
 
 
 @pytest.mark.parametrize("replicas", [2])
-def test_two_pollers_at_once_settle_a_job_once(env_both: Env, replicas: int) -> None:
+def test_two_pollers_at_once_settle_a_job_once(env_both: Env, replicas: int, sdk: Sdks) -> None:
     env = env_both
     token = env.token(batch="allowed", models=["gpt-test", "gpt-other"])
-    batch_id = launch(client(env, token), line("a", max_completion_tokens=30),
+    batch_id = launch(sdk.broker_openai(env, token), line("a", max_completion_tokens=30),
                       line("b", model="gpt-other", max_completion_tokens=5))
     start = threading.Barrier(replicas)
     settled: list[int] = []
@@ -480,10 +465,10 @@ def _too_large() -> bytes:
 ], ids=["size", "lines", "bad-json", "duplicate-custom-id", "disallowed-model", "unknown-model",
         "bad-limit", "stream", "other-endpoint", "two-providers", "empty"])
 def test_a_malformed_file_is_refused_naming_its_line(env: Env, content: bytes, status: int,
-                                                     code: str, param: str | None) -> None:
-    sdk = client(env, env.token(batch="allowed", models=["gpt-test", "compat-test"]))
+                                                     code: str, param: str | None, sdk: Sdks) -> None:
+    api = sdk.broker_openai(env, env.token(batch="allowed", models=["gpt-test", "compat-test"]))
     with pytest.raises(openai.APIStatusError) as refused:
-        upload(sdk, content)
+        upload(api, content)
     body = refused.value.body
     assert isinstance(body, dict)
     assert (refused.value.status_code, body.get("code"), body.get("param")) == (status, code,
@@ -515,10 +500,10 @@ def test_an_upload_is_refused_as_soon_as_it_passes_the_limit(env: Env) -> None:
     assert env.fake.state.files == {}
 
 
-def test_only_batch_files_are_accepted(env: Env) -> None:
-    sdk = client(env, env.token(batch="allowed"))
+def test_only_batch_files_are_accepted(env: Env, sdk: Sdks) -> None:
+    api = sdk.broker_openai(env, env.token(batch="allowed"))
     with pytest.raises(openai.BadRequestError) as refused:
-        sdk.files.create(file=("a.jsonl", jsonl(line("a")), "application/jsonl"),
+        api.files.create(file=("a.jsonl", jsonl(line("a")), "application/jsonl"),
                          purpose="assistants")
     assert refused.value.param == "purpose"
     assert env.fake.state.files == {}
@@ -562,3 +547,13 @@ def test_a_job_slice_outlives_its_token_and_keeps_its_slice_open(db: Database) -
     assert (rows()["tok"].spent_micros, rows()["tok"].held_micros) == (250, 0)
     sweep_once(db, SweeperSettings(), Metrics(), now=now + 100_000)
     assert rows()["tok"].released_at is not None
+
+
+def test_batch_routes_count_against_the_workloads_request_rate(env: Env, sdk: Sdks) -> None:
+    token = env.token(batch="allowed", rate={"rpm": 2})
+    api = sdk.broker_openai(env, token)
+    batch_id = launch(api, line("a"))  # two requests: the upload and the creation
+    with pytest.raises(openai.RateLimitError) as refused:
+        api.batches.retrieve(batch_id)
+    assert refused.value.code == "rate_limit_exceeded"
+    assert refused.value.response.headers.get("retry-after")

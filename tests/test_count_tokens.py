@@ -3,34 +3,19 @@ no usage event), but only for a verified token, a model its policy allows, and w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anthropic
 import httpx
 import pytest
 
 from tests.gateway_support import Env
+from tests.sdk_support import Sdks
 
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Count me, please."}]
-_OPENED: list[anthropic.Anthropic] = []
 
 
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _OPENED:
-        _OPENED.pop().close()
-
-
-def client(env: Env, token: str) -> anthropic.Anthropic:
-    opened = anthropic.Anthropic(base_url=env.broker.url, api_key=token, max_retries=0)
-    _OPENED.append(opened)
-    return opened
-
-
-def test_the_sdk_helper_counts_through_the_broker_for_free(env: Env) -> None:
+def test_the_sdk_helper_counts_through_the_broker_for_free(env: Env, sdk: Sdks) -> None:
     token = env.token()
-    counted = client(env, token).messages.count_tokens(model="claude-test", messages=MESSAGES)
+    counted = sdk.broker_anthropic(env, token).messages.count_tokens(model="claude-test", messages=MESSAGES)
     direct = httpx.post(f"{env.fake.url}/v1/messages/count_tokens",
                         headers={"x-api-key": env.key, "anthropic-version": "2023-06-01"},
                         json={"model": "mock-claude", "messages": MESSAGES})
@@ -40,9 +25,9 @@ def test_the_sdk_helper_counts_through_the_broker_for_free(env: Env) -> None:
     assert env.fake.state.received_keys[0] == env.key  # the provider key, never the token
 
 
-def test_a_model_the_token_may_not_use_is_refused_in_anthropics_dialect(env: Env) -> None:
+def test_a_model_the_token_may_not_use_is_refused_in_anthropics_dialect(env: Env, sdk: Sdks) -> None:
     with pytest.raises(anthropic.PermissionDeniedError):
-        client(env, env.token(models=["gpt-test"])).messages.count_tokens(
+        sdk.broker_anthropic(env, env.token(models=["gpt-test"])).messages.count_tokens(
             model="claude-test", messages=MESSAGES)
 
 
@@ -54,8 +39,8 @@ def test_counting_needs_a_live_token(env: Env) -> None:
     assert resp.json()["type"] == "error"
 
 
-def test_counting_counts_against_the_request_rate(env: Env) -> None:
-    api = client(env, env.token(rate={"rpm": 2, "tpm": 10**9}))
+def test_counting_counts_against_the_request_rate(env: Env, sdk: Sdks) -> None:
+    api = sdk.broker_anthropic(env, env.token(rate={"rpm": 2, "tpm": 10**9}))
     for _ in range(2):
         api.messages.count_tokens(model="claude-test", messages=MESSAGES)
     with pytest.raises(anthropic.RateLimitError):

@@ -18,36 +18,18 @@ import openai
 import pytest
 from openai.types import Batch, FileObject
 
-from tests.fake_provider import FakeProviderServer
+from tests.fake_provider import FakeProviderServer, fresh
+from tests.sdk_support import Sdks
 
 CHAT: Final = "/v1/chat/completions"
 T0 = 1_000_000.0  # the test's clock when a batch is made
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProviderServer]:
-    """One fake for the module (these tests talk to it alone and leave no call running)."""
-    with FakeProviderServer() as fake:
-        yield fake
-
-
-_CLIENTS: list[openai.OpenAI] = []
-
-
 @pytest.fixture
-def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
-    server.reset()
-    server.state.valid_keys = None
+def fake(module_fake: FakeProviderServer) -> Iterator[FakeProviderServer]:
+    server = fresh(module_fake)
     server.state.clock = T0
     yield server
-    while _CLIENTS:
-        _CLIENTS.pop().close()
-
-
-def client(fake: FakeProviderServer) -> openai.OpenAI:
-    made = openai.OpenAI(api_key="sk-openai-test", base_url=f"{fake.url}/v1", max_retries=0)
-    _CLIENTS.append(made)
-    return made
 
 
 def chat_line(custom_id: str, content: str = "hello", **extra: Any) -> dict[str, Any]:
@@ -59,24 +41,24 @@ def jsonl(lines: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
-def start(fake: FakeProviderServer, lines: list[dict[str, Any]], endpoint: Any = CHAT) -> Batch:
+def start(sdk: Sdks, fake: FakeProviderServer, lines: list[dict[str, Any]], endpoint: Any = CHAT) -> Batch:
     """Upload the lines and make a batch of them."""
-    sdk = client(fake)
-    uploaded = sdk.files.create(file=("requests.jsonl", jsonl(lines)), purpose="batch")
-    return sdk.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
+    api = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
+    uploaded = api.files.create(file=("requests.jsonl", jsonl(lines)), purpose="batch")
+    return api.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
 
 
-def retrieve(fake: FakeProviderServer, batch_id: str) -> Batch:
+def retrieve(sdk: Sdks, fake: FakeProviderServer, batch_id: str) -> Batch:
     """The batch, also validated strictly (pydantic, not the SDK's lenient parsing)."""
     response = httpx.get(f"{fake.url}/v1/batches/{batch_id}", headers={"authorization": "Bearer k"})
     assert response.status_code == 200, response.text
     Batch.model_validate(response.json())
-    return client(fake).batches.retrieve(batch_id)
+    return sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.retrieve(batch_id)
 
 
-def content(fake: FakeProviderServer, file_id: str | None) -> list[dict[str, Any]]:
+def content(sdk: Sdks, fake: FakeProviderServer, file_id: str | None) -> list[dict[str, Any]]:
     assert file_id is not None
-    text = client(fake).files.content(file_id).text
+    text = sdk.openai(f"{fake.url}/v1", "sk-openai-test").files.content(file_id).text
     assert text.endswith("\n")
     return [json.loads(line) for line in text.splitlines()]
 
@@ -88,22 +70,22 @@ def by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 # --- files ------------------------------------------------------------------------------------
 
 
-def test_a_file_is_stored_read_and_deleted(fake: FakeProviderServer) -> None:
-    sdk = client(fake)
+def test_a_file_is_stored_read_and_deleted(fake: FakeProviderServer, sdk: Sdks) -> None:
+    api = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     data = b'{"a": 1}\r\n{"b": "\xc3\xa9"}\n\n\x00\xff'  # any bytes come back unchanged
-    uploaded = sdk.files.create(file=("in.jsonl", data), purpose="batch")
+    uploaded = api.files.create(file=("in.jsonl", data), purpose="batch")
     assert isinstance(uploaded, FileObject)
     assert uploaded.id.startswith("file-") and uploaded.object == "file"
     assert (uploaded.bytes, uploaded.filename, uploaded.purpose) == (len(data), "in.jsonl", "batch")
     assert (uploaded.status, uploaded.created_at) == ("processed", int(T0))
     assert fake.state.files == {uploaded.id: data}
-    assert sdk.files.retrieve(uploaded.id) == uploaded
-    assert sdk.files.content(uploaded.id).content == data
+    assert api.files.retrieve(uploaded.id) == uploaded
+    assert api.files.content(uploaded.id).content == data
 
-    deleted = sdk.files.delete(uploaded.id)
+    deleted = api.files.delete(uploaded.id)
     assert (deleted.id, deleted.deleted, deleted.object) == (uploaded.id, True, "file")
     assert fake.state.files == {} and fake.state.file_objects == {}
-    for call in (sdk.files.retrieve, sdk.files.content, sdk.files.delete):
+    for call in (api.files.retrieve, api.files.content, api.files.delete):
         with pytest.raises(openai.NotFoundError) as info:
             call(uploaded.id)
         assert info.value.body == {"message": f"No such File object: {uploaded.id}",
@@ -135,11 +117,11 @@ def test_every_route_needs_an_api_key(fake: FakeProviderServer, method: str, pat
 # --- creating a batch -------------------------------------------------------------------------
 
 
-def test_a_new_batch_is_in_progress_with_every_other_field_null(fake: FakeProviderServer) -> None:
-    sdk = client(fake)
-    uploaded = sdk.files.create(file=("in.jsonl", jsonl([chat_line("a"), chat_line("b")]) + b"\n"),
+def test_a_new_batch_is_in_progress_with_every_other_field_null(fake: FakeProviderServer, sdk: Sdks) -> None:
+    api = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
+    uploaded = api.files.create(file=("in.jsonl", jsonl([chat_line("a"), chat_line("b")]) + b"\n"),
                                 purpose="batch")
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h",
+    batch = api.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h",
                                metadata={"job": "nightly"})
     assert batch.id.startswith("batch_") and batch.object == "batch"
     assert (batch.status, batch.endpoint, batch.input_file_id) == ("in_progress", CHAT, uploaded.id)
@@ -153,8 +135,8 @@ def test_a_new_batch_is_in_progress_with_every_other_field_null(fake: FakeProvid
         "expired_at", "cancelling_at", "cancelled_at", "model", "usage"}
     assert fake.state.bills == []
     # Deleting the input file does not change the job: it works on the file as it was.
-    sdk.files.delete(uploaded.id)
-    assert retrieve(fake, batch.id).status == "completed"
+    api.files.delete(uploaded.id)
+    assert retrieve(sdk, fake, batch.id).status == "completed"
 
 
 @pytest.mark.parametrize(("change", "status", "message"), [
@@ -163,49 +145,52 @@ def test_a_new_batch_is_in_progress_with_every_other_field_null(fake: FakeProvid
     ({"completion_window": "1h"}, 400, "completion_window"),
 ])
 def test_a_batch_is_refused_for_a_bad_parameter(
-    fake: FakeProviderServer, change: dict[str, str], status: int, message: str
+    fake: FakeProviderServer, change: dict[str, str], status: int, message: str, sdk: Sdks
 ) -> None:
-    uploaded = client(fake).files.create(file=("in.jsonl", jsonl([chat_line("a")])), purpose="batch")
+    uploaded = sdk.openai(f"{fake.url}/v1", "sk-openai-test").files.create(
+        file=("in.jsonl", jsonl([chat_line("a")])), purpose="batch")
     body = {"input_file_id": uploaded.id, "endpoint": CHAT, "completion_window": "24h", **change}
     response = httpx.post(f"{fake.url}/v1/batches", headers={"authorization": "Bearer k"}, json=body)
     assert response.status_code == status and message in response.json()["error"]["message"]
     assert fake.state.batches == {}
 
 
-def test_a_batch_needs_a_file_uploaded_for_batches(fake: FakeProviderServer) -> None:
-    sdk = client(fake)
-    uploaded = sdk.files.create(file=("in.jsonl", jsonl([chat_line("a")])), purpose="user_data")
+def test_a_batch_needs_a_file_uploaded_for_batches(fake: FakeProviderServer, sdk: Sdks) -> None:
+    api = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
+    uploaded = api.files.create(file=("in.jsonl", jsonl([chat_line("a")])), purpose="user_data")
     with pytest.raises(openai.BadRequestError, match="purpose 'batch'"):
-        sdk.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+        api.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
 
 
 # --- completed --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("billing", ["words", "tokenizer"])
-def test_each_line_gets_exactly_what_the_chat_route_answers(fake: FakeProviderServer, billing: Any) -> None:
+def test_each_line_gets_exactly_what_the_chat_route_answers(
+    fake: FakeProviderServer, billing: Any, sdk: Sdks
+) -> None:
     fake.state.billing = billing
     fake.state.faults.cache_read_tokens = 1
     lines = [chat_line("plain"), chat_line("limited", max_tokens=3),
              chat_line("new-limit", "a longer question", max_completion_tokens=5, max_tokens=9),
              chat_line("tier", service_tier="flex")]
-    batch = start(fake, lines)
-    done = retrieve(fake, batch.id)
+    batch = start(sdk, fake, lines)
+    done = retrieve(sdk, fake, batch.id)
     assert done.status == "completed" and done.error_file_id is None
     assert done.completed_at == done.finalizing_at == int(T0)
     assert done.request_counts is not None
     assert done.request_counts.model_dump() == {"total": 4, "completed": 4, "failed": 0}
-    output = content(fake, done.output_file_id)
+    output = content(sdk, fake, done.output_file_id)
     assert [line["custom_id"] for line in output] == ["plain", "limited", "new-limit", "tier"]
     batch_bills = list(fake.state.bills)
     assert len(batch_bills) == 4 and all(bill.batch_id == batch.id for bill in batch_bills)
 
-    sdk = client(fake)
+    api = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     for line, answered in zip(lines, output, strict=True):
         assert answered["id"].startswith("batch_req_") and answered["error"] is None
         assert answered["response"]["status_code"] == 200
         assert answered["response"]["request_id"].startswith("req_")
-        direct = sdk.chat.completions.with_raw_response.create(**line["body"]).http_response.json()
+        direct = api.chat.completions.with_raw_response.create(**line["body"]).http_response.json()
         body = answered["response"]["body"]
         assert {**body, "id": None} == {**direct, "id": None}  # the same answer, to the byte
     # ... and the same bills, but for the batch's mark.
@@ -224,17 +209,17 @@ def test_each_line_gets_exactly_what_the_chat_route_answers(fake: FakeProviderSe
     assert invoice == (usage.input_tokens - 4) + 2 * usage.output_tokens + 4
 
 
-def test_lines_that_fail_go_to_the_error_file_unbilled(fake: FakeProviderServer) -> None:
+def test_lines_that_fail_go_to_the_error_file_unbilled(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.batch_failed_lines = {"injected"}
     no_model = {"custom_id": "no-model", "method": "POST", "url": CHAT, "body": {"messages": []}}
     streamed = chat_line("streamed", stream=True)
-    batch = start(fake, [chat_line("ok"), chat_line("injected"), no_model, streamed])
-    done = retrieve(fake, batch.id)
+    batch = start(sdk, fake, [chat_line("ok"), chat_line("injected"), no_model, streamed])
+    done = retrieve(sdk, fake, batch.id)
     assert done.status == "completed"
     assert done.request_counts is not None
     assert done.request_counts.model_dump() == {"total": 4, "completed": 1, "failed": 3}
-    assert [line["custom_id"] for line in content(fake, done.output_file_id)] == ["ok"]
-    errors = by_id(content(fake, done.error_file_id))
+    assert [line["custom_id"] for line in content(sdk, fake, done.output_file_id)] == ["ok"]
+    errors = by_id(content(sdk, fake, done.error_file_id))
     assert list(errors) == ["injected", "no-model", "streamed"]
     for line in errors.values():
         assert line["error"] is None and line["response"]["status_code"] == 400
@@ -247,59 +232,59 @@ def test_lines_that_fail_go_to_the_error_file_unbilled(fake: FakeProviderServer)
     assert files[str(done.error_file_id)]["filename"] == f"{batch.id}_error.jsonl"
 
 
-def test_responses_and_embeddings_batches_use_those_routes(fake: FakeProviderServer) -> None:
-    responses = start(fake, [{"custom_id": "r", "method": "POST", "url": "/v1/responses",
-                              "body": {"model": "o3", "input": "hello", "max_output_tokens": 12}}],
+def test_responses_and_embeddings_batches_use_those_routes(fake: FakeProviderServer, sdk: Sdks) -> None:
+    responses = start(sdk, fake, [{"custom_id": "r", "method": "POST", "url": "/v1/responses",
+                                   "body": {"model": "o3", "input": "hello", "max_output_tokens": 12}}],
                       "/v1/responses")
-    embeddings = start(fake, [{"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
-                               "body": {"model": "mock-embedding", "input": ["abcd", "abcdefgh"]}}],
+    embeddings = start(sdk, fake, [{"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                                    "body": {"model": "mock-embedding", "input": ["abcd", "abcdefgh"]}}],
                        "/v1/embeddings")
-    answered = content(fake, retrieve(fake, responses.id).output_file_id)[0]["response"]["body"]
+    answered = content(sdk, fake, retrieve(sdk, fake, responses.id).output_file_id)[0]["response"]["body"]
     assert answered["object"] == "response" and answered["usage"]["output_tokens"] == 12
     assert answered["usage"]["output_tokens_details"]["reasoning_tokens"] == 8
-    done = retrieve(fake, embeddings.id)
-    vectors = content(fake, done.output_file_id)[0]["response"]["body"]
+    done = retrieve(sdk, fake, embeddings.id)
+    vectors = content(sdk, fake, done.output_file_id)[0]["response"]["body"]
     assert [item["index"] for item in vectors["data"]] == [0, 1]
     assert [(bill.route, bill.batch_id) for bill in fake.state.bills] == [
         ("responses", responses.id), ("embeddings", embeddings.id)]
     assert done.usage is not None and (done.usage.input_tokens, done.usage.output_tokens) == (3, 0)
-    assert retrieve(fake, responses.id).usage is not None
+    assert retrieve(sdk, fake, responses.id).usage is not None
 
 
 # --- the clock --------------------------------------------------------------------------------
 
 
-def test_a_batch_finishes_when_the_test_clock_says_so(fake: FakeProviderServer) -> None:
+def test_a_batch_finishes_when_the_test_clock_says_so(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.batch_duration_s = 60.0
-    batch = start(fake, [chat_line("a")])
+    batch = start(sdk, fake, [chat_line("a")])
     fake.state.clock = T0 + 59.5
-    assert retrieve(fake, batch.id).status == "in_progress"
+    assert retrieve(sdk, fake, batch.id).status == "in_progress"
     assert fake.state.bills == []
     fake.state.clock = T0 + 3_600  # looked at long after it finished
-    done = retrieve(fake, batch.id)
+    done = retrieve(sdk, fake, batch.id)
     assert (done.status, done.completed_at, done.finalizing_at) == ("completed", T0 + 60, T0 + 60)
     assert len(fake.state.bills) == 1
-    assert retrieve(fake, batch.id) == done  # finished once: nothing runs or bills again
+    assert retrieve(sdk, fake, batch.id) == done  # finished once: nothing runs or bills again
     assert len(fake.state.bills) == 1
 
 
-def test_without_a_clock_a_batch_follows_real_time(fake: FakeProviderServer) -> None:
+def test_without_a_clock_a_batch_follows_real_time(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.clock = None
     fake.state.faults.batch_duration_s = 3_600
-    batch = start(fake, [chat_line("a")])
+    batch = start(sdk, fake, [chat_line("a")])
     assert abs(batch.created_at - time.time()) < 60
-    assert retrieve(fake, batch.id).status == "in_progress"
+    assert retrieve(sdk, fake, batch.id).status == "in_progress"
 
 
 # --- other outcomes ---------------------------------------------------------------------------
 
 
-def test_a_failed_batch_answers_and_bills_nothing(fake: FakeProviderServer) -> None:
+def test_a_failed_batch_answers_and_bills_nothing(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.batch_outcome = "failed"
     fake.state.faults.batch_duration_s = 5
-    batch = start(fake, [chat_line("a"), chat_line("b")])
+    batch = start(sdk, fake, [chat_line("a"), chat_line("b")])
     fake.state.clock = T0 + 5
-    done = retrieve(fake, batch.id)
+    done = retrieve(sdk, fake, batch.id)
     assert (done.status, done.failed_at, done.completed_at) == ("failed", T0 + 5, None)
     assert done.errors is not None and done.errors.object == "list"
     assert [(e.code, e.line) for e in done.errors.data or []] == [("batch_failed", None)]
@@ -307,43 +292,43 @@ def test_a_failed_batch_answers_and_bills_nothing(fake: FakeProviderServer) -> N
     assert fake.state.bills == []
 
 
-def test_an_invalid_input_file_fails_the_batch_naming_each_line(fake: FakeProviderServer) -> None:
+def test_an_invalid_input_file_fails_the_batch_naming_each_line(fake: FakeProviderServer, sdk: Sdks) -> None:
     lines = [chat_line("a"), {**chat_line("b"), "url": "/v1/embeddings"},
              {**chat_line("c"), "method": "GET"}, chat_line("a")]
-    sdk = client(fake)
-    uploaded = sdk.files.create(file=("in.jsonl", jsonl(lines) + b"not json\n"), purpose="batch")
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
-    done = retrieve(fake, batch.id)
+    api = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
+    uploaded = api.files.create(file=("in.jsonl", jsonl(lines) + b"not json\n"), purpose="batch")
+    batch = api.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+    done = retrieve(sdk, fake, batch.id)
     assert done.status == "failed" and done.errors is not None
     assert [(e.code, e.line, e.param) for e in done.errors.data or []] == [
         ("mismatched_endpoint", 2, "url"), ("invalid_method", 3, "method"),
         ("duplicate_custom_id", 4, "custom_id"), ("invalid_json_line", 5, None)]
     assert fake.state.bills == []
 
-    empty = sdk.files.create(file=("empty.jsonl", b"\n"), purpose="batch")
-    batch = sdk.batches.create(input_file_id=empty.id, endpoint=CHAT, completion_window="24h")
-    done = retrieve(fake, batch.id)
+    empty = api.files.create(file=("empty.jsonl", b"\n"), purpose="batch")
+    batch = api.batches.create(input_file_id=empty.id, endpoint=CHAT, completion_window="24h")
+    done = retrieve(sdk, fake, batch.id)
     assert done.errors is not None and [e.code for e in done.errors.data or []] == ["empty_file"]
 
 
 @pytest.mark.parametrize(("done_lines", "answered"), [(1, ["a"]), (None, ["a", "b", "c"]), (0, [])])
 def test_an_expired_batch_answers_its_first_lines_and_expires_the_rest(
-    fake: FakeProviderServer, done_lines: int | None, answered: list[str]
+    fake: FakeProviderServer, done_lines: int | None, answered: list[str], sdk: Sdks
 ) -> None:
     fake.state.faults.batch_outcome = "expired"
     fake.state.faults.batch_done_lines = done_lines
-    batch = start(fake, [chat_line("a"), chat_line("b"), chat_line("c")])
-    done = retrieve(fake, batch.id)
+    batch = start(sdk, fake, [chat_line("a"), chat_line("b"), chat_line("c")])
+    done = retrieve(sdk, fake, batch.id)
     assert (done.status, done.expired_at) == ("expired", int(T0))
     assert done.request_counts is not None
     assert done.request_counts.model_dump() == {"total": 3, "completed": len(answered),
                                                 "failed": 3 - len(answered)}
     if answered:
-        assert [line["custom_id"] for line in content(fake, done.output_file_id)] == answered
+        assert [line["custom_id"] for line in content(sdk, fake, done.output_file_id)] == answered
     else:
         assert done.output_file_id is None
     if len(answered) < 3:
-        expired = content(fake, done.error_file_id)
+        expired = content(sdk, fake, done.error_file_id)
         assert [line["custom_id"] for line in expired] == ["a", "b", "c"][len(answered):]
         assert all(line["response"] is None and line["error"]["code"] == "batch_expired"
                    for line in expired)
@@ -356,55 +341,59 @@ def test_an_expired_batch_answers_its_first_lines_and_expires_the_rest(
 # --- cancel -----------------------------------------------------------------------------------
 
 
-def test_a_cancelled_batch_keeps_the_lines_answered_before_the_cancel(fake: FakeProviderServer) -> None:
+def test_a_cancelled_batch_keeps_the_lines_answered_before_the_cancel(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
     fake.state.faults.batch_duration_s = 100
     fake.state.faults.batch_done_lines = 2
-    batch = start(fake, [chat_line("a"), chat_line("b"), chat_line("c")])
+    batch = start(sdk, fake, [chat_line("a"), chat_line("b"), chat_line("c")])
     fake.state.clock = T0 + 10
-    cancelling = client(fake).batches.cancel(batch.id)
+    cancelling = sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.cancel(batch.id)
     assert (cancelling.status, cancelling.cancelling_at) == ("cancelling", T0 + 10)
     assert [bill.batch_id for bill in fake.state.bills] == [batch.id] * 2  # answered before
-    assert client(fake).batches.cancel(batch.id).status == "cancelling"  # a repeat changes nothing
+    again = sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.cancel(batch.id)
+    assert again.status == "cancelling"  # a repeat changes nothing
 
     fake.state.clock = T0 + 20
-    done = retrieve(fake, batch.id)
+    done = retrieve(sdk, fake, batch.id)
     assert (done.status, done.cancelling_at, done.cancelled_at) == ("cancelled", T0 + 10, T0 + 20)
     assert (done.completed_at, done.finalizing_at, done.error_file_id) == (None, None, None)
     assert done.request_counts is not None
     assert done.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 0}
-    assert [line["custom_id"] for line in content(fake, done.output_file_id)] == ["a", "b"]
+    assert [line["custom_id"] for line in content(sdk, fake, done.output_file_id)] == ["a", "b"]
     assert done.usage is not None and done.usage.output_tokens == 32
     assert len(fake.state.bills) == 2
     with pytest.raises(openai.ConflictError, match="status 'cancelled'"):
-        client(fake).batches.cancel(batch.id)
+        sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.cancel(batch.id)
 
 
-def test_a_cancel_answers_nothing_by_default(fake: FakeProviderServer) -> None:
+def test_a_cancel_answers_nothing_by_default(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.batch_duration_s = 100
-    batch = start(fake, [chat_line("a")])
-    client(fake).batches.cancel(batch.id)
-    done = retrieve(fake, batch.id)
+    batch = start(sdk, fake, [chat_line("a")])
+    sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.cancel(batch.id)
+    done = retrieve(sdk, fake, batch.id)
     assert (done.status, done.output_file_id, done.error_file_id) == ("cancelled", None, None)
     assert done.usage is not None and done.usage.total_tokens == 0
     assert fake.state.bills == []
 
 
-def test_a_cancel_comes_too_late_for_a_finished_batch(fake: FakeProviderServer) -> None:
-    batch = start(fake, [chat_line("a")])  # its time (0 s) has come: the cancel finds it done
+def test_a_cancel_comes_too_late_for_a_finished_batch(fake: FakeProviderServer, sdk: Sdks) -> None:
+    batch = start(sdk, fake, [chat_line("a")])  # its time (0 s) has come: the cancel finds it done
     with pytest.raises(openai.ConflictError) as info:
-        client(fake).batches.cancel(batch.id)
+        sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.cancel(batch.id)
     assert info.value.status_code == 409 and "status 'completed'" in info.value.message
-    assert retrieve(fake, batch.id).status == "completed" and len(fake.state.bills) == 1
+    assert retrieve(sdk, fake, batch.id).status == "completed" and len(fake.state.bills) == 1
 
 
 # --- a provider that forgets ------------------------------------------------------------------
 
 
-def test_a_forgotten_batch_is_a_404(fake: FakeProviderServer) -> None:
+def test_a_forgotten_batch_is_a_404(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.batch_duration_s = 100
-    batch = start(fake, [chat_line("a")])
+    batch = start(sdk, fake, [chat_line("a")])
     fake.state.forget_batches()
-    for call in (client(fake).batches.retrieve, client(fake).batches.cancel):
+    for call in (sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.retrieve,
+                 sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.cancel):
         with pytest.raises(openai.NotFoundError) as info:
             call(batch.id)
         assert info.value.body == {"message": f"No batch found with id '{batch.id}'.",
@@ -414,9 +403,9 @@ def test_a_forgotten_batch_is_a_404(fake: FakeProviderServer) -> None:
     assert (fake.state.files, fake.state.file_objects, fake.state.clock) == ({}, {}, None)
 
 
-def test_request_faults_apply_to_these_routes(fake: FakeProviderServer) -> None:
-    batch = start(fake, [chat_line("a")])
+def test_request_faults_apply_to_these_routes(fake: FakeProviderServer, sdk: Sdks) -> None:
+    batch = start(sdk, fake, [chat_line("a")])
     fake.state.faults.status = 503
     with pytest.raises(openai.InternalServerError):
-        client(fake).batches.retrieve(batch.id)
+        sdk.openai(f"{fake.url}/v1", "sk-openai-test").batches.retrieve(batch.id)
     assert fake.state.bills == []  # the job was not looked at

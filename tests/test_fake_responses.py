@@ -10,10 +10,8 @@ a reasoning request.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import anthropic
 import httpx
 import httpx2
 import openai
@@ -28,7 +26,8 @@ from openai.types.responses import (
 
 from plugins.mock_billing import Bill, count_tokens, tokenizer_tokens
 from plugins.mock_responses import responses_texts
-from tests.fake_provider import FakeProviderServer
+from tests.fake_provider import FakeProviderServer, fresh
+from tests.sdk_support import Sdks
 from tests.support import wait_for
 
 SIXTEEN_WORDS = " ".join(f"w{i}" for i in range(16))
@@ -53,35 +52,9 @@ WEATHER: FunctionToolParam = {
 WEATHER_ARGUMENTS = {"city": "mock", "days": 1, "metric": True, "unit": "celsius"}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProviderServer]:
-    """One fake for the module (these tests talk to it alone and leave no call running)."""
-    with FakeProviderServer() as fake:
-        yield fake
-
-
-_CLIENTS: list[openai.OpenAI | anthropic.Anthropic] = []
-
-
 @pytest.fixture
-def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
-    server.reset()
-    server.state.valid_keys = None
-    yield server
-    while _CLIENTS:
-        _CLIENTS.pop().close()
-
-
-def openai_client(fake: FakeProviderServer) -> openai.OpenAI:
-    client = openai.OpenAI(api_key="sk-openai-test", base_url=f"{fake.url}/v1", max_retries=0)
-    _CLIENTS.append(client)
-    return client
-
-
-def anthropic_client(fake: FakeProviderServer) -> anthropic.Anthropic:
-    client = anthropic.Anthropic(api_key="sk-ant-test", base_url=fake.url, max_retries=0)
-    _CLIENTS.append(client)
-    return client
+def fake(module_fake: FakeProviderServer) -> FakeProviderServer:
+    return fresh(module_fake)
 
 
 def post(fake: FakeProviderServer, body: dict[str, Any], path: str = "/v1/responses") -> httpx.Response:
@@ -114,9 +87,9 @@ def ended_bills(fake: FakeProviderServer, count: int = 1) -> list[Bill]:
 
 
 def test_a_response_parses_and_counts_tokens_by_the_documented_rule(
-    fake: FakeProviderServer,
+    fake: FakeProviderServer, sdk: Sdks,
 ) -> None:
-    response = openai_client(fake).responses.create(
+    response = sdk.openai(f"{fake.url}/v1", "sk-openai-test").responses.create(
         model="gpt-test",
         instructions="abcde",  # 2 tokens
         input=[
@@ -180,12 +153,12 @@ def test_tokenizer_billing_counts_every_string_of_the_body(fake: FakeProviderSer
 )
 def test_max_output_tokens_bounds_the_output(
     fake: FakeProviderServer, model: str, reasoning: dict[str, Any] | None, limit: int,
-    reasoning_tokens: int, words: int,
+    reasoning_tokens: int, words: int, sdk: Sdks,
 ) -> None:
     body: dict[str, Any] = {"model": model, "input": "hi", "max_output_tokens": limit}
     if reasoning is not None:
         body["reasoning"] = reasoning
-    response = openai_client(fake).responses.create(**body)
+    response = sdk.openai(f"{fake.url}/v1", "sk-openai-test").responses.create(**body)
     assert response.usage is not None
     assert response.usage.output_tokens == reasoning_tokens + words <= limit
     assert response.usage.output_tokens_details.reasoning_tokens == reasoning_tokens
@@ -211,8 +184,10 @@ def test_the_tokenizer_answer_never_exceeds_max_output_tokens(fake: FakeProvider
     assert usage["output_tokens_details"]["reasoning_tokens"] == 8
 
 
-def test_reasoning_is_off_for_effort_none_and_configurable(fake: FakeProviderServer) -> None:
-    client = openai_client(fake)
+def test_reasoning_is_off_for_effort_none_and_configurable(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     response = client.responses.create(model="gpt-test", input="hi", reasoning={"effort": "none"})
     assert response.usage is not None and response.usage.output_tokens_details.reasoning_tokens == 0
     fake.state.faults.reasoning_tokens = 30
@@ -223,10 +198,10 @@ def test_reasoning_is_off_for_effort_none_and_configurable(fake: FakeProviderSer
     assert reasoning.type == "reasoning" and reasoning.encrypted_content
 
 
-def test_cache_reads_are_reported_inside_the_input(fake: FakeProviderServer) -> None:
+def test_cache_reads_are_reported_inside_the_input(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.cache_read_tokens = 3
-    response = openai_client(fake).responses.create(model="gpt-test", input="x" * 20,
-                                                    max_output_tokens=1)
+    response = sdk.openai(f"{fake.url}/v1", "sk-openai-test").responses.create(
+        model="gpt-test", input="x" * 20, max_output_tokens=1)
     assert response.usage is not None
     assert response.usage.input_tokens == 5  # the total, as OpenAI reports it
     assert response.usage.input_tokens_details.cached_tokens == 3
@@ -235,15 +210,18 @@ def test_cache_reads_are_reported_inside_the_input(fake: FakeProviderServer) -> 
     assert fake.state.total_billed(1_000_000, 2_000_000, cache_read=100_000) == 2 + 1 + 2
 
 
-def test_omit_usage_drops_the_usage(fake: FakeProviderServer) -> None:
+def test_omit_usage_drops_the_usage(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.omit_usage = True
-    assert openai_client(fake).responses.create(model="m", input="hi").usage is None
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
+    assert client.responses.create(model="m", input="hi").usage is None
     events = raw_events(fake, {"model": "m", "input": "hi"})
     assert all(data.get("response", {}).get("usage") is None for _, data in events)
     assert ended_bills(fake, 2)[1].completion_tokens == 16  # billed all the same
 
 
-def test_refusals_are_in_the_openai_format_and_bill_nothing(fake: FakeProviderServer) -> None:
+def test_refusals_are_in_the_openai_format_and_bill_nothing(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
     assert httpx.post(f"{fake.url}/v1/responses", json={"model": "m", "input": "x"}).status_code == 401
     assert post(fake, {"input": "hi"}).status_code == 400
     bad_limit = post(fake, {"model": "m", "input": "hi", "max_output_tokens": 0})
@@ -251,15 +229,17 @@ def test_refusals_are_in_the_openai_format_and_bill_nothing(fake: FakeProviderSe
     assert set(bad_limit.json()["error"]) == {"message", "type", "code", "param"}
     fake.state.faults.status = 500
     with pytest.raises(openai.InternalServerError):
-        openai_client(fake).responses.create(model="m", input="hi")
+        sdk.openai(f"{fake.url}/v1", "sk-openai-test").responses.create(model="m", input="hi")
     assert fake.state.bills == []
 
 
 # --- previous_response_id ---------------------------------------------------------------------
 
 
-def test_previous_response_id_bills_the_stored_conversation_again(fake: FakeProviderServer) -> None:
-    client = openai_client(fake)
+def test_previous_response_id_bills_the_stored_conversation_again(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     first = client.responses.create(model="gpt-test", input="abcdefgh", max_output_tokens=4)
     assert first.usage is not None and (first.usage.input_tokens, first.usage.output_tokens) == (2, 4)
     second = client.responses.create(model="gpt-test", input="abcd", max_output_tokens=3,
@@ -271,8 +251,10 @@ def test_previous_response_id_bills_the_stored_conversation_again(fake: FakeProv
     assert [b.prompt_tokens for b in fake.state.bills] == [2, 7, 11]
 
 
-def test_an_unknown_or_unstored_previous_response_is_a_404(fake: FakeProviderServer) -> None:
-    client = openai_client(fake)
+def test_an_unknown_or_unstored_previous_response_is_a_404(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     with pytest.raises(openai.NotFoundError) as caught:
         client.responses.create(model="m", input="hi", previous_response_id="resp_nope")
     assert caught.value.body == {
@@ -290,8 +272,10 @@ def test_an_unknown_or_unstored_previous_response_is_a_404(fake: FakeProviderSer
 # --- function tools ---------------------------------------------------------------------------
 
 
-def test_a_function_tool_is_called_then_its_output_comes_back(fake: FakeProviderServer) -> None:
-    client = openai_client(fake)
+def test_a_function_tool_is_called_then_its_output_comes_back(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     other: FunctionToolParam = {"type": "function", "name": "other", "parameters": None,
                                 "strict": False}
     call_response = client.responses.create(model="gpt-test", input="weather in Paris?",
@@ -327,8 +311,8 @@ def test_a_function_tool_is_called_then_its_output_comes_back(fake: FakeProvider
     assert history.output_text == "Rain"
 
 
-def test_tool_choice_picks_the_function_or_none(fake: FakeProviderServer) -> None:
-    client = openai_client(fake)
+def test_tool_choice_picks_the_function_or_none(fake: FakeProviderServer, sdk: Sdks) -> None:
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     other: FunctionToolParam = {"type": "function", "name": "other", "strict": True,
                                 "parameters": {"type": "object", "properties": {}}}
     named = client.responses.create(model="m", input="hi", tools=[WEATHER, other],
@@ -339,8 +323,11 @@ def test_tool_choice_picks_the_function_or_none(fake: FakeProviderServer) -> Non
     assert none.output_text == SIXTEEN_WORDS
 
 
-def test_a_streamed_function_call_accumulates_its_arguments(fake: FakeProviderServer) -> None:
-    with openai_client(fake).responses.stream(model="gpt-test", input="hi", tools=[WEATHER]) as s:
+def test_a_streamed_function_call_accumulates_its_arguments(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
+    with client.responses.stream(model="gpt-test", input="hi", tools=[WEATHER]) as s:
         types = [event.type for event in s]
         final = s.get_final_response()
     deltas = types.count("response.function_call_arguments.delta")
@@ -357,12 +344,13 @@ def test_a_streamed_function_call_accumulates_its_arguments(fake: FakeProviderSe
     assert ended_bills(fake)[0].completion_tokens == deltas
 
 
-def test_a_json_schema_text_format_parses(fake: FakeProviderServer) -> None:
+def test_a_json_schema_text_format_parses(fake: FakeProviderServer, sdk: Sdks) -> None:
     class Answer(pydantic.BaseModel):
         city: str
         days: int
 
-    parsed = openai_client(fake).responses.parse(model="gpt-test", input="hi", text_format=Answer)
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
+    parsed = client.responses.parse(model="gpt-test", input="hi", text_format=Answer)
     assert parsed.output_parsed == Answer(city="mock", days=1)
 
 
@@ -372,14 +360,14 @@ def test_a_json_schema_text_format_parses(fake: FakeProviderServer) -> None:
 @pytest.mark.parametrize(("searches", "max_tool_calls", "expected"),
                          [(1, None, 1), (3, None, 3), (3, 2, 2), (2, 0, 0)])
 def test_web_search_adds_its_calls(
-    fake: FakeProviderServer, searches: int, max_tool_calls: int | None, expected: int
+    fake: FakeProviderServer, searches: int, max_tool_calls: int | None, expected: int, sdk: Sdks
 ) -> None:
     fake.state.faults.web_searches = searches
     body: dict[str, Any] = {"model": "gpt-test", "input": "latest news", "tools": [
         {"type": "web_search_preview"}]}
     if max_tool_calls is not None:
         body["max_tool_calls"] = max_tool_calls
-    response = openai_client(fake).responses.create(**body)
+    response = sdk.openai(f"{fake.url}/v1", "sk-openai-test").responses.create(**body)
     calls = [o for o in response.output if o.type == "web_search_call"]
     assert len(calls) == expected
     assert all(c.status == "completed" and c.id.startswith("ws_") for c in calls)
@@ -427,8 +415,8 @@ def test_a_text_stream_follows_the_responses_event_sequence(fake: FakeProviderSe
                                       reasoning_tokens=8, complete=True, ended=True)]
 
 
-def test_the_sdk_stream_helper_and_create_stream_parse(fake: FakeProviderServer) -> None:
-    client = openai_client(fake)
+def test_the_sdk_stream_helper_and_create_stream_parse(fake: FakeProviderServer, sdk: Sdks) -> None:
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     with client.responses.stream(model="gpt-test", input="hi", max_output_tokens=20) as stream:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         final = stream.get_final_response()
@@ -451,12 +439,13 @@ def test_omit_final_usage_drops_the_completed_usage(fake: FakeProviderServer) ->
     assert post(fake, {"model": "m", "input": "hi"}).json()["usage"] is not None  # streams only
 
 
-def test_a_cut_stream_ends_before_the_usage(fake: FakeProviderServer) -> None:
+def test_a_cut_stream_ends_before_the_usage(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.cut_after_chunks = 6  # created, in_progress, item, part, two deltas
     received: list[str] = []
     with (
         pytest.raises((openai.APIConnectionError, httpx2.RemoteProtocolError)),
-        openai_client(fake).responses.stream(model="gpt-test", input="hi") as stream,
+        sdk.openai(f"{fake.url}/v1", "sk-openai-test").responses.stream(
+            model="gpt-test", input="hi") as stream,
     ):
         received.extend(event.type for event in stream)
     assert "response.completed" not in received
@@ -499,10 +488,10 @@ def test_every_answer_validates_strictly_against_the_sdk_models(
 
 @pytest.mark.parametrize("billing", ["words", "tokenizer"])
 def test_count_tokens_matches_what_messages_bills_and_is_free(
-    fake: FakeProviderServer, billing: Any
+    fake: FakeProviderServer, billing: Any, sdk: Sdks
 ) -> None:
     fake.state.billing = billing
-    client = anthropic_client(fake)
+    client = sdk.anthropic(fake.url, "sk-ant-test")
     kwargs: dict[str, Any] = {
         "model": "claude-test",
         "system": "be brief and exact",

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import anthropic
 import httpx
-import openai
 import pydantic
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent, ServerToolUseBlock
 
 from plugins.mock_billing import Bill
-from tests.fake_provider import FakeProviderServer
+from tests.fake_provider import FakeProviderServer, fresh
+from tests.sdk_support import Sdks
 from tests.support import wait_for
 
 PROMPT = "latest news"  # 3 tokens
@@ -30,35 +28,9 @@ SEARCH = {"type": "web_search_20250305", "name": "web_search"}
 FETCH = {"type": "web_fetch_20250910", "name": "web_fetch"}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProviderServer]:
-    """One fake for the module (these tests talk to it alone and leave no call running)."""
-    with FakeProviderServer() as fake:
-        yield fake
-
-
-_CLIENTS: list[openai.OpenAI | anthropic.Anthropic] = []
-
-
 @pytest.fixture
-def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
-    server.reset()
-    server.state.valid_keys = None
-    yield server
-    while _CLIENTS:
-        _CLIENTS.pop().close()
-
-
-def anthropic_client(fake: FakeProviderServer) -> anthropic.Anthropic:
-    client = anthropic.Anthropic(api_key="sk-ant-test", base_url=fake.url, max_retries=0)
-    _CLIENTS.append(client)
-    return client
-
-
-def openai_client(fake: FakeProviderServer) -> openai.OpenAI:
-    client = openai.OpenAI(api_key="sk-openai-test", base_url=f"{fake.url}/v1", max_retries=0)
-    _CLIENTS.append(client)
-    return client
+def fake(module_fake: FakeProviderServer) -> FakeProviderServer:
+    return fresh(module_fake)
 
 
 def request(*tools: dict[str, Any], text: str = PROMPT, **extra: Any) -> dict[str, Any]:
@@ -66,12 +38,12 @@ def request(*tools: dict[str, Any], text: str = PROMPT, **extra: Any) -> dict[st
             "tools": list(tools), **extra}
 
 
-def create(fake: FakeProviderServer, body: dict[str, Any]) -> Message:
+def create(sdk: Sdks, fake: FakeProviderServer, body: dict[str, Any]) -> Message:
     """The message, also validated strictly (pydantic, not the SDK's lenient parsing)."""
     raw = httpx.post(f"{fake.url}/v1/messages", headers={"x-api-key": "k"}, json=body)
     assert raw.status_code == 200, raw.text
     Message.model_validate(raw.json())
-    message: Message = anthropic_client(fake).messages.create(**body)
+    message: Message = sdk.anthropic(fake.url, "sk-ant-test").messages.create(**body)
     return message
 
 
@@ -105,11 +77,11 @@ def ended_bills(fake: FakeProviderServer, count: int = 1) -> list[Bill]:
 @pytest.mark.parametrize(("searches", "max_uses", "expected"),
                          [(1, None, 1), (3, None, 3), (5, 2, 2), (2, 5, 2), (0, None, 0)])
 def test_web_searches_come_before_the_answer_and_their_results_are_input(
-    fake: FakeProviderServer, searches: int, max_uses: int | None, expected: int
+    fake: FakeProviderServer, searches: int, max_uses: int | None, expected: int, sdk: Sdks
 ) -> None:
     fake.state.faults.web_searches = searches
     tool = SEARCH if max_uses is None else {**SEARCH, "max_uses": max_uses}
-    message = create(fake, request(tool))
+    message = create(sdk, fake, request(tool))
     assert [block.type for block in message.content] == (
         ["server_tool_use", "web_search_tool_result"] * expected + ["text"])
     uses, results = message.content[:-1:2], message.content[1:-1:2]
@@ -138,11 +110,11 @@ def test_web_searches_come_before_the_answer_and_their_results_are_input(
     assert fake.state.total_billed(1_000_000, 2_000_000) == 2 * (3 + 100 * expected + 32)
 
 
-def test_web_fetches_read_the_message_urls_in_turn(fake: FakeProviderServer) -> None:
+def test_web_fetches_read_the_message_urls_in_turn(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.web_fetches = 3
     fake.state.faults.search_result_tokens = 7
     text = "compare https://a.example/one and http://b.example/two?x=1"  # 15 tokens
-    message = create(fake, request(FETCH, text=text))
+    message = create(sdk, fake, request(FETCH, text=text))
     fetches = [block for block in message.content if block.type == "server_tool_use"]
     assert [use.input for use in fetches] == [{"url": "https://a.example/one"},
                                               {"url": "http://b.example/two?x=1"},
@@ -159,17 +131,19 @@ def test_web_fetches_read_the_message_urls_in_turn(fake: FakeProviderServer) -> 
     assert (fake.state.bills[0].web_fetch_calls, fake.state.bills[0].prompt_tokens) == (3, 36)
 
 
-def test_a_fetched_page_costs_at_most_the_tools_max_content_tokens(fake: FakeProviderServer) -> None:
+def test_a_fetched_page_costs_at_most_the_tools_max_content_tokens(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
     fake.state.faults.web_fetches = 2
-    message = create(fake, request({**FETCH, "max_content_tokens": 40}, SEARCH))
+    message = create(sdk, fake, request({**FETCH, "max_content_tokens": 40}, SEARCH))
     assert message.usage.input_tokens == 3 + 100 + 2 * 40
     assert fake.state.bills[0].prompt_tokens == 3 + 100 + 2 * 40
 
 
-def test_searches_then_fetches_within_max_uses(fake: FakeProviderServer) -> None:
+def test_searches_then_fetches_within_max_uses(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.web_searches = 2
     fake.state.faults.web_fetches = 4
-    message = create(fake, request({**FETCH, "max_uses": 1}, SEARCH, text="no link here"))
+    message = create(sdk, fake, request({**FETCH, "max_uses": 1}, SEARCH, text="no link here"))
     assert [(b.name, b.input) for b in message.content if isinstance(b, ServerToolUseBlock)] == [
         ("web_search", {"query": "no link here (1)"}), ("web_search", {"query": "no link here (2)"}),
         ("web_fetch", {"url": "https://example.com/"})]
@@ -196,10 +170,10 @@ def test_no_server_tool_no_call_and_the_usage_as_before(
     assert all(b.web_search_calls == b.web_fetch_calls == 0 for b in ended_bills(fake, 2))
 
 
-def test_cache_fields_stay_and_the_results_are_plain_input(fake: FakeProviderServer) -> None:
+def test_cache_fields_stay_and_the_results_are_plain_input(fake: FakeProviderServer, sdk: Sdks) -> None:
     cached = {"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}
     body = request(SEARCH, system=[cached])
-    usage = create(fake, body).usage  # the prompt (3 + 2) is all a cache write
+    usage = create(sdk, fake, body).usage  # the prompt (3 + 2) is all a cache write
     assert (usage.input_tokens, usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (
         100, 5, 0)
     final = raw_events(fake, body)[-2]["usage"]
@@ -212,7 +186,9 @@ def test_cache_fields_stay_and_the_results_are_plain_input(fake: FakeProviderSer
 # --- Anthropic: streams -----------------------------------------------------------------------
 
 
-def test_a_stream_sends_each_call_as_blocks_then_the_cumulative_usage(fake: FakeProviderServer) -> None:
+def test_a_stream_sends_each_call_as_blocks_then_the_cumulative_usage(
+    fake: FakeProviderServer, sdk: Sdks
+) -> None:
     fake.state.faults.web_searches = 2
     body = request({**SEARCH, "max_uses": 5}, FETCH, text="see https://a.example/x")  # 6 tokens
     events = raw_events(fake, body)
@@ -236,9 +212,9 @@ def test_a_stream_sends_each_call_as_blocks_then_the_cumulative_usage(fake: Fake
     assert events[-2]["usage"] == {"input_tokens": 306, "output_tokens": 16, "server_tool_use": {
         "web_search_requests": 2, "web_fetch_requests": 1}}
 
-    with anthropic_client(fake).messages.stream(**body) as stream:
+    with sdk.anthropic(fake.url, "sk-ant-test").messages.stream(**body) as stream:
         final = stream.get_final_message()
-    whole = create(fake, body)
+    whole = create(sdk, fake, body)
     assert [b.type for b in final.content] == [b.type for b in whole.content]
     assert [b.input for b in final.content if b.type == "server_tool_use"] == [
         b.input for b in whole.content if b.type == "server_tool_use"]
@@ -267,10 +243,10 @@ def test_a_cut_stream_bills_the_results_it_sent(
 # --- OpenAI Responses: web search results are input too ----------------------------------------
 
 
-def test_responses_bill_each_web_search_result_as_input(fake: FakeProviderServer) -> None:
+def test_responses_bill_each_web_search_result_as_input(fake: FakeProviderServer, sdk: Sdks) -> None:
     fake.state.faults.web_searches = 2
     fake.state.faults.cache_read_tokens = 1_000  # the results are never cache reads
-    client = openai_client(fake)
+    client = sdk.openai(f"{fake.url}/v1", "sk-openai-test")
     response = client.responses.create(model="gpt-test", input=PROMPT, tools=[{"type": "web_search"}])
     assert [item.type for item in response.output] == ["web_search_call"] * 2 + ["message"]
     assert response.usage is not None

@@ -6,7 +6,7 @@ when the broker can bound what they add.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import openai
 import pytest
@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env, price
+from tests.sdk_support import Sdks
 
 
 @pytest.fixture
@@ -22,26 +23,10 @@ def env_both(make_live_broker: Callable[..., Broker], db_url: str,
     return make_env(make_live_broker, db_url, fake)
 
 
-_OPENED: list[openai.OpenAI] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _OPENED:
-        _OPENED.pop().close()
-
-
-def client(env: Env, token: str) -> openai.OpenAI:
-    opened = openai.OpenAI(base_url=f"{env.broker.url}/v1", api_key=token, max_retries=0)
-    _OPENED.append(opened)
-    return opened
-
-
-def test_a_response_is_metered_from_its_usage(env_both: Env) -> None:
+def test_a_response_is_metered_from_its_usage(env_both: Env, sdk: Sdks) -> None:
     env = env_both
     token = env.token()
-    raw = client(env, token).responses.with_raw_response.create(
+    raw = sdk.broker_openai(env, token).responses.with_raw_response.create(
         model="gpt-test", input="Summarise ticket 4711.", max_output_tokens=40)
     response = raw.parse()
     assert response.status == "completed" and response.output_text.startswith("w0")
@@ -55,20 +40,21 @@ def test_a_response_is_metered_from_its_usage(env_both: Env) -> None:
     assert env.fake.state.requests[0]["model"] == "mock-gpt"
 
 
-def test_the_output_limit_is_clamped_to_what_the_slice_pays_for(env_both: Env) -> None:
+def test_the_output_limit_is_clamped_to_what_the_slice_pays_for(env_both: Env, sdk: Sdks) -> None:
     env = env_both
     token = env.token(budget=200)  # a few dozen output tokens at these prices
-    client(env, token).responses.create(model="gpt-test", input="hi", max_output_tokens=100_000)
+    sdk.broker_openai(env, token).responses.create(model="gpt-test", input="hi",
+                                                   max_output_tokens=100_000)
     sent = env.fake.state.requests[0]["max_output_tokens"]
     assert 0 < sent < 100_000
     [event] = env.wait_for_events(1)
     assert event["cost_micros"] <= 200
 
 
-def test_a_stream_is_metered_from_its_terminal_event(env_both: Env) -> None:
+def test_a_stream_is_metered_from_its_terminal_event(env_both: Env, sdk: Sdks) -> None:
     env = env_both
     token = env.token()
-    events = list(client(env, token).responses.create(
+    events = list(sdk.broker_openai(env, token).responses.create(
         model="gpt-test", input="hi", max_output_tokens=40, stream=True))
     assert events[-1].type == "response.completed"
     usage = events[-1].response.usage
@@ -79,18 +65,18 @@ def test_a_stream_is_metered_from_its_terminal_event(env_both: Env) -> None:
     assert event["cost_micros"] == price(usage.input_tokens, usage.output_tokens)
 
 
-def test_the_sdk_stream_helper_works_unchanged(env_both: Env) -> None:
+def test_the_sdk_stream_helper_works_unchanged(env_both: Env, sdk: Sdks) -> None:
     env = env_both
-    with client(env, env.token()).responses.stream(model="gpt-test", input="hi",
-                                                    max_output_tokens=40) as stream:
+    with sdk.broker_openai(env, env.token()).responses.stream(model="gpt-test", input="hi",
+                                                               max_output_tokens=40) as stream:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         final = stream.get_final_response()
     assert text == final.output_text and final.status == "completed"
 
 
-def test_reasoning_is_charged_as_output(env_both: Env) -> None:
+def test_reasoning_is_charged_as_output(env_both: Env, sdk: Sdks) -> None:
     env = env_both
-    response = client(env, env.token()).responses.create(
+    response = sdk.broker_openai(env, env.token()).responses.create(
         model="gpt-test", input="hi", max_output_tokens=64, reasoning={"effort": "low"})
     assert response.usage is not None
     assert response.usage.output_tokens_details.reasoning_tokens > 0
@@ -99,9 +85,9 @@ def test_reasoning_is_charged_as_output(env_both: Env) -> None:
 
 
 def test_a_metered_response_can_be_continued_and_its_stored_context_is_held(
-        env_both: Env) -> None:
+        env_both: Env, sdk: Sdks) -> None:
     env = env_both
-    api = client(env, env.token())
+    api = sdk.broker_openai(env, env.token())
     first = api.responses.create(model="gpt-test", input="hi", max_output_tokens=40)
     second = api.responses.create(model="gpt-test", input="and then?", max_output_tokens=40,
                                   previous_response_id=first.id)
@@ -114,15 +100,15 @@ def test_a_metered_response_can_be_continued_and_its_stored_context_is_held(
 
 
 def test_a_conversation_the_broker_did_not_meter_is_refused_before_the_provider(
-        env_both: Env) -> None:
+        env_both: Env, sdk: Sdks) -> None:
     env = env_both
-    api = client(env, env.token())
+    api = sdk.broker_openai(env, env.token())
     with pytest.raises(openai.BadRequestError) as refused:
         api.responses.create(model="gpt-test", input="hi", previous_response_id="resp_elsewhere")
     assert refused.value.param == "previous_response_id"
     # Another tenant's response is as unknown as one made elsewhere.
-    theirs = client(env, env.token()).responses.create(model="gpt-test", input="hi",
-                                                       max_output_tokens=20)
+    theirs = sdk.broker_openai(env, env.token()).responses.create(model="gpt-test", input="hi",
+                                                                  max_output_tokens=20)
     with pytest.raises(openai.BadRequestError):
         api.responses.create(model="gpt-test", input="hi", previous_response_id=theirs.id)
     assert len(env.fake.state.requests) == 1
@@ -152,8 +138,8 @@ def test_what_cannot_be_bounded_is_refused_with_a_named_parameter(
     assert env.fake.state.requests == []
 
 
-def test_function_tools_pass_and_the_call_comes_back(env: Env) -> None:
-    api = client(env, env.token())
+def test_function_tools_pass_and_the_call_comes_back(env: Env, sdk: Sdks) -> None:
+    api = sdk.broker_openai(env, env.token())
     tools = [{"type": "function", "name": "lookup_ticket", "description": "Find a ticket.",
               "parameters": {"type": "object", "properties": {"id": {"type": "string"}},
                              "required": ["id"]}}]
@@ -169,11 +155,11 @@ def test_function_tools_pass_and_the_call_comes_back(env: Env) -> None:
     assert len(env.wait_for_events(2)) == 2
 
 
-def test_a_stream_cut_short_is_charged_a_bound_not_nothing(env: Env) -> None:
+def test_a_stream_cut_short_is_charged_a_bound_not_nothing(env: Env, sdk: Sdks) -> None:
     env.fake.state.faults.cut_after_chunks = 3
     token = env.token()
-    events = list(client(env, token).responses.create(model="gpt-test", input="hi",
-                                                      max_output_tokens=40, stream=True))
+    events = list(sdk.broker_openai(env, token).responses.create(model="gpt-test", input="hi",
+                                                                 max_output_tokens=40, stream=True))
     # The client is told the answer is incomplete, in the stream's own dialect.
     assert events[-1].type == "error" and events[-1].code == "upstream_error"
     [event] = env.wait_for_events(1)

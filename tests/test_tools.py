@@ -8,17 +8,16 @@ is charged, alerted, and suspends the workload.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import anthropic
 import httpx
-import openai
 import pytest
 
 from tests.conftest import Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env, price
+from tests.sdk_support import Sdks
 
 SEARCH_MICROS = 10_000  # $10 per 1,000 calls
 FETCH_RESULT_TOKENS = 3_000
@@ -37,28 +36,6 @@ def _tools(sections: dict[str, dict[str, Any]]) -> None:
 def tool_env(make_live_broker: Callable[..., Broker], sqlite_url: str,
              fake: FakeProviderServer) -> Env:
     return make_env(make_live_broker, sqlite_url, fake, adjust=_tools)
-
-
-_OPENED: list[openai.OpenAI | anthropic.Anthropic] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _OPENED:
-        _OPENED.pop().close()
-
-
-def oai(env: Env, token: str) -> openai.OpenAI:
-    opened = openai.OpenAI(base_url=f"{env.broker.url}/v1", api_key=token, max_retries=0)
-    _OPENED.append(opened)
-    return opened
-
-
-def claude(env: Env, token: str) -> anthropic.Anthropic:
-    opened = anthropic.Anthropic(base_url=env.broker.url, api_key=token, max_retries=0)
-    _OPENED.append(opened)
-    return opened
 
 
 FUNCTION_CHAT = {"type": "function", "function": {"name": "lookup", "parameters": {}}}
@@ -127,11 +104,11 @@ def test_a_server_side_tool_without_a_price_cannot_be_bounded(
     assert env.fake.state.requests == []
 
 
-def test_web_search_on_responses_is_capped_held_and_charged_per_call(tool_env: Env) -> None:
+def test_web_search_on_responses_is_capped_held_and_charged_per_call(tool_env: Env, sdk: Sdks) -> None:
     env = tool_env
     env.fake.state.faults.web_searches = 2
     token = env.token(tools=["function", "web_search"])
-    raw = oai(env, token).responses.with_raw_response.create(
+    raw = sdk.broker_openai(env, token).responses.with_raw_response.create(
         model="gpt-test", input="news?", tools=[{"type": "web_search"}], max_output_tokens=40)
     response = raw.parse()
     assert [i.type for i in response.output].count("web_search_call") == 2
@@ -146,11 +123,11 @@ def test_web_search_on_responses_is_capped_held_and_charged_per_call(tool_env: E
     assert shown["data"][0]["tool_calls"] == {"web_search": 2}
 
 
-def test_a_cap_the_client_set_is_kept_and_bounds_the_hold(tool_env: Env) -> None:
+def test_a_cap_the_client_set_is_kept_and_bounds_the_hold(tool_env: Env, sdk: Sdks) -> None:
     env = tool_env
     env.fake.state.faults.web_searches = 5
     token = env.token(tools=["function", "web_search"])
-    response = oai(env, token).responses.create(
+    response = sdk.broker_openai(env, token).responses.create(
         model="gpt-test", input="news?", tools=[{"type": "web_search"}], max_tool_calls=1,
         max_output_tokens=40)
     assert [i.type for i in response.output].count("web_search_call") == 1
@@ -159,11 +136,11 @@ def test_a_cap_the_client_set_is_kept_and_bounds_the_hold(tool_env: Env) -> None
     assert json.loads(event["tool_calls"]) == {"web_search": 1}
 
 
-def test_a_streamed_response_charges_the_searches_of_its_terminal_event(tool_env: Env) -> None:
+def test_a_streamed_response_charges_the_searches_of_its_terminal_event(tool_env: Env, sdk: Sdks) -> None:
     env = tool_env
     env.fake.state.faults.web_searches = 2
     token = env.token(tools=["function", "web_search"])
-    events = list(oai(env, token).responses.create(
+    events = list(sdk.broker_openai(env, token).responses.create(
         model="gpt-test", input="news?", tools=[{"type": "web_search"}], max_output_tokens=40,
         stream=True))
     usage = events[-1].response.usage  # type: ignore[union-attr]
@@ -183,11 +160,11 @@ def test_a_slice_that_cannot_pay_the_worst_searches_is_refused(tool_env: Env) ->
     assert env.fake.state.requests == []
 
 
-def test_anthropic_web_search_gets_max_uses_and_is_charged_per_request(tool_env: Env) -> None:
+def test_anthropic_web_search_gets_max_uses_and_is_charged_per_request(tool_env: Env, sdk: Sdks) -> None:
     env = tool_env
     env.fake.state.faults.web_searches = 2
     token = env.token(tools=["function", "web_search"])
-    raw = claude(env, token).messages.with_raw_response.create(
+    raw = sdk.broker_anthropic(env, token).messages.with_raw_response.create(
         model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "news?"}],
         tools=[{"type": "web_search_20250305", "name": "web_search"}])
     message = raw.parse()
@@ -200,11 +177,11 @@ def test_anthropic_web_search_gets_max_uses_and_is_charged_per_request(tool_env:
     assert json.loads(event["tool_calls"]) == {"web_search": 2}
 
 
-def test_anthropic_web_search_in_a_stream_is_charged_from_the_final_delta(tool_env: Env) -> None:
+def test_anthropic_web_search_in_a_stream_is_charged_from_the_final_delta(tool_env: Env, sdk: Sdks) -> None:
     env = tool_env
     env.fake.state.faults.web_searches = 1
     token = env.token(tools=["function", "web_search"])
-    with claude(env, token).messages.stream(
+    with sdk.broker_anthropic(env, token).messages.stream(
             model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "news?"}],
             tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}]) as stream:
         final = stream.get_final_message()
@@ -244,12 +221,12 @@ def test_a_grant_of_a_tool_behind_approval_lets_tokens_use_it(tool_env: Env) -> 
 
 
 def test_a_tool_call_the_request_did_not_offer_is_charged_alerted_and_suspends(
-        tool_env: Env) -> None:
+        tool_env: Env, sdk: Sdks) -> None:
     env = tool_env
     env.fake.state.faults.unoffered_tool_calls = 1  # the provider misbehaves
     agent = env.agent(tools=["function", "web_search"])
     token = env.broker.token(agent["client_id"], agent["client_secret"])
-    raw = oai(env, token).responses.with_raw_response.create(
+    raw = sdk.broker_openai(env, token).responses.with_raw_response.create(
         model="gpt-test", input="hi", max_output_tokens=40)
     usage = raw.parse().usage
     assert usage is not None

@@ -51,6 +51,7 @@ from broker.gateway.calls import Gateway, Reply
 from broker.gateway.charges import read_capped
 from broker.gateway.stream import body_chunks
 from broker.gateway.upstream_http import Upstream
+from broker.identity.policy import Policy
 from broker.money import ledger
 from broker.money.outcome import Outcome
 from broker.money.pricing import Price, Usage
@@ -258,7 +259,12 @@ class Batches:
         return ProviderApi(provider, key, self.gateway.pool(provider))
 
     async def upload(self, token: VerifiedToken, filename: str, raw: bytes) -> Reply:
-        """Check the file, upload it to the provider, record it; the provider's FileObject."""
+        """Check the file, upload it to the provider, record it; the provider's FileObject.
+        Each request on these routes counts against the workload's rates, as a call does."""
+        with self.gateway.counted(token, await self.gateway.policy(token.sub)):
+            return await self._upload(token, filename, raw)
+
+    async def _upload(self, token: VerifiedToken, filename: str, raw: bytes) -> Reply:
         checked = await check_file(self.gateway, token, raw)
         api = await self._api(checked.provider)
         content, ctype = multipart(filename, checked.content)
@@ -294,6 +300,11 @@ class Batches:
         if found is None:
             raise NotFound(f"no file {file_id[:128]!r}")
         policy = await self.gateway.policy(token.sub)
+        with self.gateway.counted(token, policy):
+            return await self._create(token, policy, found, file_id, metadata)
+
+    async def _create(self, token: VerifiedToken, policy: Policy, found: Any, file_id: str,
+                      metadata: dict[str, str] | None) -> Reply:
         if policy.batch == "denied":
             raise BatchNotAllowed("this workload's policy does not allow batch jobs")
         if policy.batch != "allowed" and "batch" not in token.grant_tools:
@@ -397,14 +408,16 @@ class Batches:
     async def retrieve(self, token: VerifiedToken, batch_id: str) -> Reply:
         """The provider's Batch object, passed through (the poller settles it)."""
         job, api = await self._job(token, batch_id)
-        status, answer = await _forward(api, "GET", f"/batches/{escape(job.id, safe='')}")
+        with self.gateway.counted(token, await self.gateway.policy(token.sub)):
+            status, answer = await _forward(api, "GET", f"/batches/{escape(job.id, safe='')}")
         return reply(200, answer) if status == 200 else refusal(status, answer)
 
     async def cancel(self, token: VerifiedToken, batch_id: str) -> Reply:
         """Forward the cancellation; the poller settles what the provider billed."""
         job, api = await self._job(token, batch_id)
-        status, answer = await _forward(api, "POST",
-                                        f"/batches/{escape(job.id, safe='')}/cancel")
+        with self.gateway.counted(token, await self.gateway.policy(token.sub)):
+            status, answer = await _forward(api, "POST",
+                                            f"/batches/{escape(job.id, safe='')}/cancel")
         if status != 200:
             return refusal(status, answer)
         await self.db.run(lambda conn: audit.record(

@@ -36,7 +36,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +202,19 @@ class Gateway:
             self._policies.clear()
         self._policies[workload_id] = (now + keep, policy)
         return policy
+
+    @contextlib.contextmanager
+    def counted(self, token: VerifiedToken, policy: Policy) -> Iterator[None]:
+        """A request that holds no money itself (token counting, batch files and jobs) but
+        counts against the workload's request rate and its and its tenant's concurrency."""
+        self.limiter.admit(token.sub, policy, tokens=0, cost_micros=0, now=time.time(),
+                           group=token.tenant,
+                           group_cap=self.settings.gateway.tenant_max_concurrent)
+        try:
+            yield
+        finally:
+            self.limiter.settle(token.sub, policy, held_tokens=0, used_tokens=0, held_micros=0,
+                                used_micros=0, now=time.time(), group=token.tenant)
 
     async def admit_model(self, token: VerifiedToken, model: object, op: Operation
                           ) -> tuple[str, ModelSettings, Provider, Policy]:

@@ -7,7 +7,6 @@ concurrency like any other call (an agent looping on it is still throttled).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,10 +25,7 @@ async def count_tokens(gateway: Gateway, token: VerifiedToken, body: dict[str, A
     model, spec, provider, policy = await gateway.admit_model(token, body.get("model"),
                                                               "messages")
     key = await gateway.keys.get(spec.provider)
-    gateway.limiter.admit(token.sub, policy, tokens=0, cost_micros=0, now=time.time(),
-                          group=token.tenant,
-                          group_cap=gateway.settings.gateway.tenant_max_concurrent)
-    try:
+    with gateway.counted(token, policy):
         body["model"] = spec.upstream_model or model
         upstream = provider.build_request("messages", body, key=key,
                                           client_headers=client_headers)
@@ -43,9 +39,6 @@ async def count_tokens(gateway: Gateway, token: VerifiedToken, body: dict[str, A
             raise UpstreamTimeout() from None
         except httpx.HTTPError:
             raise UpstreamError("the provider could not be reached") from None
-    finally:
-        gateway.limiter.settle(token.sub, policy, held_tokens=0, used_tokens=0, held_micros=0,
-                               used_micros=0, now=time.time(), group=token.tenant)
     status = response.status_code
     if status == 429:
         raise RateLimited("the provider is rate limiting this model")
