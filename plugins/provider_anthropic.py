@@ -85,7 +85,7 @@ SERVICE_TIERS = frozenset({"auto", "standard_only"})
 # results, thinking, search results).
 TEXT_BLOCKS = frozenset({
     "text", "thinking", "redacted_thinking", "tool_use", "server_tool_use", "search_result",
-    "web_search_tool_result", "web_fetch_tool_result", "code_execution_tool_result",
+    "code_execution_tool_result",
     "bash_code_execution_tool_result", "text_editor_code_execution_tool_result",
 })
 _PASSED_HEADERS = ("anthropic-version", "anthropic-beta")
@@ -326,6 +326,16 @@ class AnthropicWire:
         kind = block.get("type")
         if kind in TEXT_BLOCKS:
             return json_tokens(block)
+        if kind in ("web_search_tool_result", "web_fetch_tool_result"):
+            # Sent back in a conversation, a past result is billed as the pages it stands for,
+            # which it carries encrypted: held at the tool's ceiling per result.
+            tool = str(kind).removesuffix("_tool_result")
+            ceiling = ctx.tool_result_tokens.get(tool)
+            if ceiling is None:
+                raise Unbounded(f"{where}: a {tool} result is billed as the pages it stands for; "
+                                f"the broker bounds it only with tools.{tool}."
+                                "result_tokens_per_call", param=f"{where}.type")
+            return json_tokens(block) + ceiling
         if kind == "image":
             source = block.get("source")
             data = None

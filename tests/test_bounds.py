@@ -10,7 +10,9 @@ provider's tokenizer (which bills every string of the body at any depth).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -416,3 +418,18 @@ def test_a_model_that_reads_larger_images_is_held_by_its_configured_rule() -> No
     assert held.input_tokens >= 2400 * 1400 // 750  # 4,480: what such a model bills
     default = ANTHROPIC.bound_request("messages", body, CTX, {})
     assert default.input_tokens < 2_000  # the documented rule would cap it near 1,750
+
+
+def test_a_past_web_search_result_is_held_at_the_tools_ceiling_or_refused() -> None:
+    result = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+              "content": [{"type": "web_search_result", "url": "https://example.com", "title": "t",
+                           "encrypted_content": "Zm9v", "page_age": None}]}
+    body = {"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "news?"}, {"role": "assistant", "content": [result]},
+        {"role": "user", "content": "more"}]}
+    with pytest.raises(Unbounded) as info:
+        ANTHROPIC.bound_request("messages", body, CTX, {})
+    assert info.value.param == "messages[1].content[0].type"
+    ceiling = dataclasses.replace(CTX, tool_result_tokens={"web_search": 20_000})
+    held = ANTHROPIC.bound_request("messages", body, ceiling, {}).input_tokens
+    assert held >= 20_000 + len(json.dumps(result))

@@ -177,6 +177,23 @@ def test_anthropic_web_search_gets_max_uses_and_is_charged_per_request(tool_env:
     assert json.loads(event["tool_calls"]) == {"web_search": 2}
 
 
+def test_a_conversation_goes_on_with_its_search_results_held_at_the_ceiling(
+        tool_env: Env, sdk: Sdks) -> None:
+    env = tool_env
+    token = env.token(tools=["function", "web_search"])
+    api = sdk.broker_anthropic(env, token)
+    first = api.messages.create(
+        model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "news?"}],
+        tools=[{"type": "web_search_20250305", "name": "web_search"}])
+    history = [{"role": "user", "content": "news?"},
+               {"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                 for b in first.content]},
+               {"role": "user", "content": "and the day before?"}]
+    second = api.messages.create(model="claude-test", max_tokens=50, messages=history)  # type: ignore[arg-type]
+    assert second.content
+    assert len(env.wait_for_events(2)) == 2
+
+
 def test_anthropic_web_search_in_a_stream_is_charged_from_the_final_delta(tool_env: Env, sdk: Sdks) -> None:
     env = tool_env
     env.fake.state.faults.web_searches = 1

@@ -144,9 +144,11 @@ class Gateway:
         self.limiter: Limiter = InMemoryLimiter()
         self._policies: dict[str, tuple[float, Policy]] = {}
         self.pools = ProviderPools()
+        results = {name: tool.result_tokens_per_call for name, tool in svc.settings.tools.items()}
         self._contexts = {
             name: BoundContext.of(spec, svc.settings.providers[spec.provider],
-                                  max_media_bytes=svc.settings.server.max_body_bytes)
+                                  max_media_bytes=svc.settings.server.max_body_bytes,
+                                  tool_result_tokens=results)
             for name, spec in svc.settings.models.items()}
         gate = svc.token_gate
         if isinstance(gate, Denylist):

@@ -55,10 +55,14 @@ class BoundContext:
     # Tokens of the stored context a request continues (see Provider.continues): the gateway
     # sets it per request from what it metered, and the provider bills them again as input.
     prior_context_tokens: int = 0
+    # The most tokens one call's result of a server-side tool adds (``tools.<name>.
+    # result_tokens_per_call``), by tool: a past result sent back in a conversation (an
+    # Anthropic ``web_search_tool_result``, whose pages are encrypted) is billed as them.
+    tool_result_tokens: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: ModelSettings, provider: ProviderSettings, *,
-           max_media_bytes: int) -> BoundContext:
+    def of(cls, model: ModelSettings, provider: ProviderSettings, *, max_media_bytes: int,
+           tool_result_tokens: Mapping[str, int] | None = None) -> BoundContext:
         """The context of one configured model on its provider."""
         return cls(
             image_rule=configured_image_rule(model),
@@ -68,6 +72,7 @@ class BoundContext:
             unsized_part_tokens=provider.unsized_part_tokens,
             pdf_page_tokens=provider.pdf_page_tokens,
             max_media_bytes=max_media_bytes,
+            tool_result_tokens=dict(tool_result_tokens or {}),
         )
 
 
