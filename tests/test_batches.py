@@ -372,6 +372,38 @@ def test_a_cancelled_batch_settles_what_the_provider_billed(env: Env, sdk: Sdks)
     assert env.slice_of(token)["held_micros"] == 0
 
 
+def test_suspending_the_workload_cancels_the_batches_its_tokens_launched(
+        env: Env, sdk: Sdks) -> None:
+    fake = env.fake.state
+    fake.faults.batch_duration_s, fake.faults.batch_done_lines = 10.0**9, 1
+    agent = env.agent(batch="allowed")
+    token = env.broker.token(agent["client_id"], agent["client_secret"])
+    api = sdk.broker_openai(env, token)
+    batch_id = launch(api, line("a"), line("b"))
+    assert poll(env) == 0 and fake.batches[batch_id].batch["status"] == "in_progress"
+    suspended = env.broker.client.post(f"/v1/admin/workloads/{agent['id']}/suspend",
+                                       headers=env.broker.admin())
+    assert suspended.status_code == 200, suspended.text
+    assert poll(env) == 0  # the cancellation is asked for ...
+    assert fake.batches[batch_id].batch["status"] in ("cancelling", "cancelled")
+    [audit] = env.query("SELECT * FROM audit_event WHERE action = 'batch.cancel'")
+    assert (audit["target"], audit["actor"]) == (batch_id, "batches.poll")
+    assert poll(env) == 1  # ... and what the provider billed before it is settled
+    [event] = env.events()
+    assert (event["status"], event["cost_micros"]) == (
+        "cancelled", invoice(batch_bills(env, batch_id)))
+    assert len(env.query("SELECT * FROM audit_event WHERE action = 'batch.cancel'")) == 1
+
+
+def test_an_expired_token_does_not_cancel_its_batch(env: Env, sdk: Sdks) -> None:
+    fake = env.fake.state
+    fake.faults.batch_duration_s = 10.0**9
+    token = env.token(batch="allowed")
+    batch_id = launch(sdk.broker_openai(env, token), line("a"))
+    assert poll(env, now=int(time.time()) + 3600) == 0
+    assert fake.batches[batch_id].batch["status"] == "in_progress"
+
+
 @pytest.mark.parametrize(("outcome", "status", "answered"), [
     ("failed", "upstream_error", 0),
     ("expired", "expired", 1),

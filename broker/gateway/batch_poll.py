@@ -9,6 +9,10 @@ hold in one usage event (``request_id`` the batch id), then the job's slice goes
 token's (:func:`broker.gateway.batches.settle_job`, one transaction that matches once: two
 pollers on two replicas never charge twice).
 
+A running job whose launching token was revoked (an admin revoked it, suspended its workload or
+tenant, or the monitor did) is cancelled at the provider once (``batch.cancel`` in the audit):
+a revocation stops the spending it launched too. It then settles as any cancelled job does.
+
 A job the provider no longer knows (404), still running, or whose output cannot be read, once
 older than ``batches.max_age_s``, is settled at its whole hold (``orphaned``): the provider may
 have billed all of it. So is a job whose creation never got an answer (a crash, a timeout). A
@@ -52,16 +56,20 @@ from broker.money.outcome import Outcome
 from broker.money.pricing import Usage
 from broker.plugin import Provider
 from broker.services import Services
-from broker.storage.models import BatchFile, BatchJob
+from broker.storage import audit
+from broker.storage.models import BatchFile, BatchJob, TokenSlice
 
 log = logging.getLogger("broker.batches")
 
 _file = BatchFile.__table__  # type: ignore[attr-defined]
 _job = BatchJob.__table__  # type: ignore[attr-defined]
+_slice = TokenSlice.__table__  # type: ignore[attr-defined]
 
 ACTOR = "batches.poll"
 # Jobs looked at per run, oldest first; the rest wait for the next run.
 JOBS_PER_RUN = 500
+# Statuses in which a job is no longer running (or is being stopped already).
+STOPPING = frozenset({"cancelling", "cancelled", "completed", "failed", "expired", "finalizing"})
 # How the provider's terminal statuses settle.
 TERMINAL = {
     "completed": Outcome.OK,
@@ -102,6 +110,7 @@ async def _poll(svc: Services, now: int) -> int:
     rows = await _in_db(svc, lambda conn: conn.execute(
         select(_job).where(_job.c.settled_at.is_(None)).order_by(_job.c.created_at)
         .limit(JOBS_PER_RUN)).all())
+    revoked = await _in_db(svc, functools.partial(_revoked, jtis=[str(r.jti) for r in rows]))
     by_provider: dict[str, list[Job]] = {}
     for row in rows:
         job = job_of(row)
@@ -110,7 +119,7 @@ async def _poll(svc: Services, now: int) -> int:
                         max_stale_s=svc.settings.vault.max_stale_s)
     settled = 0
     for name, jobs in by_provider.items():
-        poller = _Poller(svc, now)
+        poller = _Poller(svc, now, revoked)
         async with contextlib.AsyncExitStack() as stack:
             provider = svc.providers.get(name)
             try:
@@ -132,9 +141,10 @@ async def _poll(svc: Services, now: int) -> int:
 class _Poller:
     """Polls the jobs of one provider; ``api`` None while the provider cannot be asked."""
 
-    def __init__(self, svc: Services, now: int) -> None:
+    def __init__(self, svc: Services, now: int, revoked: frozenset[str] = frozenset()) -> None:
         self.svc = svc
         self.now = now
+        self.revoked = revoked  # job slices whose launching token was revoked
         self.max_age_s = svc.settings.batches.max_age_s
         self.api: ProviderApi | None = None
 
@@ -157,6 +167,9 @@ class _Poller:
         if outcome is None:
             if old:
                 return await self._orphan(job)
+            if job.jti in self.revoked and state not in STOPPING:
+                await self._cancel(job)
+                return False
             if isinstance(state, str) and state != job.status:
                 await _in_db(self.svc, functools.partial(_set_status, job=job, status=state))
             return False
@@ -211,6 +224,29 @@ class _Poller:
             charges[model] = Charge(usage, cost, model in estimated)
         return charges
 
+    async def _cancel(self, job: Job) -> None:
+        """Stop a job whose token was revoked; the next polls settle what the provider billed."""
+        assert self.api is not None
+        try:
+            status, _answer = await self.api.call("POST", f"/batches/{_escape(job.id)}/cancel",
+                                                  content=b"")
+        except (httpx.HTTPError, UpstreamError):
+            return  # tried again at the next poll
+        if status != 200:
+            log.warning("batch %s: the provider refused to cancel it (HTTP %d)", job.id[:64],
+                        status)
+            return
+
+        def record(conn: Connection) -> None:
+            _set_status(conn, job=job, status="cancelling")
+            audit.record(conn, ACTOR, "batch.cancel", job.id,
+                         {"tenant_id": job.tenant_id, "workload_id": job.workload_id,
+                          "reason": "the token that launched it was revoked"}, self.now)
+
+        await _in_db(self.svc, record)
+        log.warning("batch %s: cancelled, since the token that launched it was revoked",
+                    job.id[:64])
+
     async def _file(self, job: Job) -> Any:
         return await _in_db(self.svc, lambda conn: conn.execute(
             select(_file).where(_file.c.id == job.input_file_id,
@@ -229,6 +265,17 @@ class _Poller:
                       state: str) -> bool:
         return await _in_db(self.svc, lambda conn: settle_job(
             conn, job, charges, outcome, self.now, ACTOR, job_status=state))
+
+
+def _revoked(conn: Connection, jtis: list[str]) -> frozenset[str]:
+    """The job slices among ``jtis`` whose parent (the launching token) is revoked."""
+    if not jtis:
+        return frozenset()
+    parent = _slice.alias("parent")
+    rows = conn.execute(
+        select(_slice.c.jti).join(parent, parent.c.jti == _slice.c.parent_jti)
+        .where(_slice.c.jti.in_(jtis), parent.c.revoked_at.isnot(None))).all()
+    return frozenset(str(r[0]) for r in rows)
 
 
 def _set_status(conn: Connection, job: Job, status: str) -> None:
