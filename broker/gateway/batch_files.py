@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx
 
 from broker.errors import BrokerError, InvalidRequest, PayloadTooLarge, Unbounded
@@ -40,6 +41,8 @@ LINE_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 MAX_CUSTOM_ID = 512
 # A budget no line reaches: each line is quoted at its own output limit, never a lower one.
 UNLIMITED_MICROS = 2**62
+# Lines checked between two turns of the event loop.
+YIELD_EVERY = 64
 
 
 # --- token units ---------------------------------------------------------------------------
@@ -214,6 +217,9 @@ async def check_file(gateway: Gateway, token: VerifiedToken, raw: bytes) -> Chec
             out.append(await checker.line(line))
         except BrokerError as exc:
             raise _at_line(exc, number) from None
+        if len(out) % YIELD_EVERY == 0:
+            # A large file is seconds of CPU: let the worker's other requests through meanwhile.
+            await anyio.sleep(0)
     if not out:
         raise InvalidRequest("the file holds no request", param="file")
     assert checker.provider is not None
