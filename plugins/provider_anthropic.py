@@ -69,6 +69,9 @@ CLIENT_TOOL_TOKENS = {"bash_": 1_000, "text_editor_": 1_500, "computer_": 2_500}
 # hidden prompt too, held at this ceiling. Code execution is billed by container time: refused.
 SERVER_TOOL_TOKENS = {"web_search": 1_000, "web_fetch": 1_000}
 SERVER_TOOLS = frozenset({"web_search", "web_fetch", "code_execution"})
+# Betas that change the price in ways the broker does not model, refused even when allowed:
+# the 1M-token context bills a prompt past 200k tokens at twice the input price.
+UNPRICED_BETAS = ("context-1m",)
 _DATED = re.compile(r"_\d{8}$")
 FIELDS = frozenset({
     "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
@@ -258,6 +261,10 @@ class AnthropicWire:
             return
         for value in header.split(","):
             flag = value.strip()
+            if flag.startswith(UNPRICED_BETAS):
+                raise Unbounded(
+                    f"anthropic-beta: {flag[:80]!r} bills long prompts at a premium the broker "
+                    "does not price", param="anthropic-beta")
             if flag and flag not in ctx.allowed_beta:
                 raise Unbounded(
                     f"anthropic-beta: {flag[:80]!r} is not allowed for this provider "

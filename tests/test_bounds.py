@@ -433,3 +433,11 @@ def test_a_past_web_search_result_is_held_at_the_tools_ceiling_or_refused() -> N
     ceiling = dataclasses.replace(CTX, tool_result_tokens={"web_search": 20_000})
     held = ANTHROPIC.bound_request("messages", body, ceiling, {}).input_tokens
     assert held >= 20_000 + len(json.dumps(result))
+
+
+def test_the_long_context_beta_is_refused_even_when_allowed() -> None:
+    allowed = dataclasses.replace(CTX, allowed_beta=frozenset({"context-1m-2025-08-07"}))
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(Unbounded) as info:
+        ANTHROPIC.bound_request("messages", body, allowed, {"anthropic-beta": "context-1m-2025-08-07"})
+    assert info.value.param == "anthropic-beta"
