@@ -75,6 +75,7 @@ __all__ = [
     "IssuerType",
     "JsonObject",
     "KeyAdmin",
+    "MeterState",
     "Operation",
     "Provider",
     "ProviderConfig",
@@ -93,6 +94,8 @@ __all__ = [
     "check_fields",
     "data_url",
     "delta_tokens",
+    "ended_code",
+    "ended_message",
     "image_rule",
     "image_tokens",
     "json_bytes",
@@ -164,6 +167,39 @@ class SseEvent:
     event: str | None
     data: str
     raw: bytes
+
+
+class MeterState:
+    """The state every :class:`StreamMeter` keeps, as a stream starts: a plugin's meter
+    builds on it."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.final = False
+        self.streamed_tokens = 0
+        self.output_bound = 0
+        self.done = False
+        self.failed = False
+
+
+_ENDED_MESSAGES: dict[str, str] = {
+    "limit": "the broker ended the stream: the token's budget slice is spent",
+    "revoked": "the broker ended the stream: the token was revoked",
+    "expired": "the broker ended the stream: it reached its time limit",
+}
+_ENDED_CODES: dict[str, str] = {
+    "limit": "insufficient_quota", "revoked": "token_revoked", "expired": "stream_time_limit",
+}
+
+
+def ended_message(reason: EndReason) -> str:
+    """What a stream's closing error event tells the client of why it ended early."""
+    return _ENDED_MESSAGES.get(reason, "the provider's stream ended before the answer was complete")
+
+
+def ended_code(reason: EndReason) -> str:
+    """The error code of a stream's closing error event (OpenAI dialects)."""
+    return _ENDED_CODES.get(reason, "upstream_error")
 
 
 class StreamMeter(Protocol):

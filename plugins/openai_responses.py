@@ -29,6 +29,7 @@ from broker.plugin import (
     BoundContext,
     EndReason,
     InvalidRequest,
+    MeterState,
     RequestBound,
     SseEvent,
     ToolUse,
@@ -38,6 +39,8 @@ from broker.plugin import (
     check_fields,
     data_url,
     delta_tokens,
+    ended_code,
+    ended_message,
     image_rule,
     image_tokens,
     json_tokens,
@@ -278,17 +281,9 @@ def output_bound(response: Any) -> int:
     return json_tokens(output) if isinstance(output, list) else 0
 
 
-class ResponsesStreamMeter:
+class ResponsesStreamMeter(MeterState):
     """Counts the generated deltas (for the hold's wall) and takes usage from the terminal
     event. Every event goes to the client as it came."""
-
-    def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.final = False
-        self.streamed_tokens = 0
-        self.output_bound = 0
-        self.done = False
-        self.failed = False
 
     def read(self, event: SseEvent) -> bool:
         try:
@@ -316,13 +311,5 @@ class ResponsesStreamMeter:
         return True
 
     def epilogue(self, reason: EndReason) -> bytes:
-        messages = {
-            "limit": "the broker ended the stream: the token's budget slice is spent",
-            "revoked": "the broker ended the stream: the token was revoked",
-            "expired": "the broker ended the stream: it reached its time limit",
-        }
-        codes = {"limit": "insufficient_quota", "revoked": "token_revoked",
-                 "expired": "stream_time_limit"}
-        message = messages.get(reason, "the provider's stream ended before the answer was complete")
-        return sse({"type": "error", "code": codes.get(reason, "upstream_error"),
-                    "message": message, "param": None, "sequence_number": 0}, event="error")
+        return sse({"type": "error", "code": ended_code(reason), "message": ended_message(reason),
+                    "param": None, "sequence_number": 0}, event="error")

@@ -31,6 +31,7 @@ from broker.plugin import (
     ConfigError,
     EndReason,
     InvalidRequest,
+    MeterState,
     Operation,
     ProviderConfig,
     RequestBound,
@@ -43,6 +44,7 @@ from broker.plugin import (
     base_url,
     check_fields,
     delta_tokens,
+    ended_message,
     image_rule,
     image_tokens,
     json_bytes,
@@ -147,15 +149,7 @@ def _delta_text(delta: Any) -> str:
     return "".join(v for k, v in delta.items() if isinstance(v, str) and k != "type")
 
 
-class AnthropicStreamMeter:
-    def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.final = False
-        self.streamed_tokens = 0
-        self.output_bound = 0
-        self.done = False
-        self.failed = False
-
+class AnthropicStreamMeter(MeterState):
     def read(self, event: SseEvent) -> bool:
         kind = event.event
         if kind == "ping":
@@ -218,12 +212,8 @@ class AnthropicStreamMeter:
                      "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
                      "usage": {"output_tokens": self.streamed_tokens}}
             return sse(delta, "message_delta") + sse({"type": "message_stop"}, "message_stop")
-        messages = {
-            "revoked": "the broker ended the stream: the token was revoked",
-            "expired": "the broker ended the stream: it reached its time limit",
-        }
-        message = messages.get(reason, "the provider's stream ended before the answer was complete")
-        return sse({"type": "error", "error": {"type": "api_error", "message": message}}, "error")
+        error = {"type": "api_error", "message": ended_message(reason)}
+        return sse({"type": "error", "error": error}, "error")
 
 
 class AnthropicWire:

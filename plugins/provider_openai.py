@@ -25,6 +25,7 @@ from broker.plugin import (
     ConfigError,
     EndReason,
     InvalidRequest,
+    MeterState,
     Operation,
     ProviderConfig,
     RequestBound,
@@ -39,6 +40,8 @@ from broker.plugin import (
     check_fields,
     data_url,
     delta_tokens,
+    ended_code,
+    ended_message,
     image_rule,
     image_tokens,
     json_bytes,
@@ -121,15 +124,10 @@ def _delta_text(delta: Any) -> str:
     return ""
 
 
-class OpenAIStreamMeter:
+class OpenAIStreamMeter(MeterState):
     def __init__(self, *, client_wants_usage: bool) -> None:
+        super().__init__()
         self.client_wants_usage = client_wants_usage
-        self.usage: Usage | None = None
-        self.final = False
-        self.streamed_tokens = 0
-        self.output_bound = 0
-        self.done = False
-        self.failed = False
 
     def read(self, event: SseEvent) -> bool:
         data = event.data
@@ -160,14 +158,8 @@ class OpenAIStreamMeter:
     def epilogue(self, reason: EndReason) -> bytes:
         if reason == "limit":
             return b"data: [DONE]\n\n"
-        messages = {
-            "revoked": "the broker ended the stream: the token was revoked",
-            "expired": "the broker ended the stream: it reached its time limit",
-        }
-        message = messages.get(reason, "the provider's stream ended before the answer was complete")
-        code = {"revoked": "token_revoked", "expired": "stream_time_limit"}.get(reason,
-                                                                                "upstream_error")
-        error = {"message": message, "type": "api_error", "code": code, "param": None}
+        error = {"message": ended_message(reason), "type": "api_error",
+                 "code": ended_code(reason), "param": None}
         return json_bytes_sse({"error": error})
 
 
