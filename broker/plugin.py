@@ -168,6 +168,15 @@ class SseEvent:
     data: str
     raw: bytes
 
+    def json_object(self) -> JsonObject | None:
+        """The event's data as a JSON object; None when it is not one (a ``[DONE]``, a
+        keep-alive, a malformed event), which a meter passes on unread."""
+        try:
+            value = json.loads(self.data)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
 
 class MeterState:
     """The state every :class:`StreamMeter` keeps, as a stream starts: a plugin's meter

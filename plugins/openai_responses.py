@@ -20,7 +20,6 @@ cached_tokens``, ``output_tokens`` with reasoning inside); in a stream from the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -286,11 +285,8 @@ class ResponsesStreamMeter(MeterState):
     event. Every event goes to the client as it came."""
 
     def read(self, event: SseEvent) -> bool:
-        try:
-            data = json.loads(event.data)
-        except ValueError:
-            return True
-        if not isinstance(data, dict):
+        data = event.json_object()
+        if data is None:
             return True
         kind = data.get("type", event.event)
         if kind in _DELTAS:

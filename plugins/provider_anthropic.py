@@ -160,11 +160,8 @@ class AnthropicStreamMeter(MeterState):
         if kind == "error":
             self.failed = True
             return True
-        try:
-            data = json.loads(event.data)
-        except ValueError:
-            return True
-        if not isinstance(data, dict):
+        data = event.json_object()
+        if data is None:
             return True
         if kind == "content_block_delta":
             low, high = delta_tokens(_delta_text(data.get("delta")))

@@ -13,7 +13,6 @@ tools other than client functions and any unknown field or part are refused, and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,11 +133,8 @@ class OpenAIStreamMeter(MeterState):
         if data.startswith("[DONE]"):
             self.done = True
             return True
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return True
-        if not isinstance(chunk, dict):
+        chunk = event.json_object()
+        if chunk is None:
             return True
         if chunk.get("error"):
             self.failed = True
