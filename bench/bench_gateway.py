@@ -6,9 +6,11 @@ provider, side by side, with a bare Starlette endpoint as the framework's ceilin
 One run on this machine, each server in its own process under uvicorn with one worker: an OpenBao
 dev server, the fake provider (``plugins.mock_upstream``), the broker (``broker serve``, SQLite WAL,
 a provider of plugin ``openai-compatible`` pointing at the fake provider, its key in Vault, the
-model priced in ``[models.*]``) and the bare app. ``wrk`` drives them from another process.
-Targets from the gateway issue: added p50 latency under 1 ms at concurrency 1; at concurrency 16,
-gateway throughput at least 25 % of the bare endpoint's.
+model priced in ``[models.*]``), the bare app, and the peer: a LiteLLM proxy without a database
+(:mod:`bench.peers`, installed into a virtualenv of its own on first use; ``--peer none`` skips
+it). ``wrk`` drives them from another process. Targets from the gateway issue: added p50 latency
+under 1 ms at concurrency 1; at concurrency 16, gateway throughput at least 25 % of the bare
+endpoint's and 30 times LiteLLM's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import harness
+from bench import harness, peers
 from bench.harness import BrokerUnderTest, Measurement, ServerProcess, Target
 from broker.devvault import DevVault
 
@@ -29,7 +31,9 @@ SECTION = "bench_gateway"
 MODEL = "mock-gpt"
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RATIO = 0.25
+TARGET_PEER_RATIO = 30.0
 # No peer figure is quoted here: a peer (LiteLLM) is only compared when measured in the same run.
+PEER = f"LiteLLM {peers.LITELLM_VERSION} proxy (no database)"
 
 BARE = "bare Starlette GET /bare"
 COMPARED = "broker (--compare checkout)"
@@ -69,7 +73,7 @@ def name(route: str, stream: bool) -> str:
 
 def targets(
     broker: BrokerUnderTest, upstream: ServerProcess, bare: ServerProcess, token: str, provider_key: str,
-    compare: tuple[BrokerUnderTest, str] | None = None,
+    compare: tuple[BrokerUnderTest, str] | None = None, peer: ServerProcess | None = None,
 ) -> list[Target]:
     path = "/v1/chat/completions"
     out = [Target(BARE, bare.url + "/bare", pids=(bare.pid,))]
@@ -91,6 +95,13 @@ def targets(
                 name(COMPARED, stream), other.url + path, "POST", body,
                 (("content-type", "application/json"), ("authorization", f"Bearer {other_token}")),
                 (other.pid, upstream.pid),
+            ))
+        if peer is not None:
+            out.append(Target(
+                name(PEER, stream), peer.url + path, "POST", body,
+                (("content-type", "application/json"),
+                 ("authorization", f"Bearer {peers.MASTER_KEY}")),
+                (peer.pid, upstream.pid),
             ))
     return out
 
@@ -150,6 +161,29 @@ def report(
                 f"(target >= {TARGET_RATIO:.0%} of bare): **{'MET' if ok else 'NOT MET'}**, "
                 f"{ratio:.1%} ({b.rps:,.0f} req/s)."
             )
+    peer_text = ""
+    if any(m.target.startswith(PEER) for m in results):
+        peer_rows = []
+        for stream in (False, True):
+            for c in concurrencies:
+                b, p = by[(name("broker", stream), c)], by[(name(PEER, stream), c)]
+                peer_rows.append((
+                    "stream" if stream else "non-stream", str(c), f"{b.rps:,.0f}",
+                    f"{p.rps:,.0f}", f"{b.rps / p.rps:.1f}", f"{b.per_cpu_s / p.per_cpu_s:.1f}",
+                    f"{b.p50_ms:.2f}", f"{p.p50_ms:.2f}",
+                ))
+        peer_text = "Against the peer, same run:\n\n" + harness.table(peer_rows, [
+            "mode", "conc.", "broker req/s", "LiteLLM req/s", "broker ÷ LiteLLM",
+            "per server CPU-s, broker ÷ LiteLLM", "broker p50 ms", "LiteLLM p50 ms",
+        ]) + "\n"
+        if 16 in concurrencies:
+            b, p = by[(name("broker", False), 16)], by[(name(PEER, False), 16)]
+            ok = b.rps / p.rps >= TARGET_PEER_RATIO
+            met = met and ok
+            verdicts.append(
+                f"- Gateway throughput at concurrency 16, non-stream, against LiteLLM (target >= "
+                f"{TARGET_PEER_RATIO:g} times): **{'MET' if ok else 'NOT MET'}**, "
+                f"{b.rps / p.rps:.1f} times.")
     verdict_text = "\n".join(verdicts)
     return f"""
 ## Gateway: `/v1/chat/completions` through the broker vs straight to the fake provider
@@ -169,7 +203,10 @@ Through the broker every call verifies the token, checks the model and limits, h
 worst-case cost in the slice, forwards with the key from Vault (cached), settles from the reported
 usage and writes a usage event. Each target: {args.warmup:g} s discarded warm-up, then
 {args.duration:g} s measured; at each concurrency the targets run back to back. A stream's latency
-is to its last byte. The broker's CPU is shown as `broker + fake provider`.
+is to its last byte. The broker's CPU is shown as `broker + fake provider`, LiteLLM's as
+`LiteLLM + fake provider`: LiteLLM {peers.LITELLM_VERSION} (`litellm[proxy]`, installed by the
+benchmark into a virtualenv of its own) runs `litellm --config` with one worker, a master key and
+no database, its one model `openai/{MODEL}` at the same fake provider with the same key.
 {harness.CPU_COLUMNS_NOTE}
 
 {main_table}
@@ -178,6 +215,7 @@ Added latency (broker minus direct, same concurrency, same run) and throughput:
 
 {added}
 
+{peer_text}
 {verdict_text}
 """, met
 
@@ -194,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each target, wait up to this long for other processes to go quiet")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, raw profiles)")
+    parser.add_argument("--peer", choices=["litellm", "none"], default="litellm",
+                        help="measure LiteLLM's proxy beside the broker (installed on first use)")
     parser.add_argument("--compare", type=Path, default=None,
                         help="another checkout of the broker (e.g. `git worktree add ../before "
                              "HEAD~3`) measured beside this one in the same run")
@@ -209,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         provider_key = "sk-bench-" + secrets.token_urlsafe(24)
         harness.put_provider_key(vault, vault_path, provider_key)
         broker = BrokerUnderTest(vault, work, extra_toml=provider_toml(upstream, vault_path)).start()
+        peer = None
+        if args.peer == "litellm":
+            peer = peers.litellm_server(work, upstream.url, provider_key, MODEL).start(
+                timeout_s=180)
         other = None
         if args.compare is not None:
             other = BrokerUnderTest(vault, work, extra_toml=provider_toml(upstream, vault_path),
@@ -227,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 compare = None
                 if other is not None and other_agent is not None:
                     compare = (other, other.token(other_agent.client_id, other_agent.client_secret))
-                tgts = targets(broker, upstream, bare, token, provider_key, compare)
+                tgts = targets(broker, upstream, bare, token, provider_key, compare, peer)
                 for t in tgts:
                     check(t)
                 print(f"concurrency {c}:", flush=True)
@@ -252,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop()
             if other is not None:
                 other.stop()
+            if peer is not None:
+                peer.stop()
             upstream.stop()
             bare.stop()
     return harness.publish(SECTION, text, write=not args.no_write)
