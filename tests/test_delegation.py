@@ -390,9 +390,10 @@ def test_no_tree_of_delegations_spends_more_than_its_root_and_the_ledger_balance
         return int(row[0]), int(row[1]), int(spent_root)
 
     reserved, spent, root_spent = db.transaction(totals)
-    assert spent == charged == root_spent
-    assert spent <= root_budget
-    assert reserved + spent <= root_budget
+    assert root_spent == charged <= root_budget
+    # A live root's budget is reserved whole; its spending reaches the counter at its release.
+    root_released = any(action == "release" and node == 0 for action, node, _ in steps)
+    assert (reserved, spent) == ((0, root_spent) if root_released else (root_budget, 0))
     # Release everything, deepest first: every micro-dollar not spent comes back.
 
     def release_all(conn: Any) -> None:

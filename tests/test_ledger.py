@@ -98,12 +98,15 @@ def test_money_is_conserved_and_caps_hold(db: Database, sequence: list[Op]) -> N
                 "FROM token_slice")).all()
             for jti, b, s, h, _released in rows:
                 assert s >= 0 and h >= 0 and s + h <= b + excess.get(jti, 0)
-            live = sum(max(0, int(b) - int(s)) for _j, b, s, _h, rel in rows if rel is None)
-            assert reserved == live  # what live slices hold is exactly what budgets reserve
+            # A live slice's whole budget stays reserved; its spending reaches the counter's
+            # spent when it is released, and not before.
+            assert reserved == sum(int(b) for _j, b, _s, _h, rel in rows if rel is None)
+            assert spent == sum(int(s) for _j, _b, s, _h, rel in rows if rel is not None)
             counted = c.execute(text("SELECT count FROM live_slices")).scalar()
             assert (counted or 0) == sum(1 for *_x, rel in rows if rel is None)
             events = c.execute(text("SELECT COALESCE(SUM(cost_micros), 0) FROM usage_event")).scalar_one()
-            assert int(events) == spent  # every micro-dollar spent has its usage event
+            # Every micro-dollar spent has its usage event.
+            assert int(events) == sum(int(s) for _j, _b, s, _h, _rel in rows)
 
         db.transaction(check)
 
@@ -118,7 +121,11 @@ def test_a_settled_hold_is_never_charged_twice(db: Database) -> None:
     first = db.transaction(lambda c: ledger.settle_hold(c, hold_id="hx", cost=100, event=event))
     second = db.transaction(lambda c: ledger.settle_hold(c, hold_id="hx", cost=300, event=event))
     assert first is not None and (first.remaining, first.excess) == (400, 0) and second is None
-    assert db.transaction(_totals) == (400, 100)
+    # The counter is not touched by a settlement: the slice's budget stays reserved until its
+    # release moves what it spent into spent.
+    assert db.transaction(_totals) == (500, 0)
+    assert db.transaction(lambda c: ledger.release_slice(c, "jx", NOW + 61)) == 400
+    assert db.transaction(_totals) == (0, 100)
 
 
 def test_cost_above_the_hold_is_charged_in_full_and_passes_the_caps_visibly(db: Database) -> None:
@@ -130,9 +137,8 @@ def test_cost_above_the_hold_is_charged_in_full_and_passes_the_caps_visibly(db: 
     event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "overrun"}
     out = db.transaction(lambda c: ledger.settle_hold(c, hold_id="hy", cost=10_000, event=event))
     assert out is not None and (out.remaining, out.excess) == (-9_500, 9_950)
-    # The slice's whole reservation became spending, and the rest was spent beyond the cap.
-    assert db.transaction(_totals) == (0, 10_000)
-    # Releasing the slice later returns nothing: it has nothing left.
+    # Releasing the slice returns nothing (it has nothing left); its whole reservation became
+    # spending, and the rest shows as spent beyond the cap.
     assert db.transaction(lambda c: ledger.release_slice(c, "jy", NOW + 61)) == 0
     assert db.transaction(_totals) == (0, 10_000)
 
@@ -207,7 +213,7 @@ def test_a_child_slice_is_held_in_its_parent_and_its_spend_reaches_the_budgets(
     event = {"request_id": "r", "ts": NOW, "model": "m", "provider": "p", "status": "ok"}
     db.transaction(lambda c: ledger.settle_hold(c, hold_id="h1", cost=120, event=event))
     assert (_slice(db, "gr_1")["spent_micros"], _slice(db, "gr_1")["held_micros"]) == (120, 180)
-    assert db.transaction(_totals) == (680, 120)
+    assert db.transaction(_totals) == (800, 0)  # the counter learns at the grant's release
     # The parent cannot be released while a child lives; the child returns its rest to it.
     assert db.transaction(lambda c: ledger.release_slice(c, "gr_1", NOW + 601)) == 0
     assert db.transaction(lambda c: ledger.release_slice(c, "jc", NOW + 601)) == 180

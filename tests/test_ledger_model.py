@@ -3,8 +3,9 @@ slices, holds, settlements, releases and revocations keeps every cent accounted 
 
 After every step, read straight from the database:
 
-- the budget counter's ``spent`` is the sum of every charge (the usage events), and its
-  ``reserved`` what the unreleased root slices have left (``budget - spent``);
+- every charge (the usage events) is in the spending of a root slice; the budget counter's
+  ``reserved`` is the whole budget of the unreleased root slices, and its ``spent`` what the
+  released ones spent (a slice's spending moves to the counter once, at its release);
 - every slice holds exactly its open holds plus what its unreleased children have left, and
   ``spent + held <= budget``;
 - the counter never passes its limit (charges here stay within their holds: no overrun).
@@ -153,14 +154,20 @@ class LedgerModel(RuleBasedStateMachine):
         return list(self.db.transaction(lambda conn: conn.execute(text(sql)).all()))
 
     @invariant()
-    def the_counter_equals_the_charges_and_what_roots_have_left(self) -> None:
+    def the_counter_holds_live_roots_and_what_released_roots_spent(self) -> None:
         counter = self._rows("SELECT reserved_micros, spent_micros FROM budget_counter")
         reserved, spent = (int(counter[0][0]), int(counter[0][1])) if counter else (0, 0)
         events = self._rows("SELECT COALESCE(SUM(cost_micros), 0) FROM usage_event")
-        assert spent == int(events[0][0]) == self.charged
-        roots = self._rows("SELECT COALESCE(SUM(budget_micros - spent_micros), 0) FROM token_slice "
-                           "WHERE parent_jti IS NULL AND released_at IS NULL")
-        assert reserved == int(roots[0][0])
+        roots_spent = self._rows("SELECT COALESCE(SUM(spent_micros), 0) FROM token_slice "
+                                 "WHERE parent_jti IS NULL")
+        assert int(roots_spent[0][0]) == int(events[0][0]) == self.charged
+        # A live root's whole budget stays reserved; a released one's spending is in spent.
+        live = self._rows("SELECT COALESCE(SUM(budget_micros), 0) FROM token_slice "
+                          "WHERE parent_jti IS NULL AND released_at IS NULL")
+        assert reserved == int(live[0][0])
+        released = self._rows("SELECT COALESCE(SUM(spent_micros), 0) FROM token_slice "
+                              "WHERE parent_jti IS NULL AND released_at IS NOT NULL")
+        assert spent == int(released[0][0])
         assert reserved >= 0 and reserved + spent <= LIMIT
 
     @invariant()

@@ -3,7 +3,10 @@
 Three layers hold money:
 
 * budget counters (organisation, tenant, workload; one row per period window): ``reserved``
-  is what live token slices hold, ``spent`` what was paid; ``reserved + spent <= limit``;
+  is the budgets of the slices not yet released, ``spent`` what released slices spent;
+  ``reserved + spent <= limit``. A slice's spending moves into ``spent`` once, when it is
+  released, not per call: no row is touched by every call of the deployment, and the sum the
+  limit checks does not change by the move. Reports read usage events, not counters;
 * token slices: ``spent + held <= budget`` of the slice;
 * holds: the worst-case cost of one running gateway request, inside its token's slice.
 
@@ -150,10 +153,12 @@ _PRUNE_SLICES = Sql("""
         SELECT jti FROM token_slice WHERE released_at IS NOT NULL AND released_at < :before
           AND NOT EXISTS (SELECT 1 FROM slice_counter l WHERE l.jti = token_slice.jti)
         LIMIT :batch)""")
-_UNRESERVE = Sql("UPDATE budget_counter SET reserved_micros = reserved_micros - :amount WHERE id = :id")
-_SPEND = Sql("""
+# A root slice's budget leaves ``reserved`` and what it spent enters ``spent`` together, once,
+# when it is released: ``reserved + spent`` never changes while the slice lives, so settlements
+# need not lock the counters (every call of a deployment would queue on the organisation's row).
+_CLOSE_IN_COUNTER = Sql("""
     UPDATE budget_counter
-    SET reserved_micros = reserved_micros - :reserved, spent_micros = spent_micros + :amount
+    SET reserved_micros = reserved_micros - :budget, spent_micros = spent_micros + :spent
     WHERE id = :id""")
 _REMAINING = Sql("""
     SELECT budget_micros, spent_micros, held_micros, released_at, revoked_at
@@ -316,14 +321,15 @@ def release_slice(conn: Connection, jti: str, now: int) -> int:
     row = _RELEASE.run(conn, now=now, jti=jti).first()
     if row is None:
         return 0
+    budget, spent, parent = int(row[0]), int(row[1]), row[4]
     # After an overrun the slice spent more than its budget: nothing returns.
-    unspent = max(0, int(row[0]) - int(row[1]))
-    parent = row[4]
-    if unspent > 0:
-        if parent is not None:
+    unspent = max(0, budget - spent)
+    if parent is not None:
+        if unspent > 0:
             _UNHOLD_PARENT.run(conn, amount=unspent, parent=parent)
+    elif budget or spent:
         for counter_id in _counter_ids(conn, jti):
-            _UNRESERVE.run(conn, amount=unspent, id=counter_id)
+            _CLOSE_IN_COUNTER.run(conn, budget=budget, spent=spent, id=counter_id)
     if row[3] == "token":
         _LIVE_DOWN.run(conn, workload_id=row[2])
     return unspent
@@ -406,9 +412,10 @@ def settle_hold(conn: Connection, *, hold_id: str, cost: int, event: dict[str, A
     event (its identity fields default to the slice's), all at once. None when the hold was
     already settled (by the sweeper, say): then nothing is charged a second time.
 
-    A cost above the hold is charged too (an overrun, see the module's docstring). The part of
-    it the slice still had reserved in the budgets above moves from reserved to spent; the rest
-    is added to spent alone, so that a later release never returns more than was reserved."""
+    A cost above the hold is charged too (an overrun, see the module's docstring). A delegated
+    slice's parents are charged at once (the part each still held moves from held to spent, the
+    rest is added to spent); the budget counters learn it when the root slice is released, and
+    an overrun then shows there as ``spent`` past the limit."""
     row = _DELETE_HOLD.run(conn, id=hold_id).first()
     if row is None:
         return None
@@ -417,8 +424,8 @@ def settle_hold(conn: Connection, *, hold_id: str, cost: int, event: dict[str, A
     budget, spent, held_left, workload_id, tenant_id, parent = _SETTLE_SLICE.run(
         conn, held=held, cost=cost, jti=jti
     ).one()
-    if cost:
-        _spend_above(conn, jti, parent, cost, _within(int(budget), int(spent), cost))
+    if cost and parent is not None:
+        _spend_above(conn, parent, cost, _within(int(budget), int(spent), cost))
     values = {**_USAGE_DEFAULTS, "workload_id": workload_id, "tenant_id": tenant_id, **event,
               "id": hold_id, "jti": jti, "cost_micros": cost}
     _INSERT_USAGE.run(conn, **{c: values[c] for c in _USAGE_COLUMNS})
@@ -432,18 +439,16 @@ def _within(budget: int, spent_after: int, cost: int) -> int:
     return min(cost, max(0, budget - (spent_after - cost)))
 
 
-def _spend_above(conn: Connection, jti: str, parent: str | None, cost: int, within: int) -> None:
-    """Charge ``cost`` to what a slice was reserved from: its budget counters, or its parent
-    slice (and then, up the chain, the counters of the slice at its root)."""
-    if parent is not None:
-        # A delegated slice's parent may itself be delegated (or funded by a grant): the
-        # charge climbs the chain to the slice that holds budget counters.
+def _spend_above(conn: Connection, parent: str | None, cost: int, within: int) -> None:
+    """Charge ``cost`` to the slices a delegated slice was carved from, up to the root slice
+    that holds the budget counters. The counters themselves learn the root's spending when it
+    is released (:data:`_CLOSE_IN_COUNTER`)."""
+    while parent is not None:
+        # A delegated slice's parent may itself be delegated (or funded by a grant).
         budget, spent, above = _SPEND_PARENT.run(
             conn, within=within, cost=cost, parent=parent).one()
-        _spend_above(conn, parent, above, cost, _within(int(budget), int(spent), cost))
-        return
-    for counter_id in _counter_ids(conn, jti):
-        _SPEND.run(conn, reserved=within, amount=cost, id=counter_id)
+        within = _within(int(budget), int(spent), cost)
+        parent = above
 
 
 def orphaned_holds(conn: Connection, older_than: int, limit: int = 500) -> list[tuple[str, str, int]]:
