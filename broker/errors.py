@@ -223,3 +223,11 @@ class VaultUnavailable(Unavailable):
 
 class LedgerUnavailable(Unavailable):
     title = "The ledger is unavailable"
+
+
+class LimitsUnavailable(Unavailable):
+    """The shared store of rate limits (Redis, or the database) does not answer: nothing is
+    admitted uncounted, so the request is refused."""
+
+    code = "limits_unavailable"
+    title = "Rate limits are unavailable"

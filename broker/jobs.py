@@ -1,5 +1,5 @@
 """The background jobs of a broker: sweeping, ending grants, retiring signing keys, pruning the
-revocation log, scheduled rotation, and settling batch jobs.
+revocation log, scheduled rotation, settling batch jobs, and pruning the shared rate limits.
 :class:`broker.storage.scheduler.Scheduler` runs each once across every replica."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from broker.storage.scheduler import Job
 RETIRE_INTERVAL_S = 60.0
 PRUNE_INTERVAL_S = 3600.0
 PROVIDER_REVOKE_INTERVAL_S = 30.0
+LIMITS_PRUNE_INTERVAL_S = 60.0
 # Delivered webhook rows are kept this long (for an operator looking into a delivery).
 OUTBOX_RETENTION_S = 7 * 86_400
 # OpenAI keeps a stored response 30 days; a continuation of an older one is refused as unbounded.
@@ -44,6 +45,12 @@ def scheduled_jobs(svc: Services) -> list[Job]:
         Job("batches.poll", settings.batches.poll_interval_s,
             functools.partial(batch_poll.poll_once, svc)),
     ]
+    if settings.limits.backend == "database":
+        from broker.money import limits_db
+
+        # Ended leases of replicas that died, and the rows of keys nobody uses any more.
+        jobs.append(Job("limits.prune", LIMITS_PRUNE_INTERVAL_S,
+                        functools.partial(limits_db.prune_once, svc.db)))
     if any(p.vault_path for p in settings.providers.values()):
         jobs.append(Job("provider_key.revoke_retired", PROVIDER_REVOKE_INTERVAL_S,
                         functools.partial(rotation.revoke_retired_provider_keys, svc)))

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 from broker.errors import ConfigError
 from broker.gateway.provider_keys import ProviderKeys
 from broker.identity.bindings import Pinning
-from broker.identity.credentials import FailureTracker, SlidingWindow
+from broker.identity.credentials import EventWindow, FailureTracker, SlidingWindow
 from broker.identity.identities import bootstrap_admin
 from broker.metrics import Metrics
 from broker.money.ledger import now_s
+from broker.money.limits import InMemoryLimiter, Limiter
 from broker.plugin import AuthMethod, IssuerType, Provider
 from broker.registry import build_providers, load_auth_methods
 from broker.settings import Settings
@@ -56,7 +57,7 @@ class Services:
     pepper: bytes = field(repr=False)
     failures: FailureTracker
     # Tokens issued per client in the last minute (``auth.issuance_rpm``).
-    issuance: SlidingWindow
+    issuance: EventWindow
     # Every configured provider, built through its plugin (a bad table stops the start).
     providers: dict[str, Provider]
     provider_keys: ProviderKeys
@@ -66,6 +67,8 @@ class Services:
     federation: Federation | None = None
     metrics: Metrics = field(default_factory=Metrics)
     verified: VerifiedCache = field(default_factory=VerifiedCache)
+    # The gateway's rate limits: this process's, or shared with every replica (limits.backend).
+    limiter: Limiter = field(default_factory=InMemoryLimiter)
 
     # Revocation state in memory; None until the revocation extension has loaded it, and then
     # every verified token is taken as live.
@@ -77,6 +80,9 @@ class Services:
     bus: EventBus | None = None
     scheduler: Scheduler | None = None
     closers: list[Closer] = field(default_factory=list)
+    # Called on the event loop when the server's shutdown begins, with the deadline
+    # (``time.monotonic()``) by which what runs long (a stream) must have ended.
+    drains: list[Callable[[float], None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings, *, auto_migrate: bool = False) -> Services:
@@ -116,14 +122,20 @@ class Services:
         keyring = Keyring(vault, settings.tokens.max_ttl_s)
         keyring.load()
         pepper = load_pepper(vault)
+        try:
+            limiter, failures, issuance, close_limits = _limits(settings, db)
+        except ConfigError:
+            engine.dispose()
+            raise
         services = cls(
             settings=settings,
             db=db,
             vault=vault,
             keyring=keyring,
             pepper=pepper,
-            failures=FailureTracker(settings.auth.failure_limit, settings.auth.failure_window_s),
-            issuance=SlidingWindow(settings.auth.issuance_rpm, ISSUANCE_WINDOW_S),
+            failures=failures,
+            issuance=issuance,
+            limiter=limiter,
             providers=providers,
             provider_keys=ProviderKeys(
                 vault,
@@ -135,6 +147,8 @@ class Services:
             federation=federation,
         )
         services.closers.append(federation.aclose)
+        if close_limits is not None:
+            services.closers.append(close_limits)
         if settings.bootstrap_admin_secret is not None:
             secret = settings.bootstrap_admin_secret.get_secret_value()
             if db.transaction(lambda conn: bootstrap_admin(conn, secret, pepper, now_s())):
@@ -153,3 +167,32 @@ class Services:
 
     def close(self) -> None:
         self.db.dispose()
+
+
+def _limits(settings: Settings, db: Database
+            ) -> tuple[Limiter, FailureTracker, EventWindow, Closer | None]:
+    """The limiter, the failed-secret counter and the issuance window of ``limits.backend``,
+    and what closes their store. A request runs at most ``sweeper.max_request_s`` (the settings
+    check it), so that is how long a dead replica's running request keeps its lease."""
+    auth, limits = settings.auth, settings.limits
+    lease_s = float(settings.sweeper.max_request_s)
+    if limits.backend == "redis":
+        from broker.money.limits_redis import RedisLimiter, RedisStore, RedisWindow
+
+        store = RedisStore(settings.redis.url.get_secret_value(), prefix=limits.redis_prefix,
+                           timeout_s=limits.timeout_s)
+        return (RedisLimiter(store, lease_s=lease_s),
+                FailureTracker(RedisWindow(store, "failures", auth.failure_limit,
+                                           auth.failure_window_s)),
+                RedisWindow(store, "issuance", auth.issuance_rpm, ISSUANCE_WINDOW_S), store.aclose)
+    if limits.backend == "database":
+        from broker.money.limits_db import DatabaseLimiter, DatabaseWindow
+
+        timeout = limits.timeout_s
+        return (DatabaseLimiter(db, lease_s=lease_s, timeout_s=timeout),
+                FailureTracker(DatabaseWindow(db, "failures", auth.failure_limit,
+                                              auth.failure_window_s, timeout_s=timeout)),
+                DatabaseWindow(db, "issuance", auth.issuance_rpm, ISSUANCE_WINDOW_S,
+                               timeout_s=timeout), None)
+    return (InMemoryLimiter(), FailureTracker.in_memory(auth.failure_limit, auth.failure_window_s),
+            SlidingWindow(auth.issuance_rpm, ISSUANCE_WINDOW_S), None)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -24,17 +26,33 @@ def _policy(rpm: int | None = None, tpm: int | None = None,
     )
 
 
+T = TypeVar("T")
+
+
+def _sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine of the in-memory limiter, which never waits, to its end: no event loop
+    per call, so the property test below stays fast."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        value: T = done.value
+        return value
+    coro.close()
+    raise AssertionError("the in-memory limiter waited")
+
+
 def _refused(limiter: Limiter, policy: Policy, now: float, *, key: str = "wl_a", tokens: int = 0,
              cost: int = 0) -> RateLimited:
     with pytest.raises(RateLimited) as info:
-        limiter.admit(key, policy, tokens=tokens, cost_micros=cost, now=now)
+        _sync(limiter.admit(key, policy, tokens=tokens, cost_micros=cost, now=now))
     return info.value
 
 
 def _settle(limiter: Limiter, policy: Policy, now: float, *, key: str = "wl_a", held_tokens: int = 0,
             used_tokens: int = 0, held_micros: int = 0, used_micros: int = 0) -> None:
-    limiter.settle(key, policy, held_tokens=held_tokens, used_tokens=used_tokens,
-                   held_micros=held_micros, used_micros=used_micros, now=now)
+    _sync(limiter.settle(key, policy, ticket="", held_tokens=held_tokens,
+                         used_tokens=used_tokens, held_micros=held_micros,
+                         used_micros=used_micros, now=now))
 
 
 def test_in_memory_limiter_takes_exactly_the_protocols_arguments() -> None:
@@ -44,6 +62,7 @@ def test_in_memory_limiter_takes_exactly_the_protocols_arguments() -> None:
     for name in ("admit", "settle"):
         declared = inspect.signature(getattr(Limiter, name))
         assert inspect.signature(getattr(InMemoryLimiter, name)) == declared, name
+        assert inspect.iscoroutinefunction(getattr(InMemoryLimiter, name)), name
 
 
 # --- requests per minute -------------------------------------------------------------------
@@ -52,52 +71,52 @@ def test_in_memory_limiter_takes_exactly_the_protocols_arguments() -> None:
 def test_rpm_admits_exactly_the_limit_in_any_sliding_minute() -> None:
     limiter, policy = InMemoryLimiter(), _policy(rpm=3)
     for t in (0.0, 10.0, 20.0):
-        limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=t)
+        _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=t))
     refused = _refused(limiter, policy, 59.999)
     assert refused.status == 429 and refused.code == "rate_limit_exceeded"
     assert refused.headers == {"retry-after": "1"}
     # At 60 s the request of t=0 has left the window (it is (now - 60, now]).
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=60.0)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=60.0))
     assert _refused(limiter, policy, 61.0).headers["retry-after"] == "9"
 
 
 def test_retry_after_is_when_the_oldest_counted_request_leaves_the_window() -> None:
     limiter, policy = InMemoryLimiter(), _policy(rpm=2)
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=0.0)
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=30.0)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=0.0))
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=30.0))
     retry = int(_refused(limiter, policy, 45.0).headers["retry-after"])
     assert retry == 15
     _refused(limiter, policy, 45.0 + retry - 0.5)
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=45.0 + retry)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=45.0 + retry))
 
 
 def test_retry_after_rounds_up_to_a_positive_whole_second() -> None:
     limiter, policy = InMemoryLimiter(), _policy(rpm=1)
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=0.25)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=0.25))
     assert _refused(limiter, policy, 1.0).headers["retry-after"] == "60"  # 59.25 s, rounded up
     assert _refused(limiter, policy, 60.2).headers["retry-after"] == "1"  # 0.05 s, still 1
 
 
 def test_a_refused_request_counts_nothing() -> None:
     limiter, policy = InMemoryLimiter(), _policy(rpm=1, tpm=100, burst=(60, 100))
-    limiter.admit("wl_a", policy, tokens=10, cost_micros=10, now=0.0)
+    _sync(limiter.admit("wl_a", policy, tokens=10, cost_micros=10, now=0.0))
     _settle(limiter, policy, 0.5, held_tokens=10, used_tokens=0, held_micros=10, used_micros=0)
     for t in range(1, 60):
         _refused(limiter, policy, float(t), tokens=10, cost=10)
-    limiter.admit("wl_a", policy, tokens=90, cost_micros=90, now=60.0)
+    _sync(limiter.admit("wl_a", policy, tokens=90, cost_micros=90, now=60.0))
 
 
 def test_keys_are_limited_independently() -> None:
     limiter, policy = InMemoryLimiter(), _policy(rpm=1)
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=0.0)
-    limiter.admit("wl_b", policy, tokens=0, cost_micros=0, now=0.0)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=0, now=0.0))
+    _sync(limiter.admit("wl_b", policy, tokens=0, cost_micros=0, now=0.0))
     _refused(limiter, policy, 1.0, key="wl_a")
 
 
 def test_a_policy_without_limits_admits_everything() -> None:
     limiter = InMemoryLimiter()
     for i in range(1000):
-        limiter.admit("wl_a", Policy(), tokens=10**6, cost_micros=10**6, now=i / 1000)
+        _sync(limiter.admit("wl_a", Policy(), tokens=10**6, cost_micros=10**6, now=i / 1000))
 
 
 # --- tokens per minute ---------------------------------------------------------------------
@@ -105,21 +124,21 @@ def test_a_policy_without_limits_admits_everything() -> None:
 
 def test_tpm_holds_the_worst_case_until_settle_corrects_it_down() -> None:
     limiter, policy = InMemoryLimiter(), _policy(tpm=1000)
-    limiter.admit("wl_a", policy, tokens=800, cost_micros=0, now=0.0)
+    _sync(limiter.admit("wl_a", policy, tokens=800, cost_micros=0, now=0.0))
     # 800 held + 300 > 1000; only the running request stands in the way: retry as soon as it may end.
     assert _refused(limiter, policy, 1.0, tokens=300).headers["retry-after"] == "1"
     _settle(limiter, policy, 2.0, held_tokens=800, used_tokens=100)
-    limiter.admit("wl_a", policy, tokens=300, cost_micros=0, now=3.0)  # 100 used + 300 held
+    _sync(limiter.admit("wl_a", policy, tokens=300, cost_micros=0, now=3.0))  # 100 used + 300 held
     _settle(limiter, policy, 5.0, held_tokens=300, used_tokens=300)
     # 100 (settled at 2 s) + 300 (settled at 5 s) + 700 > 1000: 100 must leave, at 62 s.
     assert _refused(limiter, policy, 6.0, tokens=700).headers["retry-after"] == "56"
     _refused(limiter, policy, 61.9, tokens=700)
-    limiter.admit("wl_a", policy, tokens=700, cost_micros=0, now=62.0)
+    _sync(limiter.admit("wl_a", policy, tokens=700, cost_micros=0, now=62.0))
 
 
 def test_tpm_counts_usage_above_the_hold_when_the_estimate_was_short() -> None:
     limiter, policy = InMemoryLimiter(), _policy(tpm=1000)
-    limiter.admit("wl_a", policy, tokens=500, cost_micros=0, now=0.0)
+    _sync(limiter.admit("wl_a", policy, tokens=500, cost_micros=0, now=0.0))
     _settle(limiter, policy, 1.0, held_tokens=500, used_tokens=1200)
     assert _refused(limiter, policy, 2.0, tokens=0).headers["retry-after"] == "59"
 
@@ -137,29 +156,29 @@ def test_a_request_over_the_limit_on_its_own_is_refused_with_the_whole_window() 
 
 def test_burst_counts_spend_within_its_own_window() -> None:
     limiter, policy = InMemoryLimiter(), _policy(burst=(10, 1000))
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=600, now=0.0)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=600, now=0.0))
     _settle(limiter, policy, 1.0, held_micros=600, used_micros=600)
     refused = _refused(limiter, policy, 2.0, cost=500)
     assert refused.headers == {"retry-after": "9"}  # the 600 spent at 1 s leaves at 11 s
     assert "1000 micro-dollars per 10 s" in refused.detail
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=400, now=2.0)  # 600 + 400 fits exactly
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=400, now=2.0))  # 600 + 400 fits exactly
     _refused(limiter, policy, 2.5, cost=1)
     _settle(limiter, policy, 3.0, held_micros=400, used_micros=0)
     _refused(limiter, policy, 10.9, cost=401)
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=1000, now=11.0)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=1000, now=11.0))
 
 
 def test_burst_hold_is_corrected_down_at_settle() -> None:
     limiter, policy = InMemoryLimiter(), _policy(burst=(60, 1000))
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=900, now=0.0)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=900, now=0.0))
     _refused(limiter, policy, 1.0, cost=200)
     _settle(limiter, policy, 2.0, held_micros=900, used_micros=100)
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=900, now=3.0)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=900, now=3.0))
 
 
 def test_the_slowest_limit_sets_retry_after() -> None:
     limiter, policy = InMemoryLimiter(), _policy(rpm=1, burst=(300, 100))
-    limiter.admit("wl_a", policy, tokens=0, cost_micros=100, now=0.0)
+    _sync(limiter.admit("wl_a", policy, tokens=0, cost_micros=100, now=0.0))
     _settle(limiter, policy, 0.0, held_micros=100, used_micros=100)
     refused = _refused(limiter, policy, 10.0, cost=1)
     assert refused.headers == {"retry-after": "290"}  # rpm frees at 60 s, the burst at 300 s
@@ -186,7 +205,7 @@ def test_threads_admitting_at_once_never_exceed_the_limit(
         barrier.wait()
         for _ in range(5):
             try:
-                limiter.admit("wl_a", policy, tokens=tokens, cost_micros=0, now=100.0)
+                _sync(limiter.admit("wl_a", policy, tokens=tokens, cost_micros=0, now=100.0))
                 ok = True
             except RateLimited:
                 ok = False
@@ -208,23 +227,23 @@ def test_threads_admitting_at_once_never_exceed_the_limit(
 def test_idle_keys_are_pruned_as_traffic_goes_on() -> None:
     limiter, policy = InMemoryLimiter(), _policy(rpm=100, tpm=10_000)
     for i in range(1000):
-        limiter.admit(f"wl_{i}", policy, tokens=5, cost_micros=0, now=0.0)
+        _sync(limiter.admit(f"wl_{i}", policy, tokens=5, cost_micros=0, now=0.0))
         _settle(limiter, policy, 1.0, key=f"wl_{i}", held_tokens=5, used_tokens=5)
     assert len(limiter) == 1000
     for i in range(1000):
-        limiter.admit("wl_busy", Policy(), tokens=0, cost_micros=0, now=61.0 + i / 1000)
+        _sync(limiter.admit("wl_busy", Policy(), tokens=0, cost_micros=0, now=61.0 + i / 1000))
     assert len(limiter) == 1
 
 
 def test_prune_keeps_keys_that_still_count() -> None:
     limiter = InMemoryLimiter()
     minute, burst = _policy(rpm=10), _policy(burst=(3600, 10**6))
-    limiter.admit("running", minute, tokens=5, cost_micros=0, now=0.0)  # never settled yet
-    limiter.admit("recent", minute, tokens=0, cost_micros=0, now=30.0)
+    _sync(limiter.admit("running", minute, tokens=5, cost_micros=0, now=0.0))  # never settled yet
+    _sync(limiter.admit("recent", minute, tokens=0, cost_micros=0, now=30.0))
     _settle(limiter, minute, 30.0, key="recent")
-    limiter.admit("long-window", burst, tokens=0, cost_micros=5, now=0.0)
+    _sync(limiter.admit("long-window", burst, tokens=0, cost_micros=5, now=0.0))
     _settle(limiter, burst, 1.0, key="long-window", held_micros=5, used_micros=5)
-    limiter.admit("old", minute, tokens=0, cost_micros=0, now=0.0)
+    _sync(limiter.admit("old", minute, tokens=0, cost_micros=0, now=0.0))
     _settle(limiter, minute, 0.0, key="old")
 
     assert limiter.prune(70.0) == 1  # "old"
@@ -242,7 +261,7 @@ def test_a_log_stays_short_under_heavy_traffic() -> None:
     limiter, policy = InMemoryLimiter(), _policy(rpm=1_000_000, tpm=10**9)
     for i in range(20_000):
         now = i / 200  # 200 requests a second for 100 s
-        limiter.admit("wl_a", policy, tokens=3, cost_micros=0, now=now)
+        _sync(limiter.admit("wl_a", policy, tokens=3, cost_micros=0, now=now))
         _settle(limiter, policy, now, held_tokens=3, used_tokens=2)
     state = limiter._keys["wl_a"]
     assert len(state.requests.entries) <= 601 and len(state.tokens.entries) <= 601
@@ -324,7 +343,7 @@ def test_random_admits_and_settles_never_exceed_any_limit(
         if kind == "admit":
             expected = ref.fits(now, a, b)
             try:
-                limiter.admit("wl_a", policy, tokens=a, cost_micros=b, now=float(now))
+                _sync(limiter.admit("wl_a", policy, tokens=a, cost_micros=b, now=float(now)))
             except RateLimited as exc:
                 # Refused only when the request truly does not fit (never spuriously) ...
                 assert not expected
@@ -346,8 +365,9 @@ def test_random_admits_and_settles_never_exceed_any_limit(
             call.settled_at = now
             call.used_tokens = b % (call.tokens + 1)
             call.used_micros = b % (call.micros + 1)
-            limiter.settle("wl_a", policy, held_tokens=call.tokens, used_tokens=call.used_tokens,
-                           held_micros=call.micros, used_micros=call.used_micros, now=float(now))
+            _sync(limiter.settle("wl_a", policy, ticket="", held_tokens=call.tokens,
+                                 used_tokens=call.used_tokens, held_micros=call.micros,
+                                 used_micros=call.used_micros, now=float(now)))
         requests, tokens, micros = ref.usage(now)
         assert limiter.usage("wl_a", policy, float(now)) == Usage(requests, tokens, micros)
         assert requests <= rpm and tokens <= tpm and micros <= limit_micros

@@ -190,7 +190,7 @@ async def _introspection_caller(
     if basic is not None:
         client_id, secret = basic
         source = client_address(request)
-        svc.failures.ensure_allowed(client_id, source)
+        await svc.failures.ensure_allowed(client_id, source)
         now = int(time.time())
 
         def check(conn: Connection) -> tuple[Client | None, int | None]:
@@ -199,7 +199,7 @@ async def _introspection_caller(
 
         client, left = await svc.db.read(check)
         if client is None:
-            svc.failures.record_failure(client_id, source)
+            await svc.failures.record_failure(client_id, source)
             raise InvalidClient()
         org_wide = client.kind == "admin" and bool({"org-admin", "auditor"} & set(client.roles))
         return client.tenant_id, org_wide, left

@@ -261,7 +261,7 @@ class Batches:
     async def upload(self, token: VerifiedToken, filename: str, raw: bytes) -> Reply:
         """Check the file, upload it to the provider, record it; the provider's FileObject.
         Each request on these routes counts against the workload's rates, as a call does."""
-        with self.gateway.counted(token, await self.gateway.policy(token.sub)):
+        async with self.gateway.counted(token, await self.gateway.policy(token.sub)):
             return await self._upload(token, filename, raw)
 
     async def _upload(self, token: VerifiedToken, filename: str, raw: bytes) -> Reply:
@@ -300,7 +300,7 @@ class Batches:
         if found is None:
             raise NotFound(f"no file {file_id[:128]!r}")
         policy = await self.gateway.policy(token.sub)
-        with self.gateway.counted(token, policy):
+        async with self.gateway.counted(token, policy):
             return await self._create(token, policy, found, file_id, metadata)
 
     async def _create(self, token: VerifiedToken, policy: Policy, found: Any, file_id: str,
@@ -408,14 +408,14 @@ class Batches:
     async def retrieve(self, token: VerifiedToken, batch_id: str) -> Reply:
         """The provider's Batch object, passed through (the poller settles it)."""
         job, api = await self._job(token, batch_id)
-        with self.gateway.counted(token, await self.gateway.policy(token.sub)):
+        async with self.gateway.counted(token, await self.gateway.policy(token.sub)):
             status, answer = await _forward(api, "GET", f"/batches/{escape(job.id, safe='')}")
         return reply(200, answer) if status == 200 else refusal(status, answer)
 
     async def cancel(self, token: VerifiedToken, batch_id: str) -> Reply:
         """Forward the cancellation; the poller settles what the provider billed."""
         job, api = await self._job(token, batch_id)
-        with self.gateway.counted(token, await self.gateway.policy(token.sub)):
+        async with self.gateway.counted(token, await self.gateway.policy(token.sub)):
             status, answer = await _forward(api, "POST",
                                             f"/batches/{escape(job.id, safe='')}/cancel")
         if status != 200:

@@ -36,7 +36,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ from broker.gateway.upstream_http import ProviderPools, Upstream
 from broker.identity.policy import Policy, effective, model_allowed
 from broker.money import ledger
 from broker.money.bounds import BoundContext
-from broker.money.limits import InMemoryLimiter, Limiter
+from broker.money.limits import Limiter
 from broker.money.outcome import Outcome
 from broker.money.pricing import NOTHING, Usage
 from broker.monitoring import alerts
@@ -83,6 +83,7 @@ from broker.revocation.denylist import Denylist, apply_here
 from broker.revocation.log import Entry
 from broker.services import Services
 from broker.settings import ModelSettings
+from broker.storage.group_commit import GroupCommit
 from broker.storage.models import Workload
 from broker.tokens.tokens import LEEWAY_S, VerifiedToken
 
@@ -124,6 +125,7 @@ class Call:
     original: dict[str, Any] | None = None
     tools: tools.ToolPlan = tools.NO_PLAN
     settled: bool = False
+    ticket: str = ""  # the limiter's admission, which its settle names
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,11 @@ class Gateway:
         self.settings = svc.settings
         self.providers = svc.providers
         self.keys = svc.provider_keys
-        self.limiter: Limiter = InMemoryLimiter()
+        self.limiter: Limiter = svc.limiter
         self._policies: dict[str, tuple[float, Policy]] = {}
         self.pools = ProviderPools()
+        # Holds and settlements of concurrent calls share transactions.
+        self.writes = GroupCommit(svc.db)
         results = {name: tool.result_tokens_per_call for name, tool in svc.settings.tools.items()}
         self._contexts = {
             name: BoundContext.of(spec, svc.settings.providers[spec.provider],
@@ -205,18 +209,20 @@ class Gateway:
         self._policies[workload_id] = (now + keep, policy)
         return policy
 
-    @contextlib.contextmanager
-    def counted(self, token: VerifiedToken, policy: Policy) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def counted(self, token: VerifiedToken, policy: Policy) -> AsyncIterator[None]:
         """A request that holds no money itself (token counting, batch files and jobs) but
         counts against the workload's request rate and its and its tenant's concurrency."""
-        self.limiter.admit(token.sub, policy, tokens=0, cost_micros=0, now=time.time(),
-                           group=token.tenant,
-                           group_cap=self.settings.gateway.tenant_max_concurrent)
+        ticket = await self.limiter.admit(token.sub, policy, tokens=0, cost_micros=0,
+                                          now=time.time(), group=token.tenant,
+                                          group_cap=self.settings.gateway.tenant_max_concurrent)
         try:
             yield
         finally:
-            self.limiter.settle(token.sub, policy, held_tokens=0, used_tokens=0, held_micros=0,
-                                used_micros=0, now=time.time(), group=token.tenant)
+            with anyio.CancelScope(shield=True):  # a cancelled request still leaves the count
+                await self.limiter.settle(token.sub, policy, ticket=ticket, held_tokens=0,
+                                          used_tokens=0, held_micros=0, used_micros=0,
+                                          now=time.time(), group=token.tenant)
 
     async def admit_model(self, token: VerifiedToken, model: object, op: Operation
                           ) -> tuple[str, ModelSettings, Provider, Policy]:
@@ -276,21 +282,23 @@ class Gateway:
         admitted = quote(bound, spec, op=op, requested=requested, choices=choices,
                          budget=token.budget_micros, tools=plan.load)
         await self.keys.get(spec.provider)  # a Vault outage refuses the call before money moves
-        self.limiter.admit(token.sub, policy, tokens=admitted.worst.tokens,
-                           cost_micros=admitted.held, now=time.time(), group=token.tenant,
-                           group_cap=self.settings.gateway.tenant_max_concurrent)
+        ticket = await self.limiter.admit(
+            token.sub, policy, tokens=admitted.worst.tokens, cost_micros=admitted.held,
+            now=time.time(), group=token.tenant,
+            group_cap=self.settings.gateway.tenant_max_concurrent)
         hold_id = "h_" + secrets.token_hex(12)
         try:
-            held, remaining = await self.svc.db.run(
+            held, remaining = await self.writes.run(
                 lambda conn: _hold(conn, hold_id, token.jti, admitted))
         except BaseException:
-            self._unadmit(token, policy, admitted, NOTHING, 0, time.time())
+            with anyio.CancelScope(shield=True):
+                await self._unadmit(token, policy, admitted, ticket, NOTHING, 0, time.time())
             raise
         call = Call(
             token=token, op=op, model=model, provider=provider, policy=policy, body=body,
             stream=stream, client_wants_usage=client_wants_usage, quote=held, admitted=admitted,
             hold_id=hold_id, remaining=remaining, request_id=request_id, client_ip=client_ip,
-            started=started, original=original, tools=plan,
+            started=started, original=original, tools=plan, ticket=ticket,
         )
         try:
             if op != "embeddings":
@@ -426,13 +434,14 @@ class Gateway:
         remaining: int | None = None
         with anyio.CancelScope(shield=True):
             try:
-                remaining = await self.svc.db.run(
+                remaining = await self.writes.run(
                     lambda conn: self._settle_in(conn, call, cost, event, charge, fees))
             except Exception as exc:
                 # The hold stays; the sweeper settles it at the full amount once it is orphaned.
                 log.error("settling hold %s failed: %s", call.hold_id, type(exc).__name__)
             finally:
-                self._unadmit(call.token, call.policy, call.admitted, usage, cost, now)
+                await self._unadmit(call.token, call.policy, call.admitted, call.ticket, usage,
+                                    cost, now)
         self._observe(call, usage, cost, status, now)
         return cost, remaining
 
@@ -450,12 +459,13 @@ class Gateway:
             monitor.refusal(token.sub, "upstream_error", authenticated=True,
                             tenant_id=token.tenant, kind=token.kind, client_ip=call.client_ip)
 
-    def _unadmit(self, token: VerifiedToken, policy: Policy, admitted: Quote, used: Usage,
-                 cost: int, now: float) -> None:
+    async def _unadmit(self, token: VerifiedToken, policy: Policy, admitted: Quote, ticket: str,
+                       used: Usage, cost: int, now: float) -> None:
         # The limiter must be told the very amounts it admitted, whatever the hold became.
-        self.limiter.settle(token.sub, policy, held_tokens=admitted.worst.tokens,
-                            used_tokens=used.tokens, held_micros=admitted.held, used_micros=cost,
-                            now=now, group=token.tenant)
+        await self.limiter.settle(token.sub, policy, ticket=ticket,
+                                  held_tokens=admitted.worst.tokens, used_tokens=used.tokens,
+                                  held_micros=admitted.held, used_micros=cost, now=now,
+                                  group=token.tenant)
 
     def _settle_in(self, conn: Connection, call: Call, cost: int, event: dict[str, Any],
                    charge: Charge, fees: tools.ToolFees) -> int | None:

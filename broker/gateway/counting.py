@@ -25,7 +25,7 @@ async def count_tokens(gateway: Gateway, token: VerifiedToken, body: dict[str, A
     model, spec, provider, policy = await gateway.admit_model(token, body.get("model"),
                                                               "messages")
     key = await gateway.keys.get(spec.provider)
-    with gateway.counted(token, policy):
+    async with gateway.counted(token, policy):
         body["model"] = spec.upstream_model or model
         upstream = provider.build_request("messages", body, key=key,
                                           client_headers=client_headers)

@@ -8,8 +8,12 @@ import secrets
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING, Protocol
 
 from broker.errors import SlowDown
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 SECRET_PREFIX = "bks_"
 SECRET_BYTES = 32  # 256 bits of entropy
@@ -36,10 +40,39 @@ def secret_matches(pepper: bytes, secret: str, stored_hashes: list[str | None]) 
     return ok
 
 
+class EventWindow(Protocol):
+    """Events per key in a sliding window of ``window_s``: at ``limit`` events in the window the
+    key is blocked until the oldest of the last ``limit`` leaves it. :class:`SlidingWindow`
+    counts in one process; :mod:`broker.money.limits_redis` and :mod:`broker.money.limits_db`
+    count in a store every replica shares (and raise
+    :class:`broker.errors.LimitsUnavailable` when it does not answer). ``now`` is in the
+    window's own clock (monotonic in memory, UNIX time when shared): callers leave it out."""
+
+    limit: int
+    window_s: int
+
+    async def blocked_for(self, key: tuple[str, str], now: float | None = None) -> int:
+        """Seconds until the key may act again; 0 when it may act now."""
+        ...
+
+    async def record(self, key: tuple[str, str], now: float | None = None) -> None:
+        ...
+
+    async def take(self, key: tuple[str, str], now: float | None = None) -> int:
+        """Count one event unless the key is blocked: 0 when counted, else the seconds to wait
+        (checked and counted at once, so concurrent callers cannot both slip in)."""
+        ...
+
+    def take_within(self, conn: Connection, key: tuple[str, str]) -> int:
+        """:meth:`take`, from inside a database transaction running in a worker thread (the
+        issuance's): a database store counts in that very transaction, so the count commits
+        with the token it allowed; another store is called on the event loop."""
+        ...
+
+
 class SlidingWindow:
-    """Counts events per key in a sliding window of ``window_s``; at ``limit`` events in the
-    window the key is blocked until the oldest leaves it. Kept in memory and bounded: keys whose
-    events all left the window are pruned, and under a flood of distinct keys the oldest go."""
+    """The :class:`EventWindow` of one process. Kept in memory and bounded: keys whose events
+    all left the window are pruned, and under a flood of distinct keys the oldest go."""
 
     def __init__(self, limit: int, window_s: int, max_keys: int = 100_000):
         self.limit = limit
@@ -72,20 +105,23 @@ class SlidingWindow:
         self._prune(q, now)
         q.append(now)
 
-    def blocked_for(self, key: tuple[str, str], now: float | None = None) -> int:
-        """Seconds until the key may act again; 0 when it may act now."""
+    async def blocked_for(self, key: tuple[str, str], now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         with self._lock:
             return self._wait(key, now)
 
-    def record(self, key: tuple[str, str], now: float | None = None) -> None:
+    async def record(self, key: tuple[str, str], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._record(key, now)
 
-    def take(self, key: tuple[str, str], now: float | None = None) -> int:
-        """Count one event unless the key is blocked: 0 when counted, else the seconds to wait
-        (checked and counted under one lock, so concurrent callers cannot both slip in)."""
+    async def take(self, key: tuple[str, str], now: float | None = None) -> int:
+        return self._take(key, now)
+
+    def take_within(self, conn: Connection, key: tuple[str, str]) -> int:
+        return self._take(key)
+
+    def _take(self, key: tuple[str, str], now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         with self._lock:
             wait = self._wait(key, now)
@@ -94,16 +130,23 @@ class SlidingWindow:
             return wait
 
 
-class FailureTracker(SlidingWindow):
-    """Failed secret checks per (client, source address): after ``limit`` failures in
-    ``window_s`` the pair is refused with ``slow_down`` even with a correct secret, until the
-    oldest failure leaves the window."""
+class FailureTracker:
+    """Failed secret checks per (client, source address), counted in ``window``: after its
+    ``limit`` failures in its ``window_s`` the pair is refused with ``slow_down`` even with a
+    correct secret, until the oldest failure leaves the window."""
 
-    def ensure_allowed(self, client_id: str, source: str) -> None:
+    def __init__(self, window: EventWindow):
+        self.window = window
+
+    @classmethod
+    def in_memory(cls, limit: int, window_s: int) -> FailureTracker:
+        return cls(SlidingWindow(limit, window_s))
+
+    async def ensure_allowed(self, client_id: str, source: str) -> None:
         """Raise ``slow_down`` (with ``Retry-After``) while the pair is throttled."""
-        wait = self.blocked_for((client_id, source))
+        wait = await self.window.blocked_for((client_id, source))
         if wait:
             raise SlowDown(headers={"retry-after": str(wait)})
 
-    def record_failure(self, client_id: str, source: str, now: float | None = None) -> None:
-        self.record((client_id, source), now)
+    async def record_failure(self, client_id: str, source: str, now: float | None = None) -> None:
+        await self.window.record((client_id, source), now)

@@ -1,8 +1,10 @@
 """Rate limits of the gateway: requests per minute, tokens per minute and the burst spend window.
 
-The gateway sees only the :class:`Limiter` Protocol, so a shared store (several replicas) can
-replace :class:`InMemoryLimiter` later without touching it. Every ``admit`` must be followed by
-exactly one ``settle`` with the same held amounts (in a ``finally``), whatever the outcome.
+The gateway sees only the :class:`Limiter` Protocol: :class:`InMemoryLimiter` counts in one
+process; :mod:`broker.money.limits_redis` and :mod:`broker.money.limits_db` count in a store
+every replica shares (``limits.backend``), with the same semantics, so N replicas admit what
+one would. Every ``admit`` must be followed by exactly one ``settle`` with the same held amounts
+and the ticket ``admit`` returned (in a ``finally``), whatever the outcome.
 
 How usage is counted, per key (the workload):
 
@@ -16,12 +18,11 @@ How usage is counted, per key (the workload):
   more than its share of the gateway from the other tenants.
 
 A settled request's actual usage is counted from the moment it settles, not from its admission:
-``settle`` carries no handle naming its admission, so attributing the correction to an
-admission entry would have to guess which one, and a wrong guess can undercount. Counting it at
-settle time is exact, O(1), and never counts less than admission-time attribution would (the
-held amount until the end, then the actual amount for a full window after it).
+counting it at settle time is exact, O(1), and never counts less than admission-time
+attribution would (the held amount until the end, then the actual amount for a full window
+after it).
 
-Storage is a sliding log per dimension whose entries are merged when they fall within
+In memory, storage is a sliding log per dimension whose entries are merged when they fall within
 ``window / 600`` of each other (the merged entry takes the later time). The log therefore holds
 at most about 600 entries per dimension whatever the traffic, and the merge only ever keeps
 usage counted a little longer (never shorter): at most 0.1 s for a 60 s window. Running totals
@@ -36,6 +37,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,20 +56,24 @@ _PRUNE_PER_CALL = 2
 
 class Limiter(Protocol):
     """Admission control for gateway requests. ``now`` is UNIX seconds, passed in by the caller
-    so the same clock serves the whole request (and tests need no sleeping)."""
+    so the same clock serves the whole request (and tests need no sleeping); replicas sharing a
+    store must keep their clocks in step (NTP)."""
 
-    def admit(self, key: str, policy: Policy, *, tokens: int, cost_micros: int, now: float,
-              group: str | None = None, group_cap: int | None = None) -> None:
+    async def admit(self, key: str, policy: Policy, *, tokens: int, cost_micros: int, now: float,
+                    group: str | None = None, group_cap: int | None = None) -> str:
         """Count the request (and hold its worst-case ``tokens`` and ``cost_micros``), or raise
         :class:`broker.errors.RateLimited` with a ``retry-after`` header, counting nothing.
-        ``group`` (the tenant) may have at most ``group_cap`` requests running at once."""
+        ``group`` (the tenant) may have at most ``group_cap`` requests running at once.
+        Returns the admission's ticket, for ``settle``. A shared store that does not answer
+        raises :class:`broker.errors.LimitsUnavailable`: nothing is admitted uncounted."""
         ...
 
-    def settle(
+    async def settle(
         self,
         key: str,
         policy: Policy,
         *,
+        ticket: str,
         held_tokens: int,
         used_tokens: int,
         held_micros: int,
@@ -76,7 +82,8 @@ class Limiter(Protocol):
         group: str | None = None,
     ) -> None:
         """Replace what ``admit`` held by what the request actually used (all of it, even
-        above what was held: the limits must learn what really went upstream)."""
+        above what was held: the limits must learn what really went upstream). Never raises
+        for a store that does not answer: the admission's lease then ends its hold."""
         ...
 
 
@@ -161,21 +168,69 @@ def _retry_after(at: float, now: float) -> int:
     return max(1, math.ceil(at - now))
 
 
-def _refusal(
-    log: _Log, held: int, amount: int, limit: int, window: float, now: float, what: str
-) -> tuple[int, str] | None:
-    """None when ``amount`` fits under ``limit`` next to what is logged and held; else the
-    seconds until it could fit, assuming the running requests finished at once (the earliest
-    that can happen), or the whole window when ``amount`` alone is over the limit, and why."""
-    if log.total + held + amount <= limit:
+def refusal(total: int, held: int, amount: int, limit: int, window: float, now: float,
+            what: str, frees_at: Callable[[int], float]) -> tuple[int, str] | None:
+    """None when ``amount`` fits under ``limit`` next to the ``total`` logged and the ``held``;
+    else the seconds until it could fit, assuming the running requests finished at once (the
+    earliest that can happen), or the whole window when ``amount`` alone is over the limit, and
+    why. ``frees_at(need)`` is when at least ``need`` of the logged total has left the window:
+    the only part that differs between stores, asked for only on a refusal."""
+    if total + held + amount <= limit:
         return None
     if amount > limit:
         return max(1, math.ceil(window)), f"this request alone exceeds {what}"
-    need = log.total + amount - limit
+    need = total + amount - limit
     if need <= 0:
         # Only running requests stand in the way; they may finish any moment.
         return 1, what
-    return _retry_after(log.frees_at(need, window), now), what
+    return _retry_after(frees_at(need), now), what
+
+
+def concurrency_refusals(policy: Policy, running: int, group_running: int | None,
+                         group_cap: int | None) -> list[tuple[int, str]]:
+    """The concurrency limits a new request would break (a running request may finish any
+    moment: retry soon)."""
+    out: list[tuple[int, str]] = []
+    if policy.max_concurrent is not None and running >= policy.max_concurrent:
+        out.append((1, concurrent_name(policy.max_concurrent)))
+    if group_running is not None and group_cap is not None and group_running >= group_cap:
+        out.append((1, tenant_concurrent_name(group_cap)))
+    return out
+
+
+def concurrent_name(max_concurrent: int) -> str:
+    return f"{max_concurrent} concurrent calls"
+
+
+def tenant_concurrent_name(group_cap: int) -> str:
+    return f"the tenant's {group_cap} concurrent calls"
+
+
+def rpm_name(rpm: int) -> str:
+    return f"{rpm} requests per minute"
+
+
+def tpm_name(tpm: int) -> str:
+    return f"{tpm} tokens per minute"
+
+
+def burst_name(limit_micros: int, window_s: int) -> str:
+    return f"{limit_micros} micro-dollars per {window_s} s"
+
+
+def rate_limited(refusals: list[tuple[int, str]]) -> RateLimited:
+    """The one error of a refused admission: every limit must pass at once, so the request
+    fits when the slowest one frees up."""
+    wait = max(w for w, _ in refusals)
+    limits = ", ".join(name for _, name in refusals)
+    return RateLimited(f"rate limit exceeded ({limits}); retry after {wait} s",
+                       headers={"retry-after": str(wait)})
+
+
+def _refusal(log: _Log, held: int, amount: int, limit: int, window: float, now: float,
+             what: str) -> tuple[int, str] | None:
+    return refusal(log.total, held, amount, limit, window, now, what,
+                   lambda need: log.frees_at(need, window))
 
 
 class InMemoryLimiter:
@@ -191,56 +246,45 @@ class InMemoryLimiter:
         """How many keys are tracked (for tests and metrics)."""
         return len(self._keys)
 
-    def admit(self, key: str, policy: Policy, *, tokens: int, cost_micros: int, now: float,
-              group: str | None = None, group_cap: int | None = None) -> None:
+    async def admit(self, key: str, policy: Policy, *, tokens: int, cost_micros: int, now: float,
+                    group: str | None = None, group_cap: int | None = None) -> str:
         if tokens < 0 or cost_micros < 0:
             raise ValueError("tokens and cost_micros must not be negative")
         rate, burst = policy.rate, policy.burst
         with self._lock:
             state = self._touch(key, policy, now)
             checks: list[tuple[int, str] | None] = []
-            if policy.max_concurrent is not None and state.running >= policy.max_concurrent:
-                # A running request may finish any moment: retry soon.
-                checks.append((1, f"{policy.max_concurrent} concurrent calls"))
-            if group is not None and group_cap is not None and self._groups.get(group, 0) >= group_cap:
-                checks.append((1, f"the tenant's {group_cap} concurrent calls"))
+            checks.extend(concurrency_refusals(
+                policy, state.running, self._groups.get(group, 0) if group is not None else None,
+                group_cap))
             if rate is not None and rate.rpm is not None:
-                checks.append(
-                    _refusal(state.requests, 0, 1, rate.rpm, WINDOW_S, now,
-                             f"{rate.rpm} requests per minute")
-                )
+                checks.append(_refusal(state.requests, 0, 1, rate.rpm, WINDOW_S, now,
+                                       rpm_name(rate.rpm)))
             if rate is not None and rate.tpm is not None:
-                checks.append(
-                    _refusal(state.tokens, state.held_tokens, tokens, rate.tpm, WINDOW_S, now,
-                             f"{rate.tpm} tokens per minute")
-                )
+                checks.append(_refusal(state.tokens, state.held_tokens, tokens, rate.tpm,
+                                       WINDOW_S, now, tpm_name(rate.tpm)))
             if burst is not None:
-                checks.append(
-                    _refusal(state.spend, state.held_micros, cost_micros, burst.limit_micros,
-                             burst.window_s, now,
-                             f"{burst.limit_micros} micro-dollars per {burst.window_s} s")
-                )
+                checks.append(_refusal(state.spend, state.held_micros, cost_micros,
+                                       burst.limit_micros, burst.window_s, now,
+                                       burst_name(burst.limit_micros, burst.window_s)))
             refusals = [c for c in checks if c is not None]
             if refusals:
-                # Every limit must pass at once: the request fits when the slowest one frees up.
-                wait = max(w for w, _ in refusals)
-                limits = ", ".join(name for _, name in refusals)
-                raise RateLimited(
-                    f"rate limit exceeded ({limits}); retry after {wait} s",
-                    headers={"retry-after": str(wait)},
-                )
+                raise rate_limited(refusals)
             state.requests.add(now, 1, WINDOW_S)
             state.held_tokens += tokens
             state.held_micros += cost_micros
             state.running += 1
             if group is not None:
                 self._groups[group] = self._groups.get(group, 0) + 1
+        # One process needs no ticket: what a settle releases is named by its amounts.
+        return ""
 
-    def settle(
+    async def settle(
         self,
         key: str,
         policy: Policy,
         *,
+        ticket: str,
         held_tokens: int,
         used_tokens: int,
         held_micros: int,

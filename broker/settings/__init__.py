@@ -30,6 +30,7 @@ from broker.errors import ConfigError
 from broker.settings.agents import BatchSettings, ToolSettings
 from broker.settings.base import MAX_MICROS as MAX_MICROS
 from broker.settings.base import Section as _Section
+from broker.settings.limits import LimitsSettings, RedisSettings
 from broker.settings.monitoring import AlertSettings, MonitoringSettings
 
 DEFAULT_CONFIG_PATH = Path("config/broker.toml")
@@ -185,6 +186,9 @@ class ServerSettings(_Section):
     # A request head must arrive within this; connections beyond the cap are refused.
     head_timeout_s: float = Field(default=10.0, gt=0, le=300)
     max_connections: StrictInt = Field(default=4096, ge=1, le=1_000_000)
+    # On SIGTERM new connections are refused at once; streams under way may run this long
+    # before the broker ends them (with an error event), settled with what they used.
+    shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -317,6 +321,8 @@ class Settings(_Section):
     alerts: AlertSettings = AlertSettings()
     approvals: ApprovalSettings = ApprovalSettings()
     batches: BatchSettings = BatchSettings()
+    limits: LimitsSettings = LimitsSettings()
+    redis: RedisSettings = RedisSettings()
     tools: dict[str, ToolSettings] = {}
     providers: dict[str, ProviderSettings] = {}
     models: dict[str, ModelSettings] = {}
@@ -327,7 +333,7 @@ class Settings(_Section):
 # tables of tables, whose names may hold underscores, so they are configured in TOML only.
 _ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "org", "server", "metrics",
                  "gateway", "sweeper", "rotation", "revocation", "scheduler", "monitoring",
-                 "alerts", "approvals", "batches")
+                 "alerts", "approvals", "batches", "limits", "redis")
 # Tables of named tables: BROKER_PROVIDERS_<NAME>_<KEY>, where <NAME> is a configured name
 # written in upper case with "-" as "_" (e.g. BROKER_PROVIDERS_OPENAI_COMPATIBLE_BASE_URL).
 _ENV_TABLES: dict[str, type[BaseModel]] = {"providers": ProviderSettings, "models": ModelSettings,

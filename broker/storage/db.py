@@ -8,7 +8,9 @@ PostgreSQL the conditional ``UPDATE ... WHERE`` statements of :mod:`broker.money
 from __future__ import annotations
 
 import functools
+import math
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,6 +88,32 @@ class Sql:
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
 
+# --- the clock of record ---------------------------------------------------------------------
+# A revocation cut-off ("every token of this identity issued at or before it is dead") is
+# compared with tokens' ``iat``. With several replicas each would date them by its own clock,
+# and a few seconds of skew let a token minted just before a cut outlive it, or one minted just
+# after a resume die. The database is the one clock every replica shares, so both come from it.
+# On SQLite every replica is this process, whose clock is that clock.
+
+_CLOCK = "SELECT extract(epoch FROM clock_timestamp())"
+
+
+def db_clock(conn: Connection) -> float:
+    """The database's clock, in seconds since the epoch."""
+    if conn.dialect.name != "postgresql":
+        return time.time()
+    return float(conn.exec_driver_sql(_CLOCK).scalar_one())
+
+
+def db_now(conn: Connection, local: int | None = None) -> int:
+    """The database's clock in whole seconds, the unit of ``iat`` and of cut-offs. On SQLite,
+    ``local`` when given: the caller's reading of the same clock, so that the times of one
+    action (and a test's chosen ``now``) stay one."""
+    if conn.dialect.name != "postgresql":
+        return int(time.time()) if local is None else local
+    return math.floor(db_clock(conn))
+
+
 class Database:
     """Runs one transaction per call in a worker thread, so the event loop never blocks.
 
@@ -128,9 +156,32 @@ class Database:
         async with self._write_lock:
             return await anyio.to_thread.run_sync(call)
 
+    async def in_writer(self, call: Callable[[], T]) -> T:
+        """Run ``call`` (which opens its own write transactions) off the event loop, holding
+        SQLite's write turn: for :class:`broker.storage.group_commit.GroupCommit`."""
+        if self._write_lock is None:
+            return await anyio.to_thread.run_sync(call)
+        async with self._write_lock:
+            return await anyio.to_thread.run_sync(call)
+
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a read-only transaction off the event loop."""
         return await anyio.to_thread.run_sync(functools.partial(self.read_transaction, fn))
+
+    async def clock(self) -> float:
+        """:func:`db_clock`, without a connection on SQLite."""
+        if self.is_sqlite:
+            return time.time()
+        return await self.read(db_clock)
+
+    async def wait_past_second(self, second: int) -> None:
+        """Return once the database's clock has left ``second``: a token issued afterwards
+        (its ``iat`` read from that clock) is dated after any cut-off at ``second``. Read again
+        after each sleep, as this process's timer need not keep pace with that clock."""
+        clock = await self.clock()
+        while clock < second + 1:
+            await anyio.sleep(second + 1 - clock)
+            clock = await self.clock()
 
     def connect_dedicated(self) -> Any:
         """A PostgreSQL connection of its own (autocommit), outside the pool: for ``LISTEN`` and

@@ -379,3 +379,8 @@ class BatchJob(SQLModel, table=True):
     status: str = Field(max_length=32)
     created_at: int = Field(sa_type=BigInteger)
     settled_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
+# The shared rate limits' tables are in a module of their own; importing the models registers
+# them too (migrations/env.py compares every table to the migrations).
+from broker.storage import limit_models as _limit_models  # noqa: E402, F401

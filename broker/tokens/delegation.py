@@ -30,6 +30,7 @@ from broker.identity.policy import model_allowed, scope_within
 from broker.money import ledger
 from broker.services import Services
 from broker.storage.audit import record
+from broker.storage.db import db_now
 from broker.tokens import tokens
 from broker.tokens.exchange import SubjectCredentials
 from broker.tokens.issuance import Issued, TokenRequest, effective_policy
@@ -57,12 +58,12 @@ def is_live(services: Services, token: VerifiedToken) -> bool:
 async def delegate(services: Services, req: TokenRequest) -> Issued:
     creds = req.creds
     assert isinstance(creds, SubjectCredentials)
-    services.failures.ensure_allowed(req.client_id, req.source)
+    await services.failures.ensure_allowed(req.client_id, req.source)
     try:
         parent = live_token(services, creds.subject_token)
         actor = live_token(services, creds.actor_token) if creds.actor_token else None
     except InvalidToken:
-        services.failures.record_failure(req.client_id, req.source)
+        await services.failures.record_failure(req.client_id, req.source)
         raise InvalidClient() from None
     if parent.kind == "admin" or parent.roles:
         raise InvalidRequest("an admin token cannot be delegated")
@@ -74,17 +75,18 @@ async def delegate(services: Services, req: TokenRequest) -> Issued:
     limit = services.settings.tokens.max_delegation_depth
     if depth > limit:
         raise InvalidRequest(f"delegation is limited to {limit} levels")
-    now = int(time.time())
-    if parent.exp <= now:
-        raise InvalidClient()  # within the clock leeway, but nothing is left of its life
     jti = tokens.new_jti()
 
     def txn(conn: Connection) -> dict[str, Any] | None:
+        # The child's iat on the clock revocation cut-offs are read from (as in issuance).
+        now = db_now(conn)
+        if parent.exp <= now:
+            raise InvalidClient()  # within the clock leeway, but nothing is left of its life
         return _carve(services, conn, req, parent, actor, depth, jti, now)
 
     claims = await services.db.run(txn)
     if claims is None:
-        services.failures.record_failure(req.client_id, req.source)
+        await services.failures.record_failure(req.client_id, req.source)
         raise InvalidClient()
     token = tokens.sign(services.keyring, claims)
     services.metrics.tokens_issued.labels(claims["kind"]).inc()
@@ -111,7 +113,7 @@ def _carve(services: Services, conn: Connection, req: TokenRequest, parent: Veri
         raise BudgetExhausted(f"the parent token has {remaining} micro-dollars left")
     longest = min(policy.token_ttl_s or settings.tokens.default_ttl_s, settings.tokens.max_ttl_s)
     expires_at = min(now + min(req.ttl_s or longest, longest), parent.exp)
-    wait = services.issuance.take((client.client_id, ""))
+    wait = services.issuance.take_within(conn, (client.client_id, ""))
     if wait:
         raise SlowDown(f"this client may obtain {settings.auth.issuance_rpm} tokens per minute",
                        headers={"retry-after": str(wait)})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ from broker.money import ledger
 from broker.money.ledger import BudgetRef
 from broker.plugin import AuthMethod, ClientCredentials, ExternalIdentity, Identity
 from broker.services import Services
+from broker.storage.db import db_now
 from broker.tokens import exchange, tokens
 from broker.tokens.exchange import SubjectCredentials
 
@@ -94,22 +94,24 @@ class Issued:
 
 
 async def issue(services: Services, req: TokenRequest) -> Issued:
-    services.failures.ensure_allowed(req.client_id, req.source)
+    await services.failures.ensure_allowed(req.client_id, req.source)
     settings = services.settings
     external: ExternalIdentity | None = None
     if isinstance(req.creds, SubjectCredentials):
         try:
             external = await exchange.identify(services, req.creds)
         except InvalidClient:
-            services.failures.record_failure(req.client_id, req.source)
+            await services.failures.record_failure(req.client_id, req.source)
             raise
-    now = int(time.time())
     jti = tokens.new_jti()
 
     # For the monitor: the workload the request named, and whether it proved to be it.
     seen: list[tuple[str, bool]] = []
 
     def txn(conn: Connection) -> dict[str, Any] | None:
+        # The iat, and every time derived from it, on the clock revocation cut-offs are read
+        # from (the database's): one replica's clock may be seconds off another's.
+        now = db_now(conn)
         if external is not None:
             row = exchange.bound_client(services, conn, external, jti, now)
         else:
@@ -141,7 +143,7 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
         if grants:
             longest = min(longest, min(g.expires_at for g in grants) - now)
         ttl = min(req.ttl_s or longest, longest)
-        wait = services.issuance.take((row.client_id, ""))
+        wait = services.issuance.take_within(conn, (row.client_id, ""))
         if wait:
             raise SlowDown(
                 f"this client may obtain {settings.auth.issuance_rpm} tokens per minute",
@@ -192,7 +194,7 @@ async def issue(services: Services, req: TokenRequest) -> Issued:
                                      client_ip=req.source)
         raise
     if claims is None:
-        services.failures.record_failure(req.client_id, req.source)
+        await services.failures.record_failure(req.client_id, req.source)
         if services.monitor is not None and seen:
             # Anyone who knows a client id can cause this: it never suspends by itself. An
             # unknown client id names nobody to watch, and is not queued at all.
