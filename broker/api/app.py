@@ -98,6 +98,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(mapped, request.url.path)
 
 
+def drain(app: Starlette, deadline: float) -> None:
+    """The server's shutdown has begun (it refuses new connections): whatever runs long ends
+    by ``deadline`` (``time.monotonic()``), settled as usual. Before the lifespan started, there
+    is nothing to end."""
+    svc: Services | None = getattr(app.state, "services", None)
+    for end in svc.drains if svc is not None else ():
+        end(deadline)
+
+
 async def _close(svc: Services) -> None:
     """Stop what the app and its extensions started (background threads, connections), newest
     first."""

@@ -7,6 +7,8 @@ Anthropic's on ``/v1/messages``.
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any
 
 from starlette.requests import Request
@@ -97,6 +99,16 @@ def _token(request: Request) -> VerifiedToken:
 class GatewayRoutes:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        # The streams being sent, for a shutdown to end them in time (each leaves when sent).
+        self._streams: weakref.WeakSet[MeteredStream] = weakref.WeakSet()
+        self._ending_by = math.inf
+
+    def drain(self, deadline: float) -> None:
+        """The server is shutting down: every stream, running or about to start, ends by
+        ``deadline`` (``time.monotonic()``)."""
+        self._ending_by = min(self._ending_by, deadline)
+        for stream in list(self._streams):
+            stream.end_by(deadline)
 
     async def chat_completions(self, request: Request) -> Response:
         """Create a chat completion (OpenAI wire format), metered against the token's slice."""
@@ -154,6 +166,8 @@ class GatewayRoutes:
         result = await self.gateway.forward(call, request.headers)
         if isinstance(result, Reply):
             return Response(result.content, status_code=result.status, headers=result.headers)
+        self._streams.add(result)
+        result.end_by(self._ending_by)  # a shutdown began while this call waited upstream
         return _StreamResponse(result)
 
 
@@ -167,6 +181,7 @@ def gateway_extension(svc: Services) -> list[BaseRoute]:
         svc.bus.on(LIMITS_MESSAGE, lambda message: gateway.forget_policy(
             message.get_str("workload_id")))
     routes = GatewayRoutes(gateway)
+    svc.drains.append(routes.drain)
     return [
         Route("/v1/models", routes.models, methods=["GET"]),
         ApiRoute("/v1/chat/completions", routes.chat_completions, methods=["POST"], body=_CHAT_BODY),

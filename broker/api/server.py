@@ -9,6 +9,12 @@ may take to send a request head, and it serves every connection it accepts. From
 * ``max_connections``: a connection that arrives while this many are open is aborted before any
   byte of it is read, so a flood costs its sender a reset, not the server a slot.
 
+And one it handles its own way: on SIGTERM uvicorn stops accepting and waits for the requests
+under way, for ever, or cancels them all after ``timeout_graceful_shutdown``: a stream's client
+would see its connection cut. :func:`serve` tells the app instead when its shutdown begins, so
+that the streams end by ``server.shutdown_grace_s`` with an error event their clients can read
+(see :func:`broker.api.app.drain`); uvicorn's own timeout stays behind it as a backstop.
+
 Both live in subclasses of uvicorn's HTTP protocols (httptools; h11 when httptools is missing).
 They rely on these uvicorn internals, as of 0.55: the protocols' ``loop``, ``transport`` and
 ``server_state.connections``; ``connection_made``/``connection_lost``; ``on_response_complete``
@@ -24,15 +30,18 @@ import contextlib
 import logging
 import math
 import resource
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, cast
 
 import h11
 import uvicorn
+from starlette.applications import Starlette
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from broker.api.app import drain
 from broker.settings import Settings
 
 try:
@@ -47,6 +56,10 @@ Parser = Literal["auto", "httptools", "h11"]
 _REFUSAL_LOG_INTERVAL_S = 10.0
 # Descriptors the broker needs besides client connections: database, Vault, providers, logs.
 _FD_RESERVE = 128
+# After the shutdown grace, the streams it ended still send their last event and settle; what
+# still runs past this too (a non-stream call waiting on its provider) is cancelled by uvicorn
+# and settled as cancelled.
+_SETTLE_MARGIN_S = 5.0
 
 
 class _Limits:
@@ -199,6 +212,7 @@ def uvicorn_config(
     ``uvicorn.Config`` (e.g. ``log_level``). uvicorn's ``timeout_keep_alive`` stays its default.
     """
     server = settings.server
+    extra.setdefault("timeout_graceful_shutdown", server.shutdown_grace_s + _SETTLE_MARGIN_S)
     return uvicorn.Config(
         app,
         host=server.host if host is None else host,
@@ -213,16 +227,31 @@ def uvicorn_config(
     )
 
 
-def serve(app: Callable[..., Any], settings: Settings, **kwargs: Any) -> None:
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, which tells the app that its shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette, grace_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._grace_s = grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain(self._app, time.monotonic() + self._grace_s)
+        await super().shutdown(sockets)
+
+
+def serve(app: Starlette, settings: Settings, **kwargs: Any) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, as ``uvicorn.run`` would, with ``uvicorn_config``.
 
     As with ``uvicorn.run``: Ctrl-C ends in a graceful shutdown and a normal return, and a server
     that never started exits with status 3. On SIGTERM uvicorn shuts down gracefully, restores the
     handler that was installed before it and raises the signal again, so a caller's own SIGTERM
-    handler (``broker serve`` unwinds with status 0) still decides how the process ends.
+    handler (``broker serve`` unwinds with status 0) still decides how the process ends. The
+    streams under way when the shutdown begins end within ``server.shutdown_grace_s``.
     """
     _warn_if_fd_limit_is_below_cap(settings.server.max_connections)
-    server = uvicorn.Server(uvicorn_config(app, settings, **kwargs))
+    server = _DrainingServer(uvicorn_config(app, settings, **kwargs), app,
+                             settings.server.shutdown_grace_s)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if not server.started:

@@ -4,7 +4,8 @@ The stream is forwarded as the provider sends it, except the usage chunk the cli
 for. It ends early, and says so to the client in its wire format, when the provider streams past
 the limit the broker set (the hold's wall), when the token is revoked (checked at every chunk
 and every :data:`GATE_INTERVAL_S`), when it reaches its time limit (the token's expiry plus the
-leeway, or ``gateway.max_stream_s``), or when the provider's stream breaks.
+leeway, or ``gateway.max_stream_s``, or the end of the server's shutdown grace), or when the
+provider's stream breaks.
 
 When the client leaves before the provider's final usage, the stream is still read, without
 forwarding, for up to ``gateway.drain_s``, so that the charge is the provider's own count rather
@@ -69,6 +70,18 @@ class MeteredStream:
         self.status: Outcome | None = None
         self.end: EndReason | None = None
         self.client_gone = False
+        self._clock: anyio.CancelScope | None = None  # ends the stream at its deadline
+
+    def end_by(self, deadline: float) -> None:
+        """Bring the deadline (``time.monotonic()``) forward to ``deadline``, running or not:
+        the server is shutting down. The stream then ends as at any time limit: the client is
+        told, and the call is settled with what it used."""
+        if deadline >= self.deadline:
+            return
+        self.deadline = deadline
+        if self._clock is not None:
+            # The scope counts in the event loop's clock, which need not be time.monotonic().
+            self._clock.deadline = anyio.current_time() + (deadline - time.monotonic())
 
     def _stop(self, status: Outcome, end: EndReason | None) -> None:
         if self.status is None:
@@ -85,6 +98,7 @@ class MeteredStream:
         try:
             await start()
             with anyio.move_on_after(max(0.0, self.deadline - time.monotonic())) as clock:
+                self._clock = clock
                 async with anyio.create_task_group() as tg:
 
                     async def watch_client() -> None:
@@ -112,6 +126,7 @@ class MeteredStream:
                     tg.start_soon(watch_gate)
                     await self._pump(send)
                     tg.cancel_scope.cancel()
+            self._clock = None
             if clock.cancelled_caught:
                 self._stop(Outcome.EXPIRED, "expired")
             if self.end is not None and not self.client_gone:
