@@ -6,7 +6,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import Response
@@ -155,10 +154,11 @@ async def patch_workload(request: Request, svc: Services, actor: Actor) -> Respo
 
     workload, entry = await svc.db.run(txn)
     apply_here(svc.token_gate, entry)
-    if entry is not None:
+    if entry is not None and entry.cutoff is not None:
         # Tokens carry whole seconds and the cut-off kills those of its own second: answer
-        # only once a token issued after this answer is sure to live.
-        await anyio.sleep(max(0.0, now + 1 - time.time()))
+        # only once a token issued after this answer is sure to live. The cut-off was read
+        # from the database's clock, so the second passes by that clock, not this replica's.
+        await svc.db.wait_past_second(entry.cutoff)
     return json_response(workload_view(workload))
 
 

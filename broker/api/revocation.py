@@ -163,10 +163,11 @@ async def _resume(request: Request, svc: Services, actor: Actor, kind: IdentityK
 async def _past_cutoff_second(svc: Services, actor: Actor, kind: IdentityKind, ident: str) -> None:
     """Tokens carry whole seconds: one issued in the second of the cut-off counts as before
     it and stays dead. So a resume within that second waits for the next one, and every token
-    issued after the resume answers is live."""
+    issued after the resume answers is live. The second is the database's, which dated both
+    the cut-off and the tokens: this replica's clock may be seconds off it."""
     cutoff = await svc.db.read(lambda conn: actions.suspension_cutoff(conn, actor, kind, ident))
-    if cutoff is not None and time.time() < cutoff + 1:
-        await anyio.sleep(cutoff + 1 - time.time())
+    if cutoff is not None:
+        await svc.db.wait_past_second(cutoff)
 
 
 async def suspend_workload(request: Request, svc: Services, actor: Actor) -> Response:
