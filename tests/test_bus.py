@@ -142,6 +142,48 @@ def test_a_rolled_back_transaction_announces_nothing(
         assert inbox.targets() == ["kept"]
 
 
+def test_a_batch_subscriber_gets_the_waiting_messages_at_once_in_order(
+    db_url: str, database: Factory, stack: contextlib.ExitStack
+) -> None:
+    publisher, listeners = _replicas(db_url, database)
+    count = 300
+    subscribers = []
+    for db in listeners:
+        batches: list[list[int]] = []
+        singles: list[int] = []
+        bus = _bus(stack, db)
+        bus.on_batch("grant", functools.partial(_numbers_into, batches))
+        bus.on("grant", functools.partial(_number_into, singles))
+        bus.start()
+        assert wait_for(bus.listening.is_set) < 10
+        subscribers.append((batches, singles))
+
+    def burst(conn: Connection) -> None:
+        for n in range(count):
+            publish(conn, "grant", {"n": n})
+
+    publisher.transaction(burst)
+    for batches, singles in subscribers:
+        wait_for(lambda: sum(map(len, batches)) == count, what="the whole burst")
+        assert [n for batch in batches for n in batch] == list(range(count))
+        # A subscriber registered with ``on`` still gets every message, one by one.
+        wait_for(lambda: len(singles) == count, what="the burst, one by one")
+        assert singles == list(range(count))
+        if publisher.is_sqlite:
+            assert len(batches) == 1  # one transaction's messages are queued together
+        else:
+            # PostgreSQL sends them as they fit in its packets: a few batches, not 300.
+            assert len(batches) < count // 10, [len(b) for b in batches]
+
+
+def _numbers_into(batches: list[list[int]], messages: list[Message]) -> None:
+    batches.append([m.get_int("n") for m in messages])
+
+
+def _number_into(singles: list[int], message: Message) -> None:
+    singles.append(message.get_int("n"))
+
+
 def test_a_message_published_before_the_bus_started_is_not_delivered_later(
     sqlite_url: str, database: Factory, stack: contextlib.ExitStack
 ) -> None:

@@ -272,8 +272,8 @@ def test_a_lost_notification_is_caught_up_by_the_periodic_read(
     assert bus is not None
     dropped: list[str] = []
 
-    def lossy(payload: str) -> None:
-        dropped.append(payload)  # the network ate it
+    def lossy(*payloads: str) -> None:
+        dropped.extend(payloads)  # the network ate them
 
     bus.dispatch = lossy  # type: ignore[method-assign]
     tenant = first.create_tenant()

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, event, insert
 
 from broker.revocation import log as revocation_log
 from broker.revocation import sync
@@ -130,7 +130,7 @@ def test_the_ids_remembered_for_the_catch_up_leave_with_the_window(db: Database)
 
 
 def test_a_notification_of_an_entry_already_applied_is_not_read_again(
-    db: Database, monkeypatch: pytest.MonkeyPatch
+    db: Database, materialised: list[int]
 ) -> None:
     now = int(time.time())
     first, second = _revoke(db, ["seen", "unseen"], now)
@@ -138,17 +138,59 @@ def test_a_notification_of_an_entry_already_applied_is_not_read_again(
     entry = db.read_transaction(lambda c: revocation_log.read_entry(c, first))
     assert entry is not None
     denylist.apply(entry)  # as the replica that made the change does at once
-    reads: list[int] = []
-    original = revocation_log.read_entry
-
-    def counting(conn: Any, entry_id: int) -> Entry | None:
-        reads.append(entry_id)
-        return original(conn, entry_id)
-
-    monkeypatch.setattr(revocation_log, "read_entry", counting)
+    materialised.clear()
     bus = EventBus(db, interval_s=60)
     sync.follow(bus, db, denylist)
     for entry_id in (first, second):
         bus.dispatch(json.dumps({"type": "revocation", "id": entry_id}))
-    assert reads == [second]
+    assert materialised == [second]
     assert not _live(denylist, "unseen", now)
+
+
+def test_a_batch_of_notifications_costs_a_statement_or_a_few(
+    db: Database, materialised: list[int]
+) -> None:
+    now = int(time.time())
+    early = _revoke(db, ["e1", "e2", "e3"], now, ids=[100, 200, 300])
+    denylist = Denylist()
+    assert _catch_up(db, denylist, now) == 3
+    burst = _revoke(db, [f"burst{i}" for i in range(2_000)], now, ids=list(range(1_000, 3_000)))
+    # Two entries numbered below the highest applied commit late: read by id, not by range.
+    late = _revoke(db, ["late1", "late2"], now, ids=[150, 250])
+    bus = EventBus(db, interval_s=60)
+    sync.follow(bus, db, denylist)
+    statements = _count_selects(db)
+    materialised.clear()
+    ids = [*early, *burst[:1_000], *late]
+    bus.dispatch(*(json.dumps({"type": "revocation", "id": i}) for i in ids))
+    # The range read took the whole burst, the half not yet notified included.
+    assert sorted(materialised) == sorted([*burst, *late])
+    assert len(statements) == 2, statements
+    materialised.clear()
+    bus.dispatch(*(json.dumps({"type": "revocation", "id": i}) for i in burst[1_000:]))
+    assert materialised == [] and len(statements) == 2
+    assert not any(_live(denylist, f"burst{i}", now) for i in (0, 999, 1_999))
+
+
+def test_a_forged_message_does_not_spoil_its_batch(db: Database) -> None:
+    now = int(time.time())
+    (entry_id,) = _revoke(db, ["real"], now)
+    denylist = Denylist()
+    bus = EventBus(db, interval_s=60)
+    sync.follow(bus, db, denylist)
+    bus.dispatch(json.dumps({"type": "revocation", "id": "1; DROP TABLE revocation"}),
+                 json.dumps({"type": "revocation"}),
+                 json.dumps({"type": "revocation", "id": entry_id}))
+    assert not _live(denylist, "real", now)
+
+
+def _count_selects(db: Database) -> list[str]:
+    """The reads run on ``db`` from now on, in order (SQLite's BEGIN is no read)."""
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", count)
+    return seen

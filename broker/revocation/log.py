@@ -53,11 +53,13 @@ class Entry:
 
     @classmethod
     def from_row(cls, row: Any) -> Entry:
+        # Through the row's mapping and by position: a replica applies 100,000 entries of a
+        # mass revocation at once, and attribute lookups and keyword arguments took most of it.
+        m = row._mapping
         return cls(
-            id=int(row.id), kind=row.kind, action=row.action, target=row.target,
-            tenant_id=row.tenant_id, cutoff=row.cutoff, expires_at=row.expires_at,
-            relevant_until=int(row.relevant_until), created_at=int(row.created_at),
-            actor=row.actor, reason=row.reason,
+            int(m["id"]), m["kind"], m["action"], m["target"], m["tenant_id"], m["cutoff"],
+            m["expires_at"], int(m["relevant_until"]), int(m["created_at"]), m["actor"],
+            m["reason"],
         )
 
 

@@ -4,12 +4,14 @@ interval for any message it missed.
 
 The replica that makes a change also applies it at once
 (:func:`broker.revocation.denylist.apply_here`), so its own message finds the entry applied and
-reads nothing.
+reads nothing; the messages of others are taken in batches (:func:`apply_notified`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Connection, func, select
@@ -17,13 +19,14 @@ from sqlalchemy import Connection, func, select
 from broker.revocation import log as revocation_log
 from broker.revocation.denylist import Denylist
 from broker.revocation.log import Entry
-from broker.storage.bus import EventBus, Message
+from broker.storage.bus import EventBus, MalformedMessage, Message
 from broker.storage.db import Database
 from broker.storage.models import Revocation, Tenant, Workload
 
 _log = Revocation.__table__  # type: ignore[attr-defined]
 _workload = Workload.__table__  # type: ignore[attr-defined]
 _tenant = Tenant.__table__  # type: ignore[attr-defined]
+_logger = logging.getLogger("broker.revocation")
 
 # The catch-up re-checks this much recent log, so an entry whose transaction committed after a
 # later one (PostgreSQL sequence ids are not commit-ordered) is still seen.
@@ -39,8 +42,8 @@ def load(conn: Connection, denylist: Denylist, now: int) -> None:
     denylist.applied_since(now - CATCHUP_OVERLAP_S)
     # Through the index on ``relevant_until``, not the whole day of log kept; in any order, as
     # applying is (see Denylist.apply).
-    for row in conn.execute(select(_log).where(_log.c.relevant_until > now)):
-        denylist.apply(Entry.from_row(row))
+    rows = conn.execute(select(_log).where(_log.c.relevant_until > now)).all()
+    denylist.apply_all([Entry.from_row(row) for row in rows])
     top = conn.execute(select(_log.c.id).order_by(_log.c.id.desc()).limit(1)).first()
     if top is not None:
         denylist.last_id = max(denylist.last_id, int(top[0]))
@@ -66,9 +69,8 @@ def catch_up(conn: Connection, denylist: Denylist, now: int) -> int:
     missing from memory fetched.
     """
     c = _log.c
-    rows = list(conn.execute(select(_log).where(c.id > denylist.last_id).order_by(c.id)))
-    for row in rows:
-        denylist.apply(Entry.from_row(row))
+    rows = conn.execute(select(_log).where(c.id > denylist.last_id).order_by(c.id)).all()
+    denylist.apply_all([Entry.from_row(row) for row in rows])
     since = now - CATCHUP_OVERLAP_S
     count, total, last_id = denylist.applied_since(since)
     window = (c.created_at >= since, c.id <= last_id)
@@ -82,26 +84,51 @@ def catch_up(conn: Connection, denylist: Denylist, now: int) -> int:
     late: list[Any] = []
     for start in range(0, len(missing), FETCH_CHUNK):
         late.extend(conn.execute(select(_log).where(c.id.in_(missing[start:start + FETCH_CHUNK]))))
-    for row in late:
-        denylist.apply(Entry.from_row(row))
+    denylist.apply_all([Entry.from_row(row) for row in late])
     return len(rows) + len(late)
+
+
+def apply_notified(conn: Connection, denylist: Denylist, ids: Iterable[int]) -> int:
+    """Apply the entries of the notified ``ids`` that this replica lacks; returns how many
+    rows were read.
+
+    An id already applied (our own change, or the catch-up was first) costs nothing. Those
+    numbered above :attr:`Denylist.last_id` are read with everything else above it, as the
+    catch-up does: one statement, which also takes the entries committed whose messages are
+    still on their way, so that a burst is read by its first batch and the messages after it
+    find their entries applied. Those numbered below it (their transactions committed after a
+    later-numbered one was applied) are read by id, one statement per :data:`FETCH_CHUNK`."""
+    c = _log.c
+    last_id = denylist.last_id
+    missing = sorted({i for i in ids if not denylist.has_applied(i)})
+    below = [i for i in missing if i <= last_id]
+    rows: list[Any] = []
+    if len(below) < len(missing):
+        rows.extend(conn.execute(select(_log).where(c.id > last_id).order_by(c.id)).all())
+    for start in range(0, len(below), FETCH_CHUNK):
+        rows.extend(conn.execute(
+            select(_log).where(c.id.in_(below[start:start + FETCH_CHUNK]))).all())
+    denylist.apply_all([Entry.from_row(row) for row in rows])
+    return len(rows)
 
 
 def follow(bus: EventBus, db: Database, denylist: Denylist) -> None:
     """Subscribe ``denylist`` to the log's messages on ``bus``, with the catch-up (and the
     prune of what can refuse nothing any more) every interval."""
 
-    def on_message(message: Message) -> None:
-        entry_id = message.get_int("id")
-        if denylist.has_applied(entry_id):  # our own change, or the catch-up was first
-            return
-        entry = db.read_transaction(lambda conn: revocation_log.read_entry(conn, entry_id))
-        if entry is not None:
-            denylist.apply(entry)
+    def on_messages(messages: list[Message]) -> None:
+        ids = []
+        for message in messages:
+            try:
+                ids.append(message.get_int("id"))
+            except MalformedMessage:  # a forged message: the others of the batch still count
+                _logger.warning("ignored a revocation message without an id")
+        if any(not denylist.has_applied(i) for i in ids):
+            db.read_transaction(lambda conn: apply_notified(conn, denylist, ids))
 
     def catch_up_now() -> None:
         now = int(time.time())
         db.read_transaction(lambda conn: catch_up(conn, denylist, now))
         denylist.prune(now)
 
-    bus.on(revocation_log.MESSAGE_TYPE, on_message, catch_up=catch_up_now)
+    bus.on_batch(revocation_log.MESSAGE_TYPE, on_messages, catch_up=catch_up_now)

@@ -14,6 +14,12 @@ handlers, as the listening thread does on PostgreSQL. Catch-ups run every interv
 Messages carry ids, not state: anyone who can connect to PostgreSQL may ``NOTIFY``, so a
 subscriber reads what changed from the database, and a forged message can make a replica read,
 but never change, what it holds. Subscribers register by message type; this module knows none.
+
+The thread takes every message already waiting at once (about :data:`MAX_BATCH` at most), and a
+subscriber that registered with :meth:`EventBus.on_batch` gets them as one list: a burst of
+100,000 revocations then costs it a read per batch, not one per message. While it reads, the
+next messages pile up and come as the next batch, so the reads stay bounded however fast they
+arrive.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ CHANNEL = "broker_events"
 # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more; SQLite is held to the same limit so
 # that a message that works in development works in production.
 MAX_PAYLOAD_BYTES = 7999
+# The most messages handed over at once: bounds the memory one dispatch holds (a message is a
+# few dozen bytes) while a burst of any realistic size still comes in a few batches.
+MAX_BATCH = 50_000
 
 Scalar = str | int | float | bool | None
 
@@ -68,6 +77,7 @@ class Message:
 
 
 Handler = Callable[[Message], None]
+BatchHandler = Callable[[list[Message]], None]
 Task = Callable[[], None]
 
 
@@ -130,9 +140,9 @@ class _LocalBuses:
         if record is None:
             return
         committed: list[str] | None = record.info.pop(_COMMITTED, None)
-        for payload in committed or ():
+        if committed:
             for bus in self.buses:
-                bus.deliver(payload)
+                bus.deliver(*committed)
 
 
 _local: weakref.WeakKeyDictionary[Engine, _LocalBuses] = weakref.WeakKeyDictionary()
@@ -171,10 +181,12 @@ class EventBus:
         self._interval = interval_s
         self._lock = threading.Lock()
         self._handlers: dict[str, tuple[Handler, ...]] = {}
+        self._batch_handlers: dict[str, tuple[BatchHandler, ...]] = {}
         self._catch_ups: tuple[Task, ...] = ()
         self._tasks: tuple[Task, ...] = ()
-        # SQLite: payloads committed in this process; None wakes the thread to stop.
-        self._inbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        # SQLite: the payloads of each transaction committed in this process; None wakes the
+        # thread to stop.
+        self._inbox: queue.SimpleQueue[tuple[str, ...] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Set while messages published elsewhere reach this bus: on PostgreSQL while the LISTEN
@@ -186,6 +198,17 @@ class EventBus:
         re-reads what a missed message would have told and runs before the periodic tasks."""
         with self._lock:
             self._handlers[message_type] = (*self._handlers.get(message_type, ()), handler)
+            if catch_up is not None:
+                self._catch_ups = (*self._catch_ups, catch_up)
+
+    def on_batch(self, message_type: str, handler: BatchHandler, *,
+                 catch_up: Task | None = None) -> None:
+        """Like :meth:`on`, but ``handler`` gets every message of ``message_type`` that arrived
+        together, in order, as one list (never empty): for a subscriber whose work per message
+        is a database read it can share."""
+        with self._lock:
+            self._batch_handlers[message_type] = (
+                *self._batch_handlers.get(message_type, ()), handler)
             if catch_up is not None:
                 self._catch_ups = (*self._catch_ups, catch_up)
 
@@ -211,26 +234,25 @@ class EventBus:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def deliver(self, payload: str) -> None:
-        """Queue a committed message for this bus's thread (SQLite's in-process delivery)."""
-        self._inbox.put(payload)
+    def deliver(self, *payloads: str) -> None:
+        """Queue the messages of a committed transaction for this bus's thread (SQLite's
+        in-process delivery)."""
+        self._inbox.put(payloads)
 
-    def dispatch(self, payload: str) -> None:
-        """Hand one raw message to the handlers of its type; other types are ignored."""
-        try:
-            decoded = json.loads(payload)
-        except ValueError:
-            decoded = None
-        if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
-            log.warning("ignored a malformed notification")
-            return
-        message_type = decoded.pop("type")
-        message = Message(message_type, decoded)
-        for handler in self._handlers.get(message_type, ()):
-            try:
-                handler(message)
-            except Exception as exc:  # one bad handler must not stop the others, nor the bus
-                log.warning("%s handler failed: %s", message_type, type(exc).__name__)
+    def dispatch(self, *payloads: str) -> None:
+        """Hand raw messages to the handlers of their types, in order; other types are
+        ignored. The messages of one type go to each batch handler as one list."""
+        by_type: dict[str, list[Message]] = {}
+        for payload in payloads:
+            message = _decode(payload)
+            if message is not None:
+                by_type.setdefault(message.type, []).append(message)
+        for message_type, messages in by_type.items():
+            for batch_handler in self._batch_handlers.get(message_type, ()):
+                _guarded(message_type, batch_handler, messages)
+            for handler in self._handlers.get(message_type, ()):
+                for message in messages:
+                    _guarded(message_type, handler, message)
 
     def tick(self) -> None:
         """Run every catch-up, then every periodic task."""
@@ -256,14 +278,27 @@ class EventBus:
         due = time.monotonic() + self._interval
         while not self._stop.is_set():
             try:
-                payload = self._inbox.get(timeout=max(0.0, due - time.monotonic()))
+                first = self._inbox.get(timeout=max(0.0, due - time.monotonic()))
             except queue.Empty:
-                payload = None
-            if payload is not None:
-                self.dispatch(payload)
+                first = None
+            if first is not None:
+                self.dispatch(*self._drain_inbox(first))
             if time.monotonic() >= due and not self._stop.is_set():
                 self.tick()
                 due = time.monotonic() + self._interval
+
+    def _drain_inbox(self, first: tuple[str, ...]) -> list[str]:
+        """``first`` and whatever else is queued already, without waiting."""
+        batch = list(first)
+        while len(batch) < MAX_BATCH:
+            try:
+                payloads = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if payloads is None:  # a stop request: ``_stop`` is set, the loop ends after this
+                break
+            batch.extend(payloads)
+        return batch
 
     def _listen(self) -> None:
         with self._db.connect_dedicated() as conn:
@@ -274,9 +309,40 @@ class EventBus:
             due = time.monotonic() + self._interval
             while not self._stop.is_set():
                 wait = max(0.0, min(self.POLL_S, due - time.monotonic()))
-                for note in conn.notifies(timeout=wait):
-                    self.dispatch(note.payload)
+                batch = [note.payload for note in conn.notifies(timeout=wait, stop_after=1)]
+                if batch:
+                    self.dispatch(*_drain_notifies(conn, batch))
                 if time.monotonic() >= due:
                     self.tick()
                     due = time.monotonic() + self._interval
         self.listening.clear()
+
+
+def _drain_notifies(conn: Any, batch: list[str]) -> list[str]:
+    """``batch`` and every notification received already, without waiting: each poll with no
+    timeout reads what the socket holds, until it holds nothing."""
+    while len(batch) < MAX_BATCH:
+        more = [note.payload for note in conn.notifies(timeout=0)]
+        if not more:
+            break
+        batch.extend(more)
+    return batch
+
+
+def _decode(payload: str) -> Message | None:
+    try:
+        decoded = json.loads(payload)
+    except ValueError:
+        decoded = None
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
+        log.warning("ignored a malformed notification")
+        return None
+    message_type = decoded.pop("type")
+    return Message(message_type, decoded)
+
+
+def _guarded(message_type: str, handler: Callable[[Any], None], argument: object) -> None:
+    try:
+        handler(argument)
+    except Exception as exc:  # one bad handler must not stop the others, nor the bus
+        log.warning("%s handler failed: %s", message_type, type(exc).__name__)
