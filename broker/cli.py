@@ -71,8 +71,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from broker.revocation.rotation import rotate_signing_key_from_cli
+    from broker.tokens.keys import RotationTooSoon
 
-    key = rotate_signing_key_from_cli(_settings(args))
+    try:
+        key = rotate_signing_key_from_cli(_settings(args))
+    except RotationTooSoon as exc:
+        print(f"broker: {exc.detail}", file=sys.stderr)
+        return 1
     print(f"signing key rotated: current kid {key.kid}")
     return 0
 

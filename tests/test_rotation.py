@@ -23,6 +23,7 @@ from broker.revocation import rotation
 from broker.services import Services
 from broker.storage.vault import Vault
 from broker.tokens.issuance import authenticate_client
+from broker.tokens.keys import MAX_PREVIOUS_KEYS, RotationTooSoon
 from tests.conftest import SECRETS, Broker
 from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
@@ -129,6 +130,32 @@ def test_only_an_org_admin_rotates_signing_keys(sqlite_broker: Broker) -> None:
         assert _states(broker, headers) == before  # they may read the key list, not change it
     assert_problem(broker.client.post("/v1/admin/keys/signing/rotate"), 401, "invalid_token")
     assert _states(broker) == before and _audit(broker, "signing_key.rotate") == []
+
+
+def test_a_burst_of_rotations_is_bounded_instead_of_breaking_the_keyring(
+    sqlite_broker: Broker,
+) -> None:
+    """Found by fuzzing: each rotation keeps the old key for a token lifetime, and past about
+    97 keys Vault refused the keyring document, so every rotation answered 503 until the oldest
+    retired. Now the rotation past the bound is refused, with when to try again."""
+    broker = sqlite_broker
+    for _ in range(MAX_PREVIOUS_KEYS):
+        resp = broker.client.post("/v1/admin/keys/signing/rotate", headers=broker.admin())
+        assert resp.status_code == 200, resp.text
+    before = _states(broker)
+    assert len(_by_state(before, "previous")) == MAX_PREVIOUS_KEYS
+    refused = broker.client.post("/v1/admin/keys/signing/rotate", headers=broker.admin())
+    body = assert_problem(refused, 429, "slow_down")
+    lifetime = broker.settings.tokens.max_ttl_s
+    assert 0 < int(refused.headers["retry-after"]) <= lifetime + 30, refused.headers
+    assert "previous signing keys" in body["detail"]
+    assert _states(broker) == before and len(_jwks(broker)) == MAX_PREVIOUS_KEYS + 2
+    # Once the oldest previous key retired (its tokens expired), rotating works again.
+    keyring = broker.services.keyring
+    with pytest.raises(RotationTooSoon):
+        keyring.rotate()
+    later = int(time.time()) + lifetime + 31
+    assert keyring.rotate(later).kid == _by_state(before, "next")[0]
 
 
 def test_signing_keys_rotate_on_the_configured_interval(make_broker: Any, sqlite_url: str) -> None:

@@ -21,9 +21,19 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from broker.errors import SlowDown
 from broker.storage.vault import CasConflict, Vault
 
 ALG = "EdDSA"
+# How many ``previous`` keys may verify live tokens at once. Each stays for a token lifetime
+# after its rotation, so more means rotating faster than about once a minute; and the keyring is
+# one Vault document, which OpenBao refuses past a few hundred strings (about 97 keys): without
+# a bound, a burst of rotations made every later one fail until the oldest keys retired.
+MAX_PREVIOUS_KEYS = 16
+
+
+class RotationTooSoon(SlowDown):
+    title = "Too many signing-key rotations; slow down"
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,10 @@ class Keyring:
 
     def rotate(self, now: int | None = None) -> SigningKey:
         """Promote next to current, demote current to previous, create a new next; drop previous
-        keys whose tokens have all expired. Returns the new current key."""
+        keys whose tokens have all expired. Returns the new current key.
+
+        :class:`RotationTooSoon` (with the seconds until the oldest previous key retires) when
+        :data:`MAX_PREVIOUS_KEYS` previous keys still verify live tokens."""
         now = int(time.time()) if now is None else now
         while True:
             found = self._vault.read(self._path)
@@ -164,6 +177,7 @@ class Keyring:
                 elif key.state == "previous" and (key.retire_at or 0) <= now:
                     continue
                 docs.append(doc)
+            _refuse_past_bound(docs, now)
             if not any(d["state"] == "current" for d in docs):
                 docs.append(new_key("current", now).to_doc())
             docs.append(new_key("next", now).to_doc())
@@ -217,3 +231,14 @@ def load_pepper(vault: Vault) -> bytes:
         except CasConflict:
             continue
         return value
+
+
+def _refuse_past_bound(docs: list[dict[str, Any]], now: int) -> None:
+    """Refuse a rotation that would keep more than :data:`MAX_PREVIOUS_KEYS` previous keys
+    (``docs``: the keys after it, the new next key not yet added)."""
+    retiring = sorted(int(d.get("retire_at") or now) for d in docs if d["state"] == "previous")
+    if len(retiring) > MAX_PREVIOUS_KEYS:
+        wait = max(1, retiring[len(retiring) - MAX_PREVIOUS_KEYS - 1] - now)
+        raise RotationTooSoon(
+            f"{len(retiring) - 1} previous signing keys still verify live tokens; the next "
+            f"rotation is possible in {wait} s", headers={"retry-after": str(wait)})
