@@ -17,7 +17,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-BENCHMARKS = ("tokens", "exchange", "gateway", "holds", "edge", "revocation", "monitoring")
+BENCHMARKS = ("tokens", "exchange", "gateway", "replicas", "holds", "edge", "revocation",
+              "monitoring")
 _SHARED_WITH_REVOCATION = ("--no-write", "--keep", "--quiet-wait")
 
 
@@ -35,6 +36,10 @@ def _entry(name: str) -> Callable[[list[str] | None], int]:
         from bench import bench_gateway
 
         return bench_gateway.main
+    if name == "replicas":
+        from bench import bench_replicas
+
+        return bench_replicas.main
     if name == "holds":
         from bench import bench_holds
 

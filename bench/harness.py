@@ -154,6 +154,10 @@ class BrokerUnderTest:
     # Another checkout of the broker to run instead of this one (e.g. the code before a change,
     # measured side by side in the same run): put first on the server's PYTHONPATH.
     source: Path | None = None
+    # PostgreSQL instead of the SQLite file (replicas share it), and the Vault prefix replicas
+    # share (their signing keys); a fresh one per broker otherwise.
+    database_url: str | None = None
+    vault_prefix: str = field(default_factory=lambda: f"bench-{secrets.token_hex(4)}")
 
     @property
     def url(self) -> str:
@@ -166,12 +170,12 @@ class BrokerUnderTest:
     def config_text(self) -> str:
         return f"""
 [database]
-url = "sqlite:///{self.db_path}"
+url = "{self.database_url or f"sqlite:///{self.db_path}"}"
 
 [vault]
 addr = "{self.vault.addr}"
 kv_mount = "secret"
-prefix = "bench-{secrets.token_hex(4)}"
+prefix = "{self.vault_prefix}"
 
 [issuer]
 url = "{self.url}"
@@ -792,3 +796,18 @@ def workspace(prefix: str, *, keep: bool = False) -> Iterator[Path]:
             print(f"kept {path}")
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str = "postgresql://postgres@127.0.0.1:5432/test") -> Iterator[str]:
+    """A fresh PostgreSQL database for one run (dropped after), on the machine's server."""
+    import psycopg
+
+    name = f"bench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
