@@ -54,7 +54,8 @@ _link = SliceCounter.__table__  # type: ignore[attr-defined]
 _hold = Hold.__table__  # type: ignore[attr-defined]
 _usage = UsageEvent.__table__  # type: ignore[attr-defined]
 
-_SCOPE_ORDER = {"org": 0, "tenant": 1, "workload": 2}
+# The lock order of budget counters, everywhere (reservation, release, a mass release).
+SCOPE_ORDER = {"org": 0, "tenant": 1, "workload": 2}
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def _count_live(conn: Connection, workload_id: str, max_live: int | None,
 def _reserve_in_budgets(conn: Connection, jti: str, amount: int, budgets: list[BudgetRef],
                         issued_at: int) -> None:
     # A fixed lock order keeps concurrent PostgreSQL transactions from deadlocking.
-    for ref in sorted(budgets, key=lambda r: (_SCOPE_ORDER[r.scope], r.scope_id, r.period)):
+    for ref in sorted(budgets, key=lambda r: (SCOPE_ORDER[r.scope], r.scope_id, r.period)):
         if amount > ref.limit_micros:
             raise BudgetExhausted(f"the {ref.scope} {ref.period} budget cannot hold this slice")
         start = window_start(ref.period, issued_at)
