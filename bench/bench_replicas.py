@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench import harness
 from bench.bench_gateway import MODEL, provider_toml, request_body
+from bench.bench_revocation import fresh_database
 from bench.harness import BrokerUnderTest, Measurement, Target
 from broker.devvault import DevVault
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, ...]] = []
     figures: dict[str, tuple[float, float, float]] = {}  # label -> (rps, p50, p99)
     with harness.workspace("bench-replicas-", keep=args.keep) as work, DevVault() as vault, \
-            harness.postgres_database() as pg_url:
+            fresh_database() as pg_url:
         upstream = harness.mock_upstream_server(work).start()
         vault_path = f"bench-{secrets.token_hex(4)}/providers/fake"
         provider_key = "sk-bench-" + secrets.token_urlsafe(24)

@@ -796,18 +796,3 @@ def workspace(prefix: str, *, keep: bool = False) -> Iterator[Path]:
             print(f"kept {path}")
         else:
             shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def postgres_database(admin_url: str = "postgresql://postgres@127.0.0.1:5432/test") -> Iterator[str]:
-    """A fresh PostgreSQL database for one run (dropped after), on the machine's server."""
-    import psycopg
-
-    name = f"bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
