@@ -150,11 +150,7 @@ class Database:
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a write transaction off the event loop."""
-        call = functools.partial(self.transaction, fn)
-        if self._write_lock is None:
-            return await anyio.to_thread.run_sync(call)
-        async with self._write_lock:
-            return await anyio.to_thread.run_sync(call)
+        return await self.in_writer(functools.partial(self.transaction, fn))
 
     async def in_writer(self, call: Callable[[], T]) -> T:
         """Run ``call`` (which opens its own write transactions) off the event loop, holding
