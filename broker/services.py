@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from broker.audit.checkpoints import AuditKeys
 from broker.errors import ConfigError
 from broker.gateway.provider_keys import ProviderKeys
 from broker.identity.bindings import Pinning
@@ -69,6 +70,8 @@ class Services:
     verified: VerifiedCache = field(default_factory=VerifiedCache)
     # The gateway's rate limits: this process's, or shared with every replica (limits.backend).
     limiter: Limiter = field(default_factory=InMemoryLimiter)
+    # The audit key in Vault that signs the chain's checkpoints; read on first use.
+    audit_keys: AuditKeys = field(default=None)  # type: ignore[assignment]
 
     # Revocation state in memory; None until the revocation extension has loaded it, and then
     # every verified token is taken as live.
@@ -154,6 +157,10 @@ class Services:
             if db.transaction(lambda conn: bootstrap_admin(conn, secret, pepper, now_s())):
                 log.info("bootstrap admin identity created (client_id=admin)")
         return services
+
+    def __post_init__(self) -> None:
+        if self.audit_keys is None:
+            self.audit_keys = AuditKeys(self.vault, self.settings.audit)
 
     @property
     def binding_pinning(self) -> Pinning:

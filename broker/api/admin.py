@@ -64,7 +64,8 @@ async def create_tenant(request: Request, svc: Services, actor: Actor) -> Respon
 
     def txn(conn: Connection) -> ids.TenantRecord:
         tenant = ids.create_tenant(conn, actor, body, now)
-        record(conn, actor.id, "tenant.create", tenant.id, {"name": tenant.name}, now)
+        record(conn, actor.id, "tenant.create", tenant.id, {"name": tenant.name}, now,
+               tenant_id=tenant.id)
         return tenant
 
     return json_response(tenant_view(await svc.db.run(txn)), status=201)
@@ -88,7 +89,8 @@ async def patch_tenant(request: Request, svc: Services, actor: Actor) -> Respons
 
     def txn(conn: Connection) -> ids.TenantRecord:
         tenant = ids.patch_tenant(conn, actor, tid, body)
-        record(conn, actor.id, "tenant.update", tid, body.model_dump(exclude_none=True), now)
+        record(conn, actor.id, "tenant.update", tid, body.model_dump(exclude_none=True), now,
+               tenant_id=tid)
         return tenant
 
     return json_response(tenant_view(await svc.db.run(txn)))
@@ -100,7 +102,7 @@ async def delete_tenant(request: Request, svc: Services, actor: Actor) -> Respon
 
     def txn(conn: Connection) -> None:
         ids.delete_tenant(conn, actor, tid)
-        record(conn, actor.id, "tenant.delete", tid, {}, now)
+        record(conn, actor.id, "tenant.delete", tid, {}, now, tenant_id=tid)
 
     await svc.db.run(txn)
     return Response(status_code=204)
@@ -115,7 +117,9 @@ async def create_workload(request: Request, svc: Services, actor: Actor) -> Resp
 
     def txn(conn: Connection) -> ids.NewWorkload:
         created = ids.create_workload(conn, actor, body, svc.pepper, now, svc.binding_pinning)
-        record(conn, actor.id, "workload.create", created.workload.id, {"kind": body.kind}, now)
+        record(conn, actor.id, "workload.create", created.workload.id,
+               {"kind": body.kind, "name": created.workload.name}, now,
+               tenant_id=created.workload.tenant_id)
         return created
 
     created = await svc.db.run(txn)
@@ -144,7 +148,8 @@ async def patch_workload(request: Request, svc: Services, actor: Actor) -> Respo
 
     def txn(conn: Connection) -> tuple[ids.WorkloadRecord, Entry | None]:
         workload, changed = ids.patch_workload(conn, actor, wid, body, now, svc.binding_pinning)
-        record(conn, actor.id, "workload.update", wid, body.model_dump(exclude_none=True), now)
+        record(conn, actor.id, "workload.update", wid, body.model_dump(exclude_none=True), now,
+               tenant_id=workload.tenant_id)
         entry = None
         if changed:
             # Tokens carry the identity they were minted for: a new one must not ride on them.
@@ -169,9 +174,10 @@ async def delete_workload(request: Request, svc: Services, actor: Actor) -> Resp
     def txn(conn: Connection) -> Entry | None:
         # Deleting is suspending for good: the identity's live tokens die with it, on every
         # replica, and their unspent slices return.
+        workload = ids.get_workload(conn, actor, wid)
         _view, entry = actions.suspend(conn, actor, "workload", wid, "workload deleted", now)
         ids.delete_workload(conn, actor, wid)
-        record(conn, actor.id, "workload.delete", wid, {}, now)
+        record(conn, actor.id, "workload.delete", wid, {}, now, tenant_id=workload.tenant_id)
         return entry
 
     apply_here(svc.token_gate, await svc.db.run(txn))

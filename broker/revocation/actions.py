@@ -235,7 +235,8 @@ def suspend(
     returned = _revoke_slices(conn, f"{kind}_id", ident, cutoff, now)
     entry = _cut_entry(conn, actor, kind, ident, tenant_id, "suspend", cutoff, reason, now)
     record(conn, actor.id, f"{kind}.suspend", ident,
-           {**_audit_detail(kind, reason, tenant_id), "returned_micros": returned}, now)
+           {**_audit_detail(kind, reason, tenant_id), "returned_micros": returned}, now,
+           tenant_id=tenant_id)
     return _view(conn, actor, kind, ident), entry
 
 
@@ -256,7 +257,8 @@ def resume(
     if done is None:
         raise Conflict(f"the {kind} changed meanwhile; try again")
     entry = _cut_entry(conn, actor, kind, ident, tenant_id, "resume", int(cutoff), reason, now)
-    record(conn, actor.id, f"{kind}.resume", ident, _audit_detail(kind, reason, tenant_id), now)
+    record(conn, actor.id, f"{kind}.resume", ident, _audit_detail(kind, reason, tenant_id), now,
+           tenant_id=tenant_id)
     return _view(conn, actor, kind, ident), entry
 
 

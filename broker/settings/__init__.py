@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from broker.errors import ConfigError
 from broker.settings.agents import BatchSettings, ToolSettings
+from broker.settings.audit import AuditSettings, ConsoleSettings, UsageSettings
 from broker.settings.base import MAX_MICROS as MAX_MICROS
 from broker.settings.base import Section as _Section
 from broker.settings.limits import LimitsSettings, RedisSettings
@@ -323,6 +324,9 @@ class Settings(_Section):
     batches: BatchSettings = BatchSettings()
     limits: LimitsSettings = LimitsSettings()
     redis: RedisSettings = RedisSettings()
+    audit: AuditSettings = AuditSettings()
+    usage: UsageSettings = UsageSettings()
+    console: ConsoleSettings = ConsoleSettings()
     tools: dict[str, ToolSettings] = {}
     providers: dict[str, ProviderSettings] = {}
     models: dict[str, ModelSettings] = {}
@@ -333,7 +337,8 @@ class Settings(_Section):
 # tables of tables, whose names may hold underscores, so they are configured in TOML only.
 _ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "org", "server", "metrics",
                  "gateway", "sweeper", "rotation", "revocation", "scheduler", "monitoring",
-                 "alerts", "approvals", "batches", "limits", "redis")
+                 "alerts", "approvals", "batches", "limits", "redis", "audit", "usage",
+                 "console")
 # Tables of named tables: BROKER_PROVIDERS_<NAME>_<KEY>, where <NAME> is a configured name
 # written in upper case with "-" as "_" (e.g. BROKER_PROVIDERS_OPENAI_COMPATIBLE_BASE_URL).
 _ENV_TABLES: dict[str, type[BaseModel]] = {"providers": ProviderSettings, "models": ModelSettings,

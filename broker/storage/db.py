@@ -67,6 +67,13 @@ def make_engine(url: str, pool_size: int = 16) -> Engine:
     return create_engine(url, pool_size=pool_size, max_overflow=8, pool_pre_ping=True)
 
 
+# Work a transaction defers to its end, just before COMMIT (``conn.info[BEFORE_COMMIT]``, a
+# list of callables taking the connection): the audit chain's append, whose lock on the chain's
+# head is then held for the commit alone, and always taken last, so it cannot deadlock with the
+# row locks the transaction took before.
+BEFORE_COMMIT = "broker.before_commit"
+
+
 class Sql:
     """A fixed statement with ``:name`` parameters, run through the driver directly.
 
@@ -140,7 +147,13 @@ class Database:
             with self.engine.connect() as raw:
                 conn = raw.execution_options(**{READ_ONLY: True}) if read_only else raw
                 with conn.begin():
-                    return fn(conn)
+                    # ``info`` belongs to the pooled DBAPI connection: what a transaction that
+                    # failed left there must not run in this one.
+                    conn.info[BEFORE_COMMIT] = []
+                    result = fn(conn)
+                    for hook in conn.info.pop(BEFORE_COMMIT):
+                        hook(conn)
+                    return result
         except (OperationalError, InterfaceError, PoolTimeoutError) as exc:
             raise LedgerUnavailable("the database did not answer") from exc
         except DBAPIError as exc:
