@@ -8,12 +8,15 @@ import functools
 import time
 
 from broker.approvals import grants, requests
+from broker.audit import checkpoints
 from broker.gateway import batch_poll, conversations
+from broker.money import rollups
 from broker.money.sweeper import sweep_once
 from broker.monitoring import webhooks
 from broker.revocation import log as revocation_log
 from broker.revocation import rotation
 from broker.services import Services
+from broker.storage import console_models
 from broker.storage.scheduler import Job
 
 # How often retired signing keys and stale revocation-log rows are looked for.
@@ -44,6 +47,12 @@ def scheduled_jobs(svc: Services) -> list[Job]:
         # Settles finished batch jobs from their provider's output (exactly once).
         Job("batches.poll", settings.batches.poll_interval_s,
             functools.partial(batch_poll.poll_once, svc)),
+        # Folds settled usage events into the hourly and daily rollups (exactly once), and
+        # deletes raw events past their retention once rolled up.
+        Job("usage.rollup", settings.usage.rollup_interval_s,
+            functools.partial(rollups.rollup_pending, svc.db)),
+        Job("usage.prune_raw", PRUNE_INTERVAL_S, lambda: rollups.prune_expired(
+            svc.db, settings.usage.raw_retention_days)),
     ]
     if settings.limits.backend == "database":
         from broker.money import limits_db
@@ -62,6 +71,15 @@ def scheduled_jobs(svc: Services) -> list[Job]:
             "signing_key.rotate", float(settings.rotation.signing_interval_s),
             functools.partial(rotation.rotate_signing_key, svc, "scheduler", "scheduled"),
         ))
+    if settings.console.enabled:
+        # Sessions that ended (expired or idle) are deleted, not only found dead at their use.
+        jobs.append(Job("console.prune_sessions", PRUNE_INTERVAL_S, lambda: svc.db.transaction(
+            lambda conn: console_models.prune_sessions(conn, int(time.time()),
+                                                       settings.console.idle_timeout_s))))
+    # Signs the head of the audit chain when it moved (and copies it out of the database).
+    jobs.append(Job("audit.checkpoint", float(settings.audit.checkpoint_interval_s),
+                    functools.partial(checkpoints.checkpoint_once, svc.db, svc.audit_keys,
+                                      settings.audit)))
     return jobs
 
 

@@ -4,11 +4,15 @@ render. Read-only, so every admin role may call them; what each one sees is the 
 from __future__ import annotations
 
 import calendar
+import csv
+import io
 import re
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from broker.api.admin import admin
@@ -36,6 +40,15 @@ def parse_group_by(raw: str | None) -> usage.GroupBy:
         return "workload"
     if raw not in usage.GROUPS:
         raise InvalidRequest("group_by must be one of workload, tenant, model")
+    return raw
+
+
+def parse_interval(raw: str | None) -> usage.Interval | None:
+    """The buckets of a series; None (totals) when none is asked for."""
+    if raw is None:
+        return None
+    if raw not in usage.INTERVALS:
+        raise InvalidRequest("interval must be one of hour, day")
     return raw
 
 
@@ -92,22 +105,36 @@ def check_range(start: Instant | None, end: Instant | None) -> None:
 
 
 async def usage_totals(request: Request, svc: Services, actor: Actor) -> Response:
-    """Requests, tokens and cost per workload, tenant or model over a time range."""
+    """Requests, tokens and cost per workload, tenant or model over a time range; per hour or
+    day with ``interval``."""
     group_by = parse_group_by(query_str(request, "group_by", 16))
+    interval = parse_interval(query_str(request, "interval", 16))
     start = parse_instant("from", query_str(request, "from", 64))
     end = parse_instant("to", query_str(request, "to", 64))
     check_range(start, end)
     lo = start.bound if start else None
     hi = end.bound if end else None
-    totals = await svc.db.read(lambda conn: usage.totals(conn, actor, group_by, lo, hi))
+    rng = {"from": start.rfc3339() if start else None, "to": end.rfc3339() if end else None}
+    if interval is None:
+        totals = await svc.db.read(lambda conn: usage.totals(conn, actor, group_by, lo, hi))
+        return json_response({
+            "data": [{"key": t.key, "requests": t.requests, "prompt_tokens": t.prompt_tokens,
+                      "completion_tokens": t.completion_tokens, "cost_micros": t.cost_micros}
+                     for t in totals],
+            "next_cursor": None,
+            "group_by": group_by,
+            **rng,
+        })
+    step = interval
+    points = await svc.db.read(lambda conn: usage.series(conn, actor, group_by, step, lo, hi))
     return json_response({
-        "data": [{"key": t.key, "requests": t.requests, "prompt_tokens": t.prompt_tokens,
-                  "completion_tokens": t.completion_tokens, "cost_micros": t.cost_micros}
-                 for t in totals],
+        "data": [{"bucket": iso(p.bucket), "key": p.key, "requests": p.requests,
+                  "prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens,
+                  "cost_micros": p.cost_micros} for p in points],
         "next_cursor": None,
         "group_by": group_by,
-        "from": start.rfc3339() if start else None,
-        "to": end.rfc3339() if end else None,
+        "interval": interval,
+        **rng,
     })
 
 
@@ -126,7 +153,71 @@ async def usage_events(request: Request, svc: Services, actor: Actor) -> Respons
                           "next_cursor": None if last is None else encode_position(*last)})
 
 
+# --- export --------------------------------------------------------------------------------
+
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """One exported value as CSV text: times RFC 3339, booleans ``true``/``false``, absent
+    empty; a text that a spreadsheet would run as a formula gets a leading ``'``. Numbers
+    (never negative in an event) are written as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def csv_text(rows: Iterable[Iterable[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def export_cells(row: Any) -> list[str]:
+    return [iso(int(row.ts)) if name == "ts" else csv_cell(getattr(row, name))
+            for name in usage.EXPORT_COLUMNS]
+
+
+def _file_time(instant: Instant | None, default: str) -> str:
+    return default if instant is None else iso(instant.seconds).replace("-", "").replace(":", "")
+
+
+async def usage_export(request: Request, svc: Services, actor: Actor) -> Response:
+    """Usage events of a time range, oldest first, as a CSV file (``format=csv``), streamed."""
+    if query_str(request, "format", 16) != "csv":
+        raise InvalidRequest("format must be csv")
+    start = parse_instant("from", query_str(request, "from", 64))
+    end = parse_instant("to", query_str(request, "to", 64))
+    check_range(start, end)
+    lo = start.bound if start else None
+    hi = end.bound if end else None
+    pages = usage.export(svc.db, actor, lo, hi)
+    # The first page is read before the answer starts, so a database that does not answer is
+    # still a 503 in the API's error shape, not a cut-off file.
+    first: list[Any] = await anext(pages, [])
+
+    async def body() -> AsyncIterator[str]:
+        yield csv_text([usage.EXPORT_COLUMNS])
+        if first:
+            yield csv_text(export_cells(row) for row in first)
+        async for rows in pages:
+            yield csv_text(export_cells(row) for row in rows)
+
+    name = f"usage-{_file_time(start, 'start')}-{_file_time(end, 'now')}.csv"
+    return StreamingResponse(body(), media_type="text/csv; charset=utf-8", headers={
+        "content-disposition": f'attachment; filename="{name}"',
+        "cache-control": "no-store",
+    })
+
+
 routes = [
     Route("/v1/admin/usage", admin(usage_totals), methods=["GET"]),
     Route("/v1/admin/usage/events", admin(usage_events), methods=["GET"]),
+    Route("/v1/admin/usage/export", admin(usage_export), methods=["GET"]),
 ]

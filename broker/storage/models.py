@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 
@@ -132,7 +132,12 @@ class Hold(SQLModel, table=True):
 
 class UsageEvent(SQLModel, table=True):
     __tablename__ = "usage_event"
-    __table_args__ = (Index("ix_usage_event_ts", "ts"),)
+    __table_args__ = (
+        Index("ix_usage_event_ts", "ts"),
+        # The rollup job finds the events not yet rolled up, oldest first; retention deletes
+        # old ones that were (see broker.money.rollups).
+        Index("ix_usage_event_rolled_up_ts", "rolled_up", "ts"),
+    )
 
     # The hold's id: one hold settles into exactly one event, so a retry cannot write two.
     id: str = Field(primary_key=True, max_length=64)
@@ -153,17 +158,58 @@ class UsageEvent(SQLModel, table=True):
     client_ip: str | None = Field(default=None, max_length=64)
     # The server-side tool calls the provider billed, by tool name, as compact JSON.
     tool_calls: str | None = Field(default=None, max_length=1024)
+    # Counted in the usage rollups (broker.money.rollups): set once, in the rollup's
+    # transaction. A database default, as the ledger's INSERT does not name it.
+    rolled_up: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 class AuditEvent(SQLModel, table=True):
+    """One entry of the hash chain (see :mod:`broker.storage.audit`): ``hash`` covers
+    ``prev_hash`` and the entry's canonical JSON, so an edit, a deletion, an insertion or a
+    reordering shows."""
+
     __tablename__ = "audit_event"
 
     id: int | None = Field(default=None, primary_key=True)
+    # The position in the chain: 1, 2, 3... without a gap; unique, so two replicas that both
+    # appended after the same head could not both commit.
+    seq: int = Field(sa_type=BigInteger, unique=True, index=True)
     ts: int = Field(sa_type=BigInteger, index=True)
     actor: str = Field(max_length=64)
-    action: str = Field(max_length=64)
+    action: str = Field(max_length=64, index=True)
     target: str = Field(max_length=128)
+    tenant_id: str | None = Field(default=None, max_length=64, index=True)
     detail: dict[str, Any] = _json()
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+
+class AuditHead(SQLModel, table=True):
+    """The chain's last entry (one row, ``id`` 1): every append locks it, so appends are
+    serialised across replicas and each one links to the entry committed before it."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(primary_key=True)
+    seq: int = Field(sa_type=BigInteger)
+    hash: str = Field(max_length=64)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed statement that the chain's entry ``seq`` had ``hash`` at ``ts``; signed with the
+    audit key held in Vault, so whoever can write the database cannot forge one."""
+
+    __tablename__ = "audit_checkpoint"
+
+    seq: int = Field(sa_type=BigInteger, primary_key=True)
+    hash: str = Field(max_length=64)
+    ts: int = Field(sa_type=BigInteger)
+    kid: str = Field(max_length=64)
+    sig: str = Field(max_length=128)
+    # Copied out of the database (audit.checkpoint_file, audit.checkpoint_webhook): a copy
+    # that failed is tried again at the next checkpoint, oldest first.
+    file_written: bool = False
+    webhook_sent: bool = False
 
 
 class Revocation(SQLModel, table=True):
@@ -383,4 +429,6 @@ class BatchJob(SQLModel, table=True):
 
 # The shared rate limits' tables are in a module of their own; importing the models registers
 # them too (migrations/env.py compares every table to the migrations).
+from broker.storage import console_models as _console_models  # noqa: E402, F401
 from broker.storage import limit_models as _limit_models  # noqa: E402, F401
+from broker.storage import usage_models as _usage_models  # noqa: E402, F401
