@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from broker.api import admin as admin_routes
+from broker.api import audit as audit_routes
 from broker.api import oauth as oauth_routes
 from broker.api import usage as usage_routes
 from broker.api.extensions import DEFAULT_EXTENSIONS, Extension
@@ -135,6 +136,7 @@ def create_app(
     routes: list[BaseRoute] = [
         *oauth_routes.routes,
         *admin_routes.routes,
+        *audit_routes.routes,
         *usage_routes.routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -174,13 +176,21 @@ def create_app(
         BrokerError: _broker_error,
         HTTPException: _http_error,
     }
+    middleware = [
+        Middleware(EdgeMiddleware),
+        Middleware(ClientAddressMiddleware, trusted_proxies=settings.server.trusted_proxies),
+        Middleware(MetricsMiddleware, metrics=metrics),
+    ]
+    if settings.console.enabled:
+        # The admin console's HTML pages under /console/: served beside the API's routing
+        # table, not in it (that table is the API, each route in /openapi.json), and innermost,
+        # so its requests get an id, the real client address and metrics like any other.
+        from broker.console import ConsoleMiddleware
+
+        middleware.append(Middleware(ConsoleMiddleware))
     app = Starlette(
         routes=routes,
-        middleware=[
-            Middleware(EdgeMiddleware),
-            Middleware(ClientAddressMiddleware, trusted_proxies=settings.server.trusted_proxies),
-            Middleware(MetricsMiddleware, metrics=metrics),
-        ],
+        middleware=middleware,
         exception_handlers=handlers,
         lifespan=lifespan,
     )
