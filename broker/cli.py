@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from broker import admin_cli
 from broker.errors import ConfigError, VaultUnavailable
 from broker.settings import Settings, load_settings
 
@@ -141,6 +142,26 @@ def _add_token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     token.set_defaults(func=cmd_token)
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from broker.audit.verify import verify_command
+
+    return verify_command(_settings(args), checkpoints_file=args.checkpoints)
+
+
+def _add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = sub.add_parser("audit", help="the audit chain")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="walk the audit chain and its signed checkpoints; exit 1 naming the first "
+        "entry edited, deleted, inserted or reordered")
+    verify.add_argument("--config")
+    verify.add_argument(
+        "--checkpoints", metavar="FILE",
+        help="also check the checkpoints written to this file (audit.checkpoint_file, default: "
+        "that file when it is configured)")
+    verify.set_defaults(func=cmd_audit_verify)
+
+
 def _unwind_on_sigterm(signum: int, frame: object) -> None:
     # uvicorn stops gracefully on SIGTERM, then re-raises it; unwinding instead of dying lets
     # ``finally`` blocks close the database and stop a dev OpenBao child. A shutdown that was
@@ -170,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     rotate.add_argument("--config")
     rotate.set_defaults(func=cmd_keys)
     _add_token_parser(sub)
+    _add_audit_parser(sub)
+    admin_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        # An operator's tool that speaks to the admin API: none of the server either.
+        return admin_cli.run(args)
     if args.command == "token":
         if args.client_secret_stdin and args.client_id is None:
             parser.error("--client-secret-stdin goes with --client-id")
