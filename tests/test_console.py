@@ -27,6 +27,10 @@ from tests.fake_provider import FakeProviderServer
 from tests.gateway_support import Env, make_env
 
 CHROMIUM = shutil.which("chromium")
+# Skipped on a developer's machine without the package; CI installs it (.ci/run) and sets
+# BROKER_REQUIRE_BROWSER, so there a missing browser fails instead of passing silently.
+if CHROMIUM is None and os.environ.get("BROKER_REQUIRE_BROWSER"):
+    raise RuntimeError("BROKER_REQUIRE_BROWSER is set but Debian's chromium is not installed")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "console-overview.png"
 # Collects every CSP violation the page reports, before any of its own scripts run (an init
