@@ -8,7 +8,9 @@ their sections of ``bench/RESULTS.md`` and take the options ``--duration``, ``--
 write theirs too. ``revocation`` (needs PostgreSQL, see ``bench/bench_revocation.py``) writes
 ``bench/RESULTS-revocation.md`` and runs with its own defaults; only ``--no-write``, ``--keep``
 and ``--quiet-wait`` are passed on to it, and to ``monitoring`` (``bench/bench_monitoring.py``,
-writes ``bench/RESULTS-monitoring.md``).
+writes ``bench/RESULTS-monitoring.md``). ``audit`` (an audit entry's cost on SQLite and
+PostgreSQL) and ``rollups`` (a year of usage before and after rollups and retention) print
+their tables, recorded by hand in ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from collections.abc import Callable
 
 BENCHMARKS = ("tokens", "exchange", "gateway", "replicas", "holds", "edge", "revocation",
-              "monitoring")
+              "monitoring", "audit", "rollups")
 _SHARED_WITH_REVOCATION = ("--no-write", "--keep", "--quiet-wait")
 
 
@@ -52,6 +54,14 @@ def _entry(name: str) -> Callable[[list[str] | None], int]:
         from bench import bench_monitoring
 
         return bench_monitoring.main
+    if name == "audit":
+        from bench import bench_audit
+
+        return bench_audit.main
+    if name == "rollups":
+        from bench import bench_rollups
+
+        return bench_rollups.main
     from bench import bench_revocation
 
     return bench_revocation.main
@@ -74,6 +84,8 @@ def _revocation_args(rest: list[str]) -> list[str]:
 
 
 def _args_for(name: str, rest: list[str]) -> list[str]:
+    if name in ("audit", "rollups"):
+        return []  # they print a table and take only their own sizes, run alone
     if name in ("revocation", "monitoring"):
         return _revocation_args(rest)
     if name == "edge":

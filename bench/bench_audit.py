@@ -79,7 +79,7 @@ def measure(url: str, n: int, threads: int) -> dict[str, float]:
     return {"plain": plain, "chained": chained, "verify": verify_rate}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--entries", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=4)
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         cost = 1e6 / r["chained"]
         print(f"| {name} | {r['plain']:,.0f} | {r['chained']:,.0f} | {cost:,.0f} | "
               f"{r['plain'] / r['chained']:.2f} times | {r['verify']:,.0f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
