@@ -87,6 +87,8 @@ def _seed(services: Any) -> dict[str, str]:
 def _banner(base: str, seeded: dict[str, str], admin_secret: str, vault_addr: str) -> str:
     cid, sec = seeded["client_id"], seeded["client_secret"]
     py = sys.executable
+    # The broker command beside this interpreter (the venv's), whatever the PATH says.
+    cli = Path(py).with_name("broker")
     sdk_call = (
         f"import openai, os; c = openai.OpenAI(base_url='{base}/v1', api_key=os.environ['TOKEN']); "
         "r = c.chat.completions.with_raw_response.create(model='gpt-4o-mini', "
@@ -116,6 +118,10 @@ def _banner(base: str, seeded: dict[str, str], admin_secret: str, vault_addr: st
       -d client_secret={admin_secret} \\
       | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -s {base}/v1/admin/tenants -H "authorization: Bearer $ADMIN"
+  BROKER_URL={base} BROKER_TOKEN=$ADMIN {cli} admin audit verify
+
+  # the admin console in a browser: sign in with client_id admin and the secret above
+  {base}/console/
 
   Ctrl-C stops the broker and OpenBao.
 """
