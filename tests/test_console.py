@@ -280,3 +280,54 @@ def test_a_suspension_clicked_in_the_console_refuses_the_workload_at_the_api(
     assert page.url.endswith("/console/sign-in")
     # Nothing typed into the console reached a log line.
     assert not any(admin_token in line or ADMIN_SECRET in line for line in recorded_logs)
+
+
+def _sign_in(w: Watched, client_id: str, secret: str) -> Page:
+    page = w.visit("/console/sign-in")
+    page.get_by_label("Client id").fill(client_id)
+    page.get_by_label("Client secret").fill(secret)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    page.wait_for_url("**/console/")
+    w.check("signed in")
+    return page
+
+
+def test_in_the_browser_roles_hold_and_the_cookie_is_locked_down(
+        spend_env: Env, watched: Callable[[Broker], Watched], tmp_path: Path) -> None:
+    """A tenant-admin sees its own tenant only, an auditor sees everything and can press
+    nothing, and the session cookie is one scripts cannot read nor other sites send."""
+    broker = spend_env.broker
+    mine, agent = _budgeted_agent(spend_env)
+    other = broker.create_tenant("elsewhere")
+    theirs = broker.create_workload(other["id"], name="their-agent")
+    tenant_admin = broker.create_workload(mine["id"], kind="admin", roles=["tenant-admin"])
+    auditor = broker.create_workload("tn_root", kind="admin", roles=["auditor"])
+
+    w = watched(broker)
+    page = _sign_in(w, tenant_admin["client_id"], tenant_admin["client_secret"])
+    [cookie] = [c for c in w.context.cookies() if c["name"] == "broker_console"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/console"
+    assert not cookie["secure"]  # plain HTTP here; over HTTPS it is Secure and __Host-
+    assert page.evaluate("document.cookie") == ""  # invisible to the page's scripts
+    w.visit("/console/tenants")
+    assert page.get_by_role("link", name="research").count() == 1
+    assert page.get_by_text("elsewhere").count() == 0
+    resp = page.goto(f"/console/workloads/{theirs['id']}")
+    assert resp is not None and resp.status == 404  # another tenant's is not there at all
+    w.errors = [e for e in w.errors if "404" not in e]
+    w.visit(f"/console/workloads/{agent['id']}")
+    assert page.get_by_role("button", name="Suspend workload").count() == 1
+    w.shoot(tmp_path / "screenshots", "tenant-admin")
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url("**/console/sign-in?notice=signed-out")
+
+    page = _sign_in(w, auditor["client_id"], auditor["client_secret"])
+    w.visit("/console/tenants")
+    assert page.get_by_text("elsewhere").count() == 1  # every tenant
+    for path in (f"/console/workloads/{agent['id']}", "/console/approvals", "/console/alerts",
+                 f"/console/tenants/{mine['id']}"):
+        w.visit(path)
+        pressable = [b for b in page.get_by_role("button").all_inner_texts()
+                     if b.strip() not in ("Sign out", "Filter")]
+        assert pressable == [], (path, pressable)
+    w.shoot(tmp_path / "screenshots", "auditor")
