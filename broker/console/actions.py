@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import Connection, select
 from starlette.responses import Response
 
-from broker.api.http import validate
+from broker.api.http import path_id, validate
 from broker.api.revocation import ReasonBody, RotateSecretBody
 from broker.approvals import requests as approval_store
 from broker.approvals.requests import Decision, Denial
 from broker.console.context import Ctx
-from broker.console.render import PREFIX, html, path_param, redirect
+from broker.console.render import PREFIX, html, redirect
 from broker.errors import ValidationFailed
 from broker.monitoring import alerts as alert_store
 from broker.revocation import actions, rotation
@@ -61,7 +61,7 @@ def _reason(form: dict[str, str]) -> str | None:
 
 
 async def _suspend(ctx: Ctx, form: dict[str, str], kind: IdentityKind) -> Response:
-    ident = path_param(ctx.request)
+    ident = path_id(ctx.request)
     reason = _reason(form)
     now = int(time.time())
     _view, entry = await ctx.svc.db.run(
@@ -71,7 +71,7 @@ async def _suspend(ctx: Ctx, form: dict[str, str], kind: IdentityKind) -> Respon
 
 
 async def _resume(ctx: Ctx, form: dict[str, str], kind: IdentityKind) -> Response:
-    ident = path_param(ctx.request)
+    ident = path_id(ctx.request)
     reason = _reason(form)
     # As the API's resume: a token issued in the cut-off's second counts as before it, so the
     # resume waits for the database clock's next second; every token issued after it lives.
@@ -103,7 +103,7 @@ async def resume_tenant(ctx: Ctx, form: dict[str, str]) -> Response:
 
 
 async def revoke_token(ctx: Ctx, form: dict[str, str]) -> Response:
-    jti = path_param(ctx.request, "jti")
+    jti = path_id(ctx.request, "jti")
     reason = _reason(form)
     now = int(time.time())
 
@@ -124,7 +124,7 @@ async def revoke_token(ctx: Ctx, form: dict[str, str]) -> Response:
 async def rotate_secret(ctx: Ctx, form: dict[str, str]) -> Response:
     """The new secret is shown once, in this response (never in an address, never stored):
     a reload does not show it again, it re-asks for the form."""
-    wid = path_param(ctx.request)
+    wid = path_id(ctx.request)
     body: RotateSecretBody = validate(
         RotateSecretBody, _fields(form, ("reason", "grace_s"), ints=("grace_s",)))
     grace = ctx.svc.settings.auth.secret_grace_s if body.grace_s is None else body.grace_s
@@ -141,7 +141,7 @@ async def rotate_secret(ctx: Ctx, form: dict[str, str]) -> Response:
 
 
 async def approve(ctx: Ctx, form: dict[str, str]) -> Response:
-    approval_id = path_param(ctx.request)
+    approval_id = path_id(ctx.request)
     body: Decision = validate(Decision, _fields(
         form, ("reason", "ttl_s", "budget_micros"), ints=("ttl_s", "budget_micros")))
     now = int(time.time())
@@ -151,7 +151,7 @@ async def approve(ctx: Ctx, form: dict[str, str]) -> Response:
 
 
 async def deny(ctx: Ctx, form: dict[str, str]) -> Response:
-    approval_id = path_param(ctx.request)
+    approval_id = path_id(ctx.request)
     body: Denial = validate(Denial, _fields(form, ("reason",)))
     now = int(time.time())
     await ctx.svc.db.run(lambda conn: approval_store.deny(conn, ctx.actor, approval_id, body, now))
@@ -159,7 +159,7 @@ async def deny(ctx: Ctx, form: dict[str, str]) -> Response:
 
 
 async def clear_alert(ctx: Ctx, form: dict[str, str]) -> Response:
-    alert_id = path_param(ctx.request)
+    alert_id = path_id(ctx.request)
     reason = _reason(form)
     now = int(time.time())
     cleared = await ctx.svc.db.run(

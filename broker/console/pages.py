@@ -13,11 +13,12 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy import Connection
 from starlette.responses import Response
 
+from broker.api.http import path_id
 from broker.approvals import requests as approval_store
 from broker.console.context import Ctx
 from broker.console.overview import budget_rows
 from broker.console.queries import CounterKey, LiveToken, counters, live_tokens
-from broker.console.render import html, path_param, query_id, query_int
+from broker.console.render import html, query_id, query_int
 from broker.errors import InvalidRequest
 from broker.identity import identities as ids
 from broker.monitoring import alerts as alert_store
@@ -48,7 +49,7 @@ class _TenantRead:
 
 
 async def tenant(ctx: Ctx) -> Response:
-    tid = path_param(ctx.request)
+    tid = path_id(ctx.request)
     after = query_id(ctx.request, "after")
     now = int(time.time())
 
@@ -79,7 +80,7 @@ class _WorkloadRead:
 
 
 async def workload(ctx: Ctx) -> Response:
-    wid = path_param(ctx.request)
+    wid = path_id(ctx.request)
     now = int(time.time())
 
     def read(conn: Connection) -> _WorkloadRead:

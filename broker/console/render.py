@@ -138,14 +138,6 @@ async def form(request: Request, max_bytes: int) -> dict[str, str]:
     return out
 
 
-def path_param(request: Request, name: str = "id") -> str:
-    """A path id that cannot name anything is simply not found (as in the API)."""
-    value = str(request.path_params.get(name, ""))
-    if not ID_PATTERN.match(value):
-        raise NotFound("There is no such object.")
-    return value
-
-
 def query_id(request: Request, name: str) -> str | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
