@@ -79,7 +79,7 @@ def scheduled_jobs(svc: Services) -> list[Job]:
     # Signs the head of the audit chain when it moved (and copies it out of the database).
     jobs.append(Job("audit.checkpoint", float(settings.audit.checkpoint_interval_s),
                     functools.partial(checkpoints.checkpoint_once, svc.db, svc.audit_keys,
-                                      settings.audit)))
+                                      settings.audit, metrics=svc.metrics)))
     return jobs
 
 

@@ -58,5 +58,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        # A refused checkpoint means the audit chain no longer verifies: alert on any increase.
+        self.audit_checkpoints = Counter(
+            "broker_audit_checkpoints_total",
+            "Audit checkpoints, by result (signed; refused: the chain did not verify)",
+            ["result"], registry=self.registry,
+        )
+        self.audit_copy_failures = Counter(
+            "broker_audit_checkpoint_copy_failures_total",
+            "Checkpoint copies out of the database that failed (retried), by sink (file, webhook)",
+            ["sink"], registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

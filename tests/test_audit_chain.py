@@ -17,6 +17,7 @@ from broker.audit import checkpoints
 from broker.audit.verify import Report, keys_from_jwks, verify, verify_stored
 from broker.cli import main as cli_main
 from broker.devvault import DevVault
+from broker.metrics import Metrics
 from broker.storage import audit
 from broker.storage.db import Database, make_engine
 from tests.conftest import Broker
@@ -251,10 +252,14 @@ def test_the_checkpoint_job_refuses_to_sign_a_tampered_chain(chain: Broker) -> N
     assert _checkpoint(chain) is not None
     _append(chain, 2)
     _sql(chain, "UPDATE audit_event SET actor = 'mallory' WHERE seq = :s", s=_head(chain))
+    svc = chain.services
+    metrics = Metrics()
     with pytest.raises(checkpoints.ChainBroken):
-        _checkpoint(chain)
-    marks = chain.services.db.read_transaction(lambda conn: checkpoints.stored(conn))
+        checkpoints.checkpoint_once(svc.db, svc.audit_keys, svc.settings.audit, metrics=metrics)
+    marks = svc.db.read_transaction(lambda conn: checkpoints.stored(conn))
     assert len(marks) == 1
+    # What an operator alerts on: the job's refusal is counted.
+    assert b'broker_audit_checkpoints_total{result="refused"} 1.0' in metrics.render()
 
 
 def test_nothing_new_means_no_checkpoint(chain: Broker) -> None:
@@ -434,7 +439,11 @@ def test_checkpoints_reach_the_webhook_in_order_even_after_it_failed(
         broker = make_broker(sqlite_url, audit={"checkpoint_webhook": receiver.url})
         receiver.fail_next(1)
         _append(broker, 2)
-        assert _checkpoint(broker) is not None  # signed and stored, but the copy failed
+        svc, metrics = broker.services, Metrics()
+        # Signed and stored, but the copy failed (and is counted).
+        assert checkpoints.checkpoint_once(svc.db, svc.audit_keys, svc.settings.audit,
+                                           metrics=metrics) is not None
+        assert b'copy_failures_total{sink="webhook"} 1.0' in metrics.render()
         _append(broker, 2)
         assert _checkpoint(broker) is not None  # the first one goes first, then this one
         assert _checkpoint(broker) is None

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import Connection
 
+from broker.metrics import Metrics
 from broker.settings.audit import AuditSettings
 from broker.storage import audit
 from broker.storage.db import Database, Sql
@@ -196,23 +197,28 @@ def _since_last(conn: Connection) -> tuple[int, str, int, str]:
 
 
 def checkpoint_once(db: Database, keys: AuditKeys, settings: AuditSettings,
-                    now: int | None = None) -> dict[str, Any] | None:
+                    now: int | None = None, metrics: Metrics | None = None,
+                    ) -> dict[str, Any] | None:
     """Sign the head of the chain when it moved since the last checkpoint; the checkpoint, or
     None when there was nothing new. Also written to the configured file and webhook."""
     try:
         cp_seq, _, head_seq, head_hash = db.read_transaction(_since_last)
     except ChainBroken as exc:
         log.error("audit checkpoint refused: %s; run `broker audit verify`", exc)
+        if metrics is not None:
+            metrics.audit_checkpoints.labels("refused").inc()
         raise
     if head_seq == cp_seq:
-        export_pending(db, settings)  # what an earlier run could not copy out
+        export_pending(db, settings, metrics)  # what an earlier run could not copy out
         return None
     ts = int(time.time()) if now is None else now
     checkpoint = keys.sign(head_seq, head_hash, ts)
     db.transaction(lambda conn: _INSERT.run(
         conn, seq=checkpoint["seq"], hash=checkpoint["hash"], ts=ts,
         kid=checkpoint["kid"], sig=checkpoint["sig"]))
-    export_pending(db, settings)
+    if metrics is not None:
+        metrics.audit_checkpoints.labels("signed").inc()
+    export_pending(db, settings, metrics)
     return checkpoint
 
 
@@ -253,7 +259,7 @@ def _exported(sink: str, seq: int, conn: Connection) -> None:
     _EXPORTED[sink].run(conn, seq=seq)
 
 
-def export_pending(db: Database, settings: AuditSettings) -> int:
+def export_pending(db: Database, settings: AuditSettings, metrics: Metrics | None = None) -> int:
     """Copy the checkpoints not yet copied to the configured file and webhook, oldest first;
     how many copies were made. A failure stops that sink until the next run, logged, never
     fatal: the checkpoint is in the database meanwhile and is copied later, in order."""
@@ -275,6 +281,8 @@ def export_pending(db: Database, settings: AuditSettings) -> int:
                     reason = type(exc).__name__
                 log.error("audit checkpoint %s not copied to the %s: %s", checkpoint["seq"],
                           sink, reason)
+                if metrics is not None:
+                    metrics.audit_copy_failures.labels(sink).inc()
                 break
             db.transaction(functools.partial(_exported, sink, checkpoint["seq"]))
             done += 1
