@@ -162,7 +162,10 @@ def checkpoint_view(row: Any) -> dict[str, Any]:
             "kid": row.kid, "sig": row.sig}
 
 
-def stored(conn: Connection, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+PAGE = 1000
+
+
+def stored(conn: Connection, after: int = 0, limit: int = PAGE) -> list[dict[str, Any]]:
     """Checkpoints with ``seq > after`` in order, at most ``limit``."""
     rows = _PAGE.run(conn, after=after, limit=limit).all()
     return [checkpoint_view(r) for r in rows]
@@ -188,7 +191,7 @@ def _since_last(conn: Connection) -> tuple[int, str, int, str]:
                     or audit.entry_hash(entry) != entry["hash"]):
                 raise ChainBroken(f"the audit chain does not verify at entry {expected_seq}")
             prev, expected_seq = entry["hash"], expected_seq + 1
-        if len(batch) < 5000:
+        if len(batch) < audit.PAGE:
             break
         after = batch[-1]["seq"]
     if expected_seq - 1 != head_seq or prev != head_hash:

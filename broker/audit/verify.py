@@ -30,6 +30,7 @@ import anyio.to_thread
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection
 
+from broker.audit import checkpoints
 from broker.audit.checkpoints import AuditKeys, read_file, signature_ok, stored
 from broker.audit.checkpoints import keys_from_jwks as keys_from_jwks
 from broker.settings import Settings
@@ -193,7 +194,7 @@ def _int(value: Any) -> int | None:
 # --- against the database --------------------------------------------------------------------
 
 
-def _walk_all(conn: Connection, batch: int = 5000) -> Iterator[dict[str, Any]]:
+def _walk_all(conn: Connection, batch: int = audit.PAGE) -> Iterator[dict[str, Any]]:
     """Every stored entry ordered by ``(seq, id)``: duplicates of a ``seq`` (inserted after
     the unique index was dropped) are read, not skipped at a page edge."""
     after_seq, after_id = -1, -1
@@ -211,7 +212,7 @@ def _all_checkpoints(conn: Connection) -> list[dict[str, Any]]:
     while True:
         batch = stored(conn, out[-1]["seq"] if out else 0)
         out.extend(batch)
-        if len(batch) < 1000:
+        if len(batch) < checkpoints.PAGE:
             return out
 
 

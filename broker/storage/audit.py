@@ -30,10 +30,10 @@ GENESIS = "0" * 64
 # is kept as a string (a detail is data a person reads, and must hash the same everywhere).
 _MAX_SAFE_INT = 2**53 - 1
 
-_HEAD_SQLITE = Sql("SELECT seq, hash FROM audit_head WHERE id = 1")
+_HEAD = Sql("SELECT seq, hash FROM audit_head WHERE id = 1")
 # FOR UPDATE: a second replica's append waits here until ours commits, then reads our entry as
 # the head (READ COMMITTED re-reads a row that changed while it waited).
-_HEAD_PG = Sql("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+_HEAD_LOCKED = Sql("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
 _INSERT = Sql("""
     INSERT INTO audit_event (seq, ts, actor, action, target, tenant_id, detail, prev_hash, hash)
     VALUES (:seq, :ts, :actor, :action, :target, :tenant_id, :detail, :prev_hash, :hash)""")
@@ -124,7 +124,7 @@ def _flush(conn: Connection) -> None:
 def _append(conn: Connection, items: list[dict[str, Any]]) -> None:
     if not items:
         return
-    head = (_HEAD_PG if conn.dialect.name == "postgresql" else _HEAD_SQLITE).run(conn).first()
+    head = (_HEAD_LOCKED if conn.dialect.name == "postgresql" else _HEAD).run(conn).first()
     seq, prev_hash = (0, GENESIS) if head is None else (int(head[0]), str(head[1]))
     for fields in items:
         seq += 1
@@ -141,11 +141,14 @@ def _append(conn: Connection, items: list[dict[str, Any]]) -> None:
 
 def head(conn: Connection) -> tuple[int, str]:
     """The chain's last ``(seq, hash)``; ``(0, 64 zeros)`` while it is empty."""
-    row = _HEAD_SQLITE.run(conn).first()
+    row = _HEAD.run(conn).first()
     return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
 
 
-def entries(conn: Connection, after: int = 0, limit: int = 5000) -> list[dict[str, Any]]:
+PAGE = 5000
+
+
+def entries(conn: Connection, after: int = 0, limit: int = PAGE) -> list[dict[str, Any]]:
     """Entries with ``seq > after`` in chain order, at most ``limit``."""
     return [entry_view(r) for r in _ASCENDING.run(conn, after=after, limit=limit).all()]
 
