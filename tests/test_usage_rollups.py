@@ -550,11 +550,17 @@ def _csv_rows(resp: httpx.Response) -> list[list[str]]:
     return rows[1:]
 
 
+def _text(value: str) -> str:
+    """A text cell as exported: one a spreadsheet would run as a formula gets a leading "'"
+    (a random jti may well start with "-")."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def _expected_row(e: Event) -> list[str]:
-    return [e["request_id"], iso(e["ts"]), e["tenant_id"], e["workload_id"], e["jti"], e["model"],
-            e["provider"], str(e["prompt_tokens"]), str(e["completion_tokens"]),
-            str(e["cost_micros"]), e["status"], str(e["latency_ms"]),
-            "true" if e["stream"] else "false", e["client_ip"] or ""]
+    return [_text(e["request_id"]), iso(e["ts"]), _text(e["tenant_id"]), _text(e["workload_id"]),
+            _text(e["jti"]), _text(e["model"]), _text(e["provider"]), str(e["prompt_tokens"]),
+            str(e["completion_tokens"]), str(e["cost_micros"]), _text(e["status"]),
+            str(e["latency_ms"]), "true" if e["stream"] else "false", _text(e["client_ip"] or "")]
 
 
 def _oldest_first(events: list[Event]) -> list[Event]:
