@@ -27,6 +27,19 @@ from typing import Literal, Protocol, runtime_checkable
 
 import httpx
 
+from broker.credentials.contract import (
+    ExchangeRequest,
+    Federated,
+    FederationTarget,
+    KeyAdmin,
+    KeyRef,
+    KeyStatus,
+    KeyWatch,
+    MintedKey,
+    ProviderAdminError,
+    ProviderToken,
+    SpendLimiter,
+)
 from broker.errors import (
     ConfigError,
     InvalidClient,
@@ -74,7 +87,17 @@ __all__ = [
     "InvalidSubjectToken",
     "IssuerType",
     "JsonObject",
+    "ExchangeRequest",
+    "Federated",
+    "FederationTarget",
     "KeyAdmin",
+    "KeyRef",
+    "KeyStatus",
+    "KeyWatch",
+    "MintedKey",
+    "ProviderAdminError",
+    "ProviderToken",
+    "SpendLimiter",
     "MeterState",
     "Operation",
     "Provider",
@@ -147,6 +170,10 @@ class ProviderConfig:
     base_url: str | None
     timeout_s: float
     has_key: bool  # a Vault path is configured; the key itself never reaches the factory
+    # static | rotating | federated (``providers.<name>.credential``): a federated provider's
+    # token is a bearer token, which some wire formats send differently from a key.
+    credential: str = "static"
+    project_id: str | None = None  # OpenAI: the project whose service accounts hold the keys
 
     def key(self, field: str) -> str:
         """The configuration key a :class:`ConfigError` about ``field`` should name."""
@@ -378,25 +405,6 @@ class ProviderPlugin(Protocol):
     def create(self, config: ProviderConfig) -> Provider:
         """A provider for one ``[providers.<name>]`` table; a bad table is a
         :class:`ConfigError` naming the key (see :meth:`ProviderConfig.key`)."""
-        ...
-
-
-@runtime_checkable
-class KeyAdmin(Protocol):
-    """What a provider plugin implements (on its provider object) when its provider has a key
-    admin API. Calls are blocking; the broker runs them off the event loop. No method may log
-    or raise an error that contains a key."""
-
-    def create_key(self, admin_key: str) -> tuple[str, str]:
-        """A new key: (the provider's id for it, the key)."""
-        ...
-
-    def check_key(self, key: str) -> bool:
-        """Whether the provider accepts ``key`` (a cheap authenticated call)."""
-        ...
-
-    def revoke_key(self, admin_key: str, key_id: str) -> None:
-        """Revoke a key; a key that is already gone counts as revoked."""
         ...
 
 

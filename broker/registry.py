@@ -96,6 +96,8 @@ def build_providers(
             base_url=settings.base_url,
             timeout_s=settings.timeout_s,
             has_key=settings.vault_path is not None,
+            credential=settings.credential,
+            project_id=settings.project_id,
         )
         built[name] = factory.create(config)
     return built

@@ -31,6 +31,7 @@ from broker.settings.agents import BatchSettings, ToolSettings
 from broker.settings.audit import AuditSettings, ConsoleSettings, UsageSettings
 from broker.settings.base import MAX_MICROS as MAX_MICROS
 from broker.settings.base import Section as _Section
+from broker.settings.credentials import FederationSettings, check_credentials
 from broker.settings.limits import LimitsSettings, RedisSettings
 from broker.settings.monitoring import AlertSettings, MonitoringSettings
 
@@ -231,6 +232,12 @@ class RotationSettings(_Section):
     # How long a replaced provider key keeps working before the broker revokes it upstream:
     # longer than the longest request (sweeper.max_request_s), so none fails mid-way.
     provider_grace_s: StrictInt = Field(default=900, ge=0, le=7 * 86_400)
+    # The federation assertion key (separate from the token signing key); 0: never.
+    assertion_interval_s: StrictInt = Field(default=90 * 86_400, ge=0, le=366 * 86_400)
+    # How often watched keys (Anthropic) and spend limits are checked, and how long before a
+    # key's expiry the provider is marked unhealthy and an alert raised.
+    provider_watch_interval_s: StrictInt = Field(default=3600, ge=1, le=86_400)
+    provider_expiry_warning_s: StrictInt = Field(default=7 * 86_400, ge=0, le=366 * 86_400)
 
 
 class RevocationSettings(_Section):
@@ -259,6 +266,20 @@ class ProviderSettings(_Section):
     unsized_part_tokens: StrictInt | None = Field(default=None, ge=1, le=10_000_000)
     # The tokens held per page of a PDF document (its text and its page image).
     pdf_page_tokens: StrictInt = Field(default=6_000, ge=1, le=1_000_000)
+    # Provider credentials without static keys (see broker.settings.credentials).
+    credential: Literal["static", "rotating", "federated"] = "static"
+    admin_vault_path: str | None = None  # KV v2 path whose ``api_key`` is the admin key
+    project_id: str | None = Field(default=None, max_length=128)  # OpenAI
+    project_spend_limit_micros: StrictInt | None = Field(default=None, ge=1, le=MAX_MICROS)
+    token_url: str | None = None
+    audience: str | None = Field(default=None, max_length=512)
+    identity_provider_id: str | None = Field(default=None, max_length=128)
+    service_account_id: str | None = Field(default=None, max_length=128)
+    federation_rule_id: str | None = Field(default=None, max_length=128)
+    organization_id: str | None = Field(default=None, max_length=128)
+    workspace_id: str | None = Field(default=None, max_length=128)
+    # The ``sub`` of the broker's assertions toward this provider (default ``provider:<name>``).
+    assertion_subject: str | None = Field(default=None, max_length=256)
 
 
 ImageRuleName = Literal["openai-tiles", "anthropic-pixels", "none"]
@@ -327,6 +348,7 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     usage: UsageSettings = UsageSettings()
     console: ConsoleSettings = ConsoleSettings()
+    federation: FederationSettings = FederationSettings()
     tools: dict[str, ToolSettings] = {}
     providers: dict[str, ProviderSettings] = {}
     models: dict[str, ModelSettings] = {}
@@ -338,7 +360,7 @@ class Settings(_Section):
 _ENV_SECTIONS = ("database", "vault", "issuer", "tokens", "auth", "org", "server", "metrics",
                  "gateway", "sweeper", "rotation", "revocation", "scheduler", "monitoring",
                  "alerts", "approvals", "batches", "limits", "redis", "audit", "usage",
-                 "console")
+                 "console", "federation")
 # Tables of named tables: BROKER_PROVIDERS_<NAME>_<KEY>, where <NAME> is a configured name
 # written in upper case with "-" as "_" (e.g. BROKER_PROVIDERS_OPENAI_COMPATIBLE_BASE_URL).
 _ENV_TABLES: dict[str, type[BaseModel]] = {"providers": ProviderSettings, "models": ModelSettings,
@@ -493,5 +515,6 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("invalid configuration: monitoring.velocity.k: exceeds monitoring.velocity.n")
     if settings.tokens.default_ttl_s > settings.tokens.max_ttl_s:
         raise ConfigError("invalid configuration: tokens.default_ttl_s: exceeds tokens.max_ttl_s")
+    check_credentials(settings.providers)
     if not settings.vault.token.get_secret_value() and not settings.vault.addr:
         raise ConfigError("invalid configuration: vault.addr: required")
