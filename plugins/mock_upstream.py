@@ -12,8 +12,13 @@ Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/embeddings` (Op
 `POST /v1/responses` and `POST /v1/messages/count_tokens` (in :mod:`plugins.mock_responses`);
 `POST /v1/files`, `GET|DELETE /v1/files/{id}`, `GET /v1/files/{id}/content`, `POST /v1/batches`,
 `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel` (in :mod:`plugins.mock_batches`, whose jobs
-follow the test's `MockState.clock`); `POST|GET /admin/keys`, `DELETE /admin/keys/{id}` (key
-rotation, authenticated by the `x-admin-key` header).
+follow the test's `MockState.clock`). OpenRouter's base URL is `{origin}/api/v1`:
+`GET /api/v1/models` and `POST /api/v1/chat/completions` are the OpenAI routes again.
+
+The providers' admin APIs (OpenAI service accounts, keys and spend limit; OpenRouter's keys;
+Anthropic's key status), their faults and `MockState.live_admin_keys()` are in
+:mod:`plugins.mock_provider_admin`; the token exchanges of federated credentials
+(`MockState.openai_idp`, `anthropic_rule`) in :mod:`plugins.mock_federation`.
 
 Token rules (`MockState.billing`: `"words"` or `"tokenizer"`): see :mod:`plugins.mock_billing`.
 
@@ -41,7 +46,8 @@ Bills: one `Bill` per generation request, or batch line, in `MockState.bills` (s
 Each chat completion echoes the request's `service_tier` (or `"default"`), as OpenAI does.
 
 A request without an API key (`Authorization: Bearer` or `x-api-key`) is refused with 401, as a
-real provider does; with `valid_keys` set, so is any key outside it.
+real provider does; with `valid_keys` set, so is any key outside it, and any key or token past its
+`token_expiry` (see :func:`plugins.mock_federation.key_refused`).
 """
 
 from __future__ import annotations
@@ -50,7 +56,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import secrets
 import struct
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
@@ -77,6 +82,8 @@ from plugins.mock_billing import (
     text_tokens,
     tokenizer_tokens,
 )
+from plugins.mock_federation import FederationState, key_refused
+from plugins.mock_provider_admin import ProviderAccounts, check_fault
 from plugins.mock_server_tools import ServerTools
 
 if TYPE_CHECKING:
@@ -133,15 +140,15 @@ class Faults:
 
 
 @dataclass
-class MockState:
-    """What the fake saw and how it should misbehave; mutable, shared with the test."""
+class MockState(ProviderAccounts, FederationState):
+    """What the fake saw and how it should misbehave; mutable, shared with the test (the admin
+    APIs' and token exchanges' fields come from the two bases)."""
 
     received_keys: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     faults: Faults = field(default_factory=Faults)
     valid_keys: set[str] | None = None  # None accepts any key
     admin_key: str = "fake-admin-key"
-    admin_keys: dict[str, str] = field(default_factory=dict)  # id -> key made by POST /admin/keys
     models: tuple[str, ...] = DEFAULT_MODELS
     billing: Billing = "words"
     bills: list[Bill] = field(default_factory=list)
@@ -152,7 +159,10 @@ class MockState:
     clock: float | None = None  # the batches' time, which the test moves (None: `time.time()`)
 
     def reset(self) -> None:
-        """Forget keys, requests, bills, responses, files and batches; faults off; words; real time."""
+        """Forget received keys, requests, bills, responses, files, batches, admin calls and
+        exchanges; faults off; words; real time. Keys made, accounts and registrations stay."""
+        self.forget_admin_calls()
+        self.forget_exchanges()
         self.received_keys.clear()
         self.requests.clear()
         self.bills.clear()
@@ -184,6 +194,8 @@ class MockState:
 def create_mock_upstream(state: MockState | None = None) -> Starlette:
     """Build the fake provider app around `state` (a fresh one if not given)."""
     from plugins.mock_batches import batch_routes  # they build on this module
+    from plugins.mock_federation import federation_routes
+    from plugins.mock_provider_admin import admin_routes
     from plugins.mock_responses import ResponsesApi
 
     upstream = _Upstream(state if state is not None else MockState())
@@ -191,14 +203,15 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/models", upstream.list_models, methods=["GET"]),
+            Route("/api/v1/models", upstream.list_models, methods=["GET"]),
             Route("/v1/chat/completions", upstream.chat_completions, methods=["POST"]),
+            Route("/api/v1/chat/completions", upstream.chat_completions, methods=["POST"]),
             Route("/v1/embeddings", upstream.embeddings, methods=["POST"]),
             Route("/v1/messages", upstream.messages, methods=["POST"]),
             Route("/v1/messages/count_tokens", responses.count_tokens, methods=["POST"]),
             Route("/v1/responses", responses.create, methods=["POST"]),
-            Route("/admin/keys", upstream.create_key, methods=["POST"]),
-            Route("/admin/keys", upstream.list_keys, methods=["GET"]),
-            Route("/admin/keys/{key_id}", upstream.delete_key, methods=["DELETE"]),
+            *admin_routes(upstream.state),
+            *federation_routes(upstream.state),
             *batch_routes(upstream, responses),
         ]
     )
@@ -276,8 +289,7 @@ class _Upstream:
         key = _api_key(request)
         if key is not None:
             self.state.received_keys.append(key)
-        valid = self.state.valid_keys
-        if key is None or (valid is not None and key not in valid):
+        if key_refused(self.state, request, key, dialect):
             return _error(dialect, 401, "Invalid API key.", "invalid_api_key")
         body: dict[str, Any] = {}
         if has_body:
@@ -379,6 +391,8 @@ class _Upstream:
         admitted = await self._admit(request, "openai", has_body=False)
         if isinstance(admitted, Response):
             return admitted
+        if (fault := check_fault(self.state)) is not None:
+            return fault
         data = [
             {"id": m, "object": "model", "created": CREATED, "owned_by": "mock"}
             for m in self.state.models
@@ -554,38 +568,3 @@ class _Upstream:
             (_sse({"type": "message_stop"}, "message_stop"), None),
         ]
         return self._event_stream(events, "messages", answer)
-
-    # --- admin: provider-side key rotation ------------------------------------------------
-
-    def _admin_refusal(self, request: Request) -> Response | None:
-        presented = request.headers.get("x-admin-key", "")
-        if secrets.compare_digest(presented.encode(), self.state.admin_key.encode()):
-            return None
-        return _error("openai", 401, "Invalid admin key.", "invalid_api_key")
-
-    async def create_key(self, request: Request) -> Response:
-        if (refusal := self._admin_refusal(request)) is not None:
-            return refusal
-        key_id = f"key_{secrets.token_hex(6)}"
-        key = f"sk-mock-{secrets.token_urlsafe(24)}"
-        self.state.admin_keys[key_id] = key
-        if self.state.valid_keys is None:
-            self.state.valid_keys = set()
-        self.state.valid_keys.add(key)
-        return JSONResponse({"id": key_id, "key": key}, 201)
-
-    async def list_keys(self, request: Request) -> Response:
-        if (refusal := self._admin_refusal(request)) is not None:
-            return refusal
-        return JSONResponse({"data": [{"id": key_id} for key_id in self.state.admin_keys]})
-
-    async def delete_key(self, request: Request) -> Response:
-        if (refusal := self._admin_refusal(request)) is not None:
-            return refusal
-        key_id = request.path_params["key_id"]
-        key = self.state.admin_keys.pop(key_id, None)
-        if key is None:
-            return _error("openai", 404, f"No key {key_id!r}.")
-        if self.state.valid_keys is not None:
-            self.state.valid_keys.discard(key)
-        return JSONResponse({"id": key_id, "deleted": True})

@@ -12,6 +12,17 @@ input price for a one-hour cache); Anthropic's own client tools add their docume
 prompt, held at a ceiling. Server-side tools, remote MCP servers, code-execution containers, an
 ``anthropic-beta`` value outside ``providers.<name>.allowed_beta`` and any unknown field or
 content block are refused.
+
+Credentials without a static key (:class:`AnthropicProvider`):
+
+- Watched keys (:class:`KeyWatch`): the Admin API cannot create keys, only report them, with
+  the admin key as ``x-api-key`` (``GET /v1/organizations/api_keys[/{id}]``, paged by
+  ``after_id``). A key without a known id is found by its ``partial_key_hint``
+  (``sk-ant-api03-R2D...igAA``: the key's start and end). ``expires_at`` is RFC 3339 or null.
+- Federation (:class:`Federated`): the RFC 7523 jwt-bearer exchange of the SDK's
+  ``oidcFederationProvider`` (``lib/credentials/oidc-federation.ts``), a JSON body sent with
+  the OAuth and federation betas in ``anthropic-beta``. The token then goes as ``Authorization:
+  Bearer`` with the OAuth beta added to the client's betas, never as ``x-api-key``.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -30,10 +42,14 @@ from broker.plugin import (
     CacheTtl,
     ConfigError,
     EndReason,
+    ExchangeRequest,
+    FederationTarget,
     InvalidRequest,
+    KeyStatus,
     MeterState,
     Operation,
     ProviderConfig,
+    ProviderToken,
     RequestBound,
     SseEvent,
     ToolUse,
@@ -56,8 +72,14 @@ from broker.plugin import (
     unsized_tokens,
     without,
 )
+from plugins.provider_admin_http import AdminHttp, path_part, read_token
 
 API_VERSION = "2023-06-01"
+# ``anthropic-beta`` of a request made with an OAuth token, and of the token exchange (the
+# values of the SDK's ``lib/credentials/types.ts``).
+OAUTH_BETA = "oauth-2025-04-20"
+FEDERATION_BETA = "oidc-federation-2026-04-01"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 PER_REQUEST_TOKENS = 3
 PER_MESSAGE_TOKENS = 4
 # The tool-use system prompt Anthropic adds when tools are offered (documented: up to 530).
@@ -404,7 +426,14 @@ class AnthropicWire:
             value = client_headers.get(name)
             if value and len(value) <= 512 and value.isprintable():
                 headers[name] = value
-        if key:
+        if self.config.credential == "federated":
+            # An OAuth token is refused without the OAuth beta, whatever betas the client asked.
+            betas = [v.strip() for v in headers.get("anthropic-beta", "").split(",") if v.strip()]
+            headers["anthropic-beta"] = ",".join([*betas, OAUTH_BETA] if OAUTH_BETA not in betas
+                                                 else betas)
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+        elif key:
             headers["x-api-key"] = key
         return UpstreamRequest(self.base + "/v1/messages", headers, json_bytes(body))
 
@@ -436,11 +465,85 @@ def _cache_ttl(body: dict[str, Any]) -> CacheTtl | None:
     return "1h" if '"1h"' in raw else "5m"
 
 
+def _hint_matches(hint: Any, key: str) -> bool:
+    """Whether ``key`` has the start and end that a ``partial_key_hint`` shows."""
+    if not isinstance(hint, str) or hint.count("...") != 1:
+        return False
+    start, end = hint.split("...")
+    return (bool(start) and bool(end) and len(key) >= len(start) + len(end)
+            and key.startswith(start) and key.endswith(end))
+
+
+def _unix(value: Any) -> int | None:
+    """An RFC 3339 time as Unix seconds (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("not a string")
+    moment = datetime.fromisoformat(value)
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+
+
 class AnthropicProvider(AnthropicWire):
+    """The ``anthropic`` plugin: the wire format, watched keys and federation."""
+
     def __init__(self, config: ProviderConfig) -> None:
-        if not config.has_key:
+        if not config.has_key and config.credential != "federated":
             raise ConfigError(f"invalid configuration: {config.key('vault_path')}: required")
         super().__init__(config, base_url(config, "https://api.anthropic.com"))
+        self.admin = AdminHttp("anthropic", config.timeout_s)
+
+    # --- KeyWatch ------------------------------------------------------------------------
+
+    def key_status(self, admin_key: str, key: str, key_id: str | None) -> KeyStatus | None:
+        headers = {"x-api-key": admin_key, "anthropic-version": API_VERSION,
+                   "accept": "application/json"}
+        url = f"{self.base}/v1/organizations/api_keys"
+        if key_id:
+            step = "reading an API key"
+            found = self.admin.call(step, "GET", f"{url}/{path_part(key_id)}", headers,
+                                    gone_ok=True)
+            return None if found is None else self._status(step, found)
+        step = "listing API keys"
+        matches = [k for k in self.admin.cursor_pages(step, url, headers, "after_id")
+                   if _hint_matches(k.get("partial_key_hint"), key)]
+        if len(matches) > 1:
+            # Hints are short: keep the one key in use, if the others are retired.
+            matches = [k for k in matches if k.get("status") == "active"] or matches
+        if len(matches) > 1:
+            raise self.admin.error(step, f"{len(matches)} keys have the key's hint; configure "
+                                   "its key_id")
+        return self._status(step, matches[0]) if matches else None
+
+    def _status(self, step: str, found: dict[str, Any]) -> KeyStatus:
+        key_id, status, name = found.get("id"), found.get("status"), found.get("name")
+        try:
+            expires_at = _unix(found.get("expires_at"))
+        except ValueError:
+            raise self.admin.error(step, "expires_at is not an RFC 3339 time") from None
+        if not (isinstance(key_id, str) and key_id and isinstance(status, str) and status):
+            raise self.admin.error(step, "the answer holds no key id and status")
+        return KeyStatus(key_id, status[:32], expires_at, name if isinstance(name, str) else None)
+
+    # --- Federated -----------------------------------------------------------------------
+
+    def exchange_request(self, assertion: str, target: FederationTarget) -> ExchangeRequest:
+        if not target.federation_rule_id or not target.organization_id:
+            raise ConfigError(f"invalid configuration: {self.config.key('federation_rule_id')} "
+                              f"and {self.config.key('organization_id')}: required")
+        body = {"grant_type": JWT_BEARER, "assertion": assertion,
+                "federation_rule_id": target.federation_rule_id,
+                "organization_id": target.organization_id}
+        if target.service_account_id:
+            body["service_account_id"] = target.service_account_id
+        if target.workspace_id:
+            body["workspace_id"] = target.workspace_id
+        headers = {"content-type": "application/json", "accept": "application/json",
+                   "anthropic-beta": f"{OAUTH_BETA},{FEDERATION_BETA}"}
+        return ExchangeRequest(target.token_url, headers, body)
+
+    def read_exchange(self, status: int, body: bytes, now: float) -> ProviderToken:
+        return read_token("anthropic", status, body, now)
 
 
 class AnthropicPlugin:

@@ -9,6 +9,24 @@ The hold's input bound (see :mod:`broker.money.bounds`): every field the plugin 
 text, image parts by OpenAI's tile rule, PDF files by their pages; audio, server-side web search,
 tools other than client functions and any unknown field or part are refused, and an OpenAI
 ``prediction`` is held as output too (its rejected tokens are billed as completion tokens).
+
+Credentials without a static key (:class:`OpenAIProvider`, not the wire format that
+``openai-compatible`` reuses), through the Admin API with the admin key as ``Authorization:
+Bearer`` (shapes from the ``openai-node`` SDK's ``resources/admin/organization/projects``):
+
+- Rotation (:class:`KeyAdmin`): each key is a service account of ``providers.<name>.project_id``
+  (``POST …/service_accounts`` answers its one key in ``api_key``). A key is deleted by deleting
+  its account, which takes the key with it: the API refuses to delete a service account's key
+  by itself. Given only a key id, the key's ``owner`` says which account to delete (a user's
+  key is deleted directly). The key check is ``GET /models`` with the key.
+- The project's hard spend limit (:class:`SpendLimiter`): ``…/spend_limit``, in whole cents
+  (``threshold_amount``, USD, monthly), rounded up from micro-dollars. A project without one is
+  taken to answer 404: the reference does not say.
+- Federation (:class:`Federated`): the RFC 8693 token exchange of the SDK's workload identity
+  (JSON body, ``subject_token_type`` JWT). An answer without ``expires_in`` lives an hour, as
+  the SDK assumes.
+
+:class:`AdminHttp` and :func:`read_token` serve the other plugins' admin clients too.
 """
 
 from __future__ import annotations
@@ -23,10 +41,15 @@ from broker.plugin import (
     BoundContext,
     ConfigError,
     EndReason,
+    ExchangeRequest,
+    FederationTarget,
     InvalidRequest,
+    KeyRef,
     MeterState,
+    MintedKey,
     Operation,
     ProviderConfig,
+    ProviderToken,
     RequestBound,
     SseEvent,
     StreamMeter,
@@ -53,6 +76,15 @@ from broker.plugin import (
     without,
 )
 from plugins import openai_responses as responses
+from plugins.provider_admin_http import (
+    DEFAULT_TOKEN_LIFE_S,
+    JWT_TOKEN_TYPE,
+    TOKEN_EXCHANGE,
+    AdminHttp,
+    bearer_headers,
+    path_part,
+    read_token,
+)
 
 # A chat request's framing: a few tokens per message and for priming the reply.
 PER_REQUEST_TOKENS = 3
@@ -346,10 +378,104 @@ class OpenAIWire:
 
 
 class OpenAIProvider(OpenAIWire):
+    """The ``openai`` plugin: the wire format, and the Admin API's key rotation, project spend
+    limit and federation."""
+
     def __init__(self, config: ProviderConfig) -> None:
-        if not config.has_key:
+        if not config.has_key and config.credential != "federated":
             raise ConfigError(f"invalid configuration: {config.key('vault_path')}: required")
         super().__init__(config, base_url(config, "https://api.openai.com/v1"))
+        self.admin = AdminHttp("openai", config.timeout_s)
+
+    def _project(self, project_id: str | None = None) -> str:
+        project = project_id or self.config.project_id
+        if not project:
+            raise ConfigError(f"invalid configuration: {self.config.key('project_id')}: required")
+        return f"{self.base}/organization/projects/{path_part(project)}"
+
+    # --- KeyAdmin ------------------------------------------------------------------------
+
+    def create_key(self, admin_key: str, name: str) -> MintedKey:
+        step = "creating a service account"
+        answer = self.admin.read(step, "POST", f"{self._project()}/service_accounts",
+                                 bearer_headers(admin_key), body={"name": name})
+        account, key = answer.get("id"), answer.get("api_key")
+        key_id = key.get("id") if isinstance(key, dict) else None
+        value = key.get("value") if isinstance(key, dict) else None
+        if not (isinstance(account, str) and account and isinstance(key_id, str) and key_id
+                and isinstance(value, str) and value):
+            raise self.admin.error(step, "the answer holds no key")
+        return MintedKey(key_id=key_id, key=value, account_id=account)
+
+    def check_key(self, key: str) -> bool:
+        return self.admin.check("checking a key", f"{self.base}/models", bearer_headers(key))
+
+    def delete_key(self, admin_key: str, ref: KeyRef) -> None:
+        project, headers = self._project(), bearer_headers(admin_key)
+        if ref.account_id:
+            self.admin.call("deleting a service account", "DELETE",
+                            f"{project}/service_accounts/{path_part(ref.account_id)}", headers,
+                            gone_ok=True)
+            return
+        if not ref.key_id:
+            for found in self.find_keys(admin_key, ref.name):
+                self.delete_key(admin_key, found)
+            return
+        url = f"{project}/api_keys/{path_part(ref.key_id)}"
+        key = self.admin.call("reading an API key", "GET", url, headers, gone_ok=True)
+        if key is None:
+            return
+        owner = key.get("owner")
+        account = owner.get("service_account") if isinstance(owner, dict) else None
+        account_id = account.get("id") if isinstance(account, dict) else None
+        if isinstance(account_id, str) and account_id:
+            self.delete_key(admin_key, KeyRef(ref.name, ref.key_id, account_id))
+        else:
+            self.admin.call("deleting an API key", "DELETE", url, headers, gone_ok=True)
+
+    def find_keys(self, admin_key: str, name: str) -> list[KeyRef]:
+        accounts = self.admin.cursor_pages("listing service accounts",
+                                           f"{self._project()}/service_accounts",
+                                           bearer_headers(admin_key), "after")
+        return [KeyRef(name, account_id=a["id"]) for a in accounts
+                if a.get("name") == name and isinstance(a.get("id"), str) and a["id"]]
+
+    # --- SpendLimiter --------------------------------------------------------------------
+
+    def spend_limit(self, admin_key: str, project_id: str) -> int | None:
+        step = "reading the project's spend limit"
+        answer = self.admin.call(step, "GET", f"{self._project(project_id)}/spend_limit",
+                                 bearer_headers(admin_key), gone_ok=True)
+        if answer is None:
+            return None
+        cents = answer.get("threshold_amount")
+        if (isinstance(cents, bool) or not isinstance(cents, int) or cents < 0
+                or answer.get("currency", "USD") != "USD"):
+            raise self.admin.error(step, "the answer holds no limit in US cents")
+        return cents * 10_000
+
+    def set_spend_limit(self, admin_key: str, project_id: str, limit_micros: int) -> None:
+        cents = -(-limit_micros // 10_000)  # up: the limit is a ceiling, never below the ledger's
+        self.admin.read("setting the project's spend limit", "POST",
+                        f"{self._project(project_id)}/spend_limit", bearer_headers(admin_key),
+                        body={"currency": "USD", "interval": "month", "threshold_amount": cents})
+
+    # --- Federated -----------------------------------------------------------------------
+
+    def exchange_request(self, assertion: str, target: FederationTarget) -> ExchangeRequest:
+        if not target.identity_provider_id or not target.service_account_id:
+            raise ConfigError(f"invalid configuration: {self.config.key('identity_provider_id')} "
+                              f"and {self.config.key('service_account_id')}: required")
+        return ExchangeRequest(
+            target.token_url,
+            {"content-type": "application/json", "accept": "application/json"},
+            {"grant_type": TOKEN_EXCHANGE, "subject_token_type": JWT_TOKEN_TYPE,
+             "subject_token": assertion, "identity_provider_id": target.identity_provider_id,
+             "service_account_id": target.service_account_id},
+        )
+
+    def read_exchange(self, status: int, body: bytes, now: float) -> ProviderToken:
+        return read_token("openai", status, body, now, DEFAULT_TOKEN_LIFE_S)
 
 
 class OpenAIPlugin:

@@ -44,7 +44,6 @@ _CLIENTS: list[openai.OpenAI | anthropic.Anthropic] = []
 def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
     server.reset()
     server.state.valid_keys = None
-    server.state.admin_keys.clear()
     yield server
     while _CLIENTS:
         _CLIENTS.pop().close()
@@ -303,34 +302,21 @@ def test_omit_usage_drops_usage_everywhere(fake: FakeProviderServer) -> None:
     assert all(c.usage is None and c.choices for c in chunks)
 
 
-# --- provider-side key rotation -----------------------------------------------------------------
+# --- keys the provider made ---------------------------------------------------------------------
 
 
-def test_admin_keys_rotate_the_accepted_keys(fake: FakeProviderServer) -> None:
-    with httpx.Client(base_url=fake.url, headers={"x-admin-key": fake.state.admin_key}) as admin:
-        assert httpx.post(f"{fake.url}/admin/keys", headers={"x-admin-key": "wrong"}).status_code == 401
-
-        created = admin.post("/admin/keys").json()
-        assert admin.get("/admin/keys").json() == {"data": [{"id": created["id"]}]}
-        assert openai_client(fake, created["key"]).models.list().data
-        # Once a key exists, only the issued keys are accepted, in each provider's error format.
-        with pytest.raises(openai.AuthenticationError):
-            openai_client(fake, "sk-not-issued").models.list()
-        with pytest.raises(anthropic.AuthenticationError):
-            anthropic_client(fake, "sk-not-issued").messages.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1
-            )
-
-        assert admin.delete(f"/admin/keys/{created['id']}").status_code == 200
-        assert admin.delete(f"/admin/keys/{created['id']}").status_code == 404
-        with pytest.raises(openai.AuthenticationError):
-            openai_client(fake, created["key"]).models.list()
-    assert fake.state.received_keys == [
-        created["key"],
-        "sk-not-issued",
-        "sk-not-issued",
-        created["key"],
-    ]
+def test_once_a_key_exists_only_the_provider_s_keys_are_accepted(fake: FakeProviderServer) -> None:
+    key = "sk-user-" + "k" * 24
+    fake.state.add_openai_user_key(key)
+    assert openai_client(fake, key).models.list().data
+    # Only the keys the provider made are accepted, in each provider's error format.
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(fake, "sk-not-issued").models.list()
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic_client(fake, "sk-not-issued").messages.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+    assert fake.state.received_keys == [key, "sk-not-issued", "sk-not-issued"]
 
 
 # --- helpers for billing ------------------------------------------------------------------------
