@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.audit.checkpoints import AuditKeys
+from broker.credentials.assertions import AssertionKeys
+from broker.credentials.federated import ProviderTokens
 from broker.errors import ConfigError
 from broker.gateway.provider_keys import ProviderKeys
 from broker.identity.bindings import Pinning
@@ -16,7 +18,7 @@ from broker.identity.identities import bootstrap_admin
 from broker.metrics import Metrics
 from broker.money.ledger import now_s
 from broker.money.limits import InMemoryLimiter, Limiter
-from broker.plugin import AuthMethod, IssuerType, Provider
+from broker.plugin import AuthMethod, Federated, IssuerType, Provider
 from broker.registry import build_providers, load_auth_methods
 from broker.settings import Settings
 from broker.storage.bus import EventBus
@@ -72,6 +74,12 @@ class Services:
     limiter: Limiter = field(default_factory=InMemoryLimiter)
     # The audit key in Vault that signs the chain's checkpoints; read on first use.
     audit_keys: AuditKeys = field(default=None)  # type: ignore[assignment]
+    # The keys that sign the broker's assertions toward federated providers, published at
+    # /.well-known/assertion-jwks.json (created in Vault on first use, even with no such
+    # provider yet: a provider is registered against the JWKS before it is configured here).
+    assertion_keys: AssertionKeys = field(default=None)  # type: ignore[assignment]
+    # The tokens of the providers with ``credential = "federated"``; None when there are none.
+    provider_tokens: ProviderTokens | None = None
 
     # Revocation state in memory; None until the revocation extension has loaded it, and then
     # every verified token is taken as live.
@@ -103,6 +111,7 @@ class Services:
         # Every configured provider is built through its plugin now, so a bad table stops the
         # start with one line before any port is bound.
         providers = build_providers(settings.providers)
+        federated = _federated(settings, providers)
         vault = Vault(settings.vault)
         vault.check()
         engine = make_engine(settings.database.url, settings.database.pool_size)
@@ -125,6 +134,10 @@ class Services:
         keyring = Keyring(vault, settings.tokens.max_ttl_s)
         keyring.load()
         pepper = load_pepper(vault)
+        assertion_keys = AssertionKeys(vault, settings)
+        if federated:
+            # Read (or created) now, so that a Vault problem stops the start, not a first call.
+            assertion_keys.load()
         try:
             limiter, failures, issuance, close_limits = _limits(settings, db)
         except ConfigError:
@@ -148,8 +161,15 @@ class Services:
             auth_methods=methods,
             issuer_types=issuer_types,
             federation=federation,
+            assertion_keys=assertion_keys,
         )
         services.closers.append(federation.aclose)
+        if federated:
+            tokens = ProviderTokens(settings, assertion_keys, federated,
+                                    metrics=lambda: services.metrics)
+            services.provider_tokens = tokens
+            services.provider_keys.tokens = tokens
+            services.closers.append(tokens.aclose)
         if close_limits is not None:
             services.closers.append(close_limits)
         if settings.bootstrap_admin_secret is not None:
@@ -161,6 +181,8 @@ class Services:
     def __post_init__(self) -> None:
         if self.audit_keys is None:
             self.audit_keys = AuditKeys(self.vault, self.settings.audit)
+        if self.assertion_keys is None:
+            self.assertion_keys = AssertionKeys(self.vault, self.settings)
 
     @property
     def binding_pinning(self) -> Pinning:
@@ -174,6 +196,22 @@ class Services:
 
     def close(self) -> None:
         self.db.dispose()
+
+
+def _federated(settings: Settings, providers: dict[str, Provider]) -> dict[str, Federated]:
+    """The providers with ``credential = "federated"``; a plugin that cannot exchange an
+    assertion stops the start, naming the key."""
+    found: dict[str, Federated] = {}
+    for name, p in settings.providers.items():
+        if p.credential != "federated":
+            continue
+        provider = providers[name]
+        if not isinstance(provider, Federated):
+            raise ConfigError(f"invalid configuration: providers.{name}.credential: the plugin "
+                              f"{p.plugin or name!r} cannot exchange an assertion for a token "
+                              "(\"federated\")")
+        found[name] = provider
+    return found
 
 
 def _limits(settings: Settings, db: Database

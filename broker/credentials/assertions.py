@@ -118,19 +118,21 @@ class AssertionKey:
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> AssertionKey:
         key = serialization.load_pem_private_key(doc["private_pem"].encode(), password=None)
-        alg = doc.get("alg")
-        # The alg is pinned to the key's type: a document edited to claim RS256 for an EC key
-        # (or a weak RSA key) is refused rather than published.
-        if alg == "RS256" and isinstance(key, rsa.RSAPrivateKey) and key.key_size >= RSA_BITS:
-            pass
-        elif alg == "ES256" and isinstance(key, ec.EllipticCurvePrivateKey) \
-                and isinstance(key.curve, ec.SECP256R1):
-            pass
-        else:
-            raise ValueError(f"assertion key {doc.get('kid')!r} in Vault does not match its alg")
+        alg = str(doc.get("alg"))
         return cls(kid=str(doc["kid"]), state=str(doc["state"]), created_at=int(doc["created_at"]),
-                   alg=alg, private_key=key,
+                   alg=alg, private_key=_pinned(key, alg, str(doc.get("kid"))),
                    retire_at=None if doc.get("retire_at") is None else int(doc["retire_at"]))
+
+
+def _pinned(key: object, alg: str, kid: str) -> PrivateKey:
+    """The key, when it is of its ``alg``: a document edited to claim RS256 for an EC key (or
+    holding a weak RSA key) is refused rather than published."""
+    if isinstance(key, rsa.RSAPrivateKey) and alg == "RS256" and key.key_size >= RSA_BITS:
+        return key
+    if isinstance(key, ec.EllipticCurvePrivateKey) and alg == "ES256" \
+            and isinstance(key.curve, ec.SECP256R1):
+        return key
+    raise ValueError(f"assertion key {kid!r} in Vault does not match its alg")
 
 
 def new_key(state: str, now: int, alg: str) -> AssertionKey:

@@ -115,8 +115,9 @@ async def _poll(svc: Services, now: int) -> int:
     for row in rows:
         job = job_of(row)
         by_provider.setdefault(job.provider, []).append(job)
+    # The shared ProviderTokens serves this loop too: one exchange per provider process-wide.
     keys = ProviderKeys(svc.vault, {n: p.vault_path for n, p in svc.settings.providers.items()},
-                        max_stale_s=svc.settings.vault.max_stale_s)
+                        max_stale_s=svc.settings.vault.max_stale_s, tokens=svc.provider_tokens)
     settled = 0
     for name, jobs in by_provider.items():
         poller = _Poller(svc, now, revoked)

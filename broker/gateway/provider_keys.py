@@ -37,6 +37,16 @@ class SecretReader(Protocol):
     def read(self, path: str) -> tuple[dict[str, Any], int] | None: ...
 
 
+class TokenSource(Protocol):
+    """What :class:`broker.credentials.federated.ProviderTokens` offers: a short-lived token
+    for each federated provider, exchanged instead of read from Vault."""
+
+    @property
+    def providers(self) -> frozenset[str]: ...
+
+    async def get(self, provider: str) -> str: ...
+
+
 @dataclass
 class _Cached:
     key: str = field(repr=False)
@@ -49,7 +59,8 @@ class ProviderKeys:
     """The key of each provider, by provider name.
 
     ``paths`` maps each provider to its Vault path, or to None for a provider that takes no key
-    (then :meth:`get` answers ``""`` and the plugin decides what to send).
+    (then :meth:`get` answers ``""`` and the plugin decides what to send). A federated provider
+    (``tokens.providers``) has no path either: its token comes from ``tokens``.
     """
 
     def __init__(
@@ -60,8 +71,10 @@ class ProviderKeys:
         max_stale_s: float,
         fresh_s: float = FRESH_S,
         clock: Callable[[], float] = time.monotonic,
+        tokens: TokenSource | None = None,
     ) -> None:
         self.vault = vault
+        self.tokens = tokens
         self.fresh_s = fresh_s
         self.max_stale_s = max_stale_s
         self._paths = dict(paths)
@@ -74,6 +87,8 @@ class ProviderKeys:
         """The provider's current key; :class:`Unavailable` (503) when none can be served."""
         path = self._paths[provider]
         if path is None:
+            if self.tokens is not None and provider in self.tokens.providers:
+                return await self.tokens.get(provider)
             return ""
         now = self._clock()
         cached = self._cache.get(provider)
