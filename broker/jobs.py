@@ -9,6 +9,7 @@ import time
 
 from broker.approvals import grants, requests
 from broker.audit import checkpoints
+from broker.credentials import assertions, rotating, watch
 from broker.gateway import batch_poll, conversations
 from broker.money import rollups
 from broker.money.sweeper import sweep_once
@@ -60,12 +61,26 @@ def scheduled_jobs(svc: Services) -> list[Job]:
         # Ended leases of replicas that died, and the rows of keys nobody uses any more.
         jobs.append(Job("limits.prune", LIMITS_PRUNE_INTERVAL_S,
                         functools.partial(limits_db.prune_once, svc.db)))
-    if any(p.vault_path for p in settings.providers.values()):
-        jobs.append(Job("provider_key.revoke_retired", PROVIDER_REVOKE_INTERVAL_S,
-                        functools.partial(rotation.revoke_retired_provider_keys, svc)))
-    if settings.rotation.provider_interval_s:
-        jobs.append(Job("provider_key.rotate", float(settings.rotation.provider_interval_s),
-                        functools.partial(rotation.rotate_all_provider_keys, svc)))
+    providers = settings.providers.values()
+    if any(p.credential == "rotating" for p in providers):
+        # Deletes replaced keys after their grace, and finishes interrupted rotations.
+        jobs.append(Job("provider_key.tidy", PROVIDER_REVOKE_INTERVAL_S,
+                        functools.partial(rotating.tidy, svc)))
+        if settings.rotation.provider_interval_s:
+            jobs.append(Job("provider_key.rotate", float(settings.rotation.provider_interval_s),
+                            functools.partial(rotating.rotate_all, svc)))
+    if any(p.admin_vault_path for p in providers):
+        # Watched keys' status and expiry, and the providers' project spend limits.
+        jobs.append(Job("provider_key.watch", float(settings.rotation.provider_watch_interval_s),
+                        functools.partial(watch.watch_all, svc)))
+    if svc.provider_tokens is not None:
+        # The federation assertion key rotates on its own schedule; retired keys go after
+        # their assertions' life.
+        if settings.rotation.assertion_interval_s:
+            jobs.append(Job("assertion_key.rotate", float(settings.rotation.assertion_interval_s),
+                            functools.partial(assertions.rotate_assertion_key, svc)))
+        jobs.append(Job("assertion_key.retire", RETIRE_INTERVAL_S,
+                        functools.partial(assertions.retire_assertion_keys, svc)))
     if settings.rotation.signing_interval_s:
         jobs.append(Job(
             "signing_key.rotate", float(settings.rotation.signing_interval_s),

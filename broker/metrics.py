@@ -70,5 +70,20 @@ class Metrics:
             ["sink"], registry=self.registry,
         )
 
+        # A federated provider's calls fail once its token expires with every refresh failed:
+        # alert on failures that go on for longer than a token lives.
+        self.provider_token_exchanges = Counter(
+            "broker_provider_token_exchanges_total",
+            "Token exchanges of federated providers, by provider and result (ok, failed)",
+            ["provider", "result"], registry=self.registry,
+        )
+
+        # Provider credentials: labelled by configured provider name (bounded by configuration).
+        self.provider_rotations = Counter(
+            "broker_provider_rotations_total",
+            "Provider key rotations, by provider and result (ok, failed)",
+            ["provider", "result"], registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

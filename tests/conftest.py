@@ -350,8 +350,8 @@ class LiveServer:
     """uvicorn on a real port in a background thread, configured as ``broker serve`` is (the
     server edge's limits, no proxy headers)."""
 
-    def __init__(self, app: Any, settings: Settings):
-        self.port = free_port()
+    def __init__(self, app: Any, settings: Settings, port: int | None = None):
+        self.port = free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn_config(app, settings, host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
@@ -376,12 +376,14 @@ def make_live_broker(vault: DevVault) -> Iterator[Callable[..., Broker]]:
     servers: list[LiveServer] = []
     closers: list[Callable[[], None]] = []
 
-    def factory(db: str, **sections: dict[str, Any]) -> Broker:
+    def factory(db: str, port: int | None = None, **sections: dict[str, Any]) -> Broker:
+        """``port``: listen there (a test that must name the broker's URL in its settings,
+        e.g. as ``issuer.url``, picks it first with ``free_port``)."""
         settings = make_settings(db, vault, **sections)
         services = Services.build(settings)
         closers.append(services.close)
         app = create_app(settings, services=services)
-        server = LiveServer(app, settings).start()
+        server = LiveServer(app, settings, port).start()
         servers.append(server)
         client = httpx.Client(base_url=server.url, timeout=30)
         closers.append(client.close)

@@ -1,18 +1,15 @@
 """Rotation: signing keys (published as next before they sign, kept as previous until their
-tokens expired), workload secrets (old and new both work during the grace) and provider keys."""
+tokens expired) and workload secrets (old and new both work during the grace); provider keys
+are in ``tests/test_provider_rotation.py``."""
 
 from __future__ import annotations
 
 import calendar
 import json
-import secrets
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from sqlalchemy import text
@@ -20,13 +17,9 @@ from sqlalchemy import text
 from broker.cli import main as cli_main
 from broker.devvault import DevVault
 from broker.revocation import rotation
-from broker.services import Services
-from broker.storage.vault import Vault
 from broker.tokens.issuance import authenticate_client
 from broker.tokens.keys import MAX_PREVIOUS_KEYS, RotationTooSoon
-from tests.conftest import SECRETS, Broker
-from tests.fake_provider import FakeProviderServer
-from tests.gateway_support import Env, make_env
+from tests.conftest import Broker
 from tests.support import assert_problem, wait_for
 
 
@@ -257,177 +250,3 @@ def test_a_second_rotation_inside_the_grace_ends_the_first_old_secret(
     assert _exchange(broker, agent["client_id"], agent["client_secret"]) == 401
     assert _exchange(broker, agent["client_id"], second) == 200
     assert _exchange(broker, agent["client_id"], third) == 200
-
-
-# --- provider keys --------------------------------------------------------------------------
-
-
-class FakeKeyAdmin:
-    """A provider plugin's key-admin side (:class:`broker.plugin.KeyAdmin`) for the fake
-    provider's ``/admin/keys`` API."""
-
-    def __init__(self, origin: str, works: bool = True):
-        self.origin = origin
-        self.works = works
-
-    def create_key(self, admin_key: str) -> tuple[str, str]:
-        resp = httpx.post(f"{self.origin}/admin/keys", headers={"x-admin-key": admin_key})
-        resp.raise_for_status()
-        body = resp.json()
-        return body["id"], SECRETS.add(body["key"])
-
-    def check_key(self, key: str) -> bool:
-        resp = httpx.get(f"{self.origin}/v1/models", headers={"authorization": f"Bearer {key}"})
-        return self.works and resp.status_code == 200
-
-    def revoke_key(self, admin_key: str, key_id: str) -> None:
-        resp = httpx.delete(f"{self.origin}/admin/keys/{key_id}", headers={"x-admin-key": admin_key})
-        if resp.status_code not in (200, 404):
-            resp.raise_for_status()
-
-
-def _give_key_admin(svc: Services, admin: FakeKeyAdmin) -> None:
-    """Make the ``fake-openai`` provider a key admin, as the provider object of a plugin with a
-    key admin API is (:class:`broker.plugin.KeyAdmin` is checked structurally)."""
-    provider = svc.providers["fake-openai"]
-    for name in ("create_key", "check_key", "revoke_key"):
-        object.__setattr__(provider, name, getattr(admin, name))
-
-
-def _provider_env(make_live_broker: Callable[..., Broker], sqlite_url: str,
-                  fake: FakeProviderServer, **sections: dict[str, Any]) -> Env:
-    env = make_env(lambda db, **kw: make_live_broker(db, **kw, **sections), sqlite_url, fake)
-    # The operator's first key, known to the provider's admin API by an id.
-    fake.state.admin_keys["key_initial"] = env.key
-    Vault(env.broker.settings.vault).write(env.vault_path, {
-        "api_key": env.key, "key_id": "key_initial", "admin_key": fake.state.admin_key})
-    return env
-
-
-def _vault_doc(env: Env) -> tuple[dict[str, Any], int]:
-    found = Vault(env.broker.settings.vault).read(env.vault_path)
-    assert found is not None
-    return found
-
-
-def test_a_stream_of_calls_during_a_provider_rotation_loses_none(
-    make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer,
-) -> None:
-    env = _provider_env(make_live_broker, sqlite_url, fake)
-    svc = env.broker.services
-    _give_key_admin(svc, FakeKeyAdmin(fake.url))
-    old_key = env.key
-    token = env.token(budget=50_000_000)
-    statuses: list[int] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with httpx.Client(base_url=env.broker.url or "", timeout=30) as client:
-            while not stop.is_set():
-                resp = client.post("/v1/chat/completions", headers={"authorization": f"Bearer {token}"},
-                                   json={"model": "gpt-test", "max_tokens": 5,
-                                         "messages": [{"role": "user", "content": "hi"}]})
-                statuses.append(resp.status_code)
-
-    def calls_reach(n: int) -> None:
-        wait_for(lambda: len(statuses) >= n, timeout=60,
-                 what=lambda: f"{n} calls (traffic stalled at {len(statuses)})")
-
-    workers = [threading.Thread(target=traffic) for _ in range(4)]
-    for w in workers:
-        w.start()
-    try:
-        calls_reach(20)
-        resp = env.broker.client.post("/v1/admin/providers/fake-openai/rotate",
-                                      json={"reason": "scheduled hygiene"},
-                                      headers=env.broker.admin())
-        assert resp.status_code == 200, resp.text
-        result = resp.json()
-        assert result["mode"] == "rotated" and result["previous_key_id"] == "key_initial"
-        assert old_key not in resp.text
-        doc, _ = _vault_doc(env)
-        new_key = doc["api_key"]
-        assert new_key != old_key and doc["key_id"] == result["key_id"]
-        calls_reach(len(statuses) + 40)
-        # Once the grace is over the old key is revoked at the provider; calls go on.
-        grace = env.broker.settings.rotation.provider_grace_s
-        assert rotation.revoke_retired_provider_keys(svc) == []  # not before
-        revoked = rotation.revoke_retired_provider_keys(svc, now=int(time.time()) + grace)
-        assert revoked == ["key_initial"]
-        assert old_key not in (fake.state.valid_keys or set())
-        assert _vault_doc(env)[0]["retiring"] == []
-        calls_reach(len(statuses) + 40)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(timeout=30)
-    assert statuses and set(statuses) == {200}, f"lost calls: {sorted(set(statuses))}"
-    assert old_key in fake.state.received_keys and new_key in fake.state.received_keys
-    assert fake.state.received_keys[-1] == new_key
-    actions = [(a, d.get("key_id")) for a, _t, d in
-               _audit(env.broker, "provider_key.rotate") + _audit(env.broker, "provider_key.revoke")]
-    assert actions == [("wl_admin", result["key_id"]), ("scheduler", "key_initial")]
-    assert all(old_key not in json.dumps(row) and new_key not in json.dumps(row)
-               for row in _audit(env.broker, "provider_key.rotate"))
-
-
-def test_a_new_key_that_does_not_work_is_never_used(
-    make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer,
-) -> None:
-    env = _provider_env(make_live_broker, sqlite_url, fake)
-    _give_key_admin(env.broker.services, FakeKeyAdmin(fake.url, works=False))
-    before = _vault_doc(env)
-    resp = env.broker.client.post("/v1/admin/providers/fake-openai/rotate",
-                                  headers=env.broker.admin())
-    assert resp.status_code == 502, resp.text
-    assert _vault_doc(env) == before
-    assert list(fake.state.admin_keys) == ["key_initial"]  # the failed key was revoked again
-
-
-def test_without_an_admin_api_an_operator_written_version_is_used_at_once(
-    make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer,
-) -> None:
-    env = _provider_env(make_live_broker, sqlite_url, fake)
-    token = env.token()
-    call = {"model": "claude-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
-    assert env.broker.client.post("/v1/messages", json=call,
-                                  headers={"x-api-key": token}).status_code == 200
-    new_key = SECRETS.add("sk-operator-" + secrets.token_urlsafe(12))
-    fake.state.valid_keys = {env.key, new_key}
-    Vault(env.broker.settings.vault).write(env.vault_path, {"api_key": new_key})
-    resp = env.broker.client.post("/v1/admin/providers/fake-anthropic/rotate",
-                                  headers=env.broker.admin())
-    assert resp.status_code == 200 and resp.json()["mode"] == "reloaded"
-    assert env.broker.client.post("/v1/messages", json=call,
-                                  headers={"x-api-key": token}).status_code == 200
-    assert fake.state.received_keys[-1] == new_key
-    assert [a for a, _, _ in _audit(env.broker, "provider_key.reload")] == ["wl_admin"]
-
-
-def test_provider_rotation_refusals(make_live_broker: Callable[..., Broker], sqlite_url: str,
-                                   fake: FakeProviderServer) -> None:
-    env = _provider_env(make_live_broker, sqlite_url, fake)
-    broker = env.broker
-    before = _vault_doc(env)
-    assert_problem(broker.client.post("/v1/admin/providers/nope/rotate", headers=broker.admin()),
-                   404, "not_found")
-    refused = broker.client.post("/v1/admin/providers/mock/rotate", headers=broker.admin())
-    assert assert_problem(refused, 409, "conflict")["detail"] == "this provider takes no key"
-    tenant = broker.create_tenant()
-    ident = broker.create_workload(tenant["id"], kind="admin", roles=["tenant-admin"])
-    headers = {"authorization": f"Bearer {broker.token(ident['client_id'], ident['client_secret'])}"}
-    assert_problem(broker.client.post("/v1/admin/providers/fake-openai/rotate", headers=headers),
-                   403, "forbidden")
-    assert _vault_doc(env) == before  # no refusal touched the stored key
-
-
-def test_provider_keys_rotate_on_the_configured_interval(
-    make_live_broker: Callable[..., Broker], sqlite_url: str, fake: FakeProviderServer,
-) -> None:
-    env = _provider_env(make_live_broker, sqlite_url, fake,
-                        rotation={"provider_interval_s": 1}, scheduler={"tick_s": 0.1})
-    _give_key_admin(env.broker.services, FakeKeyAdmin(fake.url))
-    _doc, version = _vault_doc(env)
-    wait_for(lambda: _vault_doc(env)[1] != version, timeout=20, interval=0.1,
-             what="a scheduled provider rotation")
-    assert {a for a, _, _ in _audit(env.broker, "provider_key.rotate")} == {"scheduler"}

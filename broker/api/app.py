@@ -20,7 +20,9 @@ from starlette.routing import BaseRoute, Route
 
 from broker.api import admin as admin_routes
 from broker.api import audit as audit_routes
+from broker.api import federation as federation_routes
 from broker.api import oauth as oauth_routes
+from broker.api import providers as provider_routes
 from broker.api import usage as usage_routes
 from broker.api.extensions import DEFAULT_EXTENSIONS, Extension
 from broker.api.http import error_response, json_response
@@ -135,9 +137,11 @@ def create_app(
     metrics = Metrics()
     routes: list[BaseRoute] = [
         *oauth_routes.routes,
+        *federation_routes.routes,
         *admin_routes.routes,
         *audit_routes.routes,
         *usage_routes.routes,
+        *provider_routes.routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -20,13 +20,15 @@ from broker.api.http import json_object, json_response, path_id, query_str, vali
 from broker.api.openapi import ApiRoute
 from broker.api.pagination import decode_number_cursor, page_limit
 from broker.api.views import identity_view, iso, iso_or_none, workload_view
+from broker.credentials import rotating
+from broker.credentials.assertions import ASSERTION_KEYS_MESSAGE_TYPE
 from broker.identity.identities import Actor
 from broker.revocation import actions, rotation, sync
 from broker.revocation import log as revocation_log
 from broker.revocation.actions import IdentityKind, TokenRevocation
 from broker.revocation.denylist import Denylist, apply_here
 from broker.revocation.log import Entry
-from broker.revocation.rotation import NewSecret, ProviderKeyRotation
+from broker.revocation.rotation import NewSecret
 from broker.services import Services
 from broker.storage.bus import EventBus, Message
 from broker.tokens.keys import Keyring
@@ -108,14 +110,6 @@ def signing_key_views(keyring: Keyring) -> list[dict[str, Any]]:
 def new_secret_view(done: NewSecret) -> dict[str, Any]:
     return {**workload_view(done.workload), "client_secret": done.client_secret,
             "previous_secret_expires_at": iso(done.previous_expires_at)}
-
-
-def provider_rotation_view(done: ProviderKeyRotation) -> dict[str, Any]:
-    if done.mode == "reloaded":
-        return {"provider": done.provider, "mode": done.mode, "version": done.version}
-    return {"provider": done.provider, "mode": done.mode, "key_id": done.key_id,
-            "version": done.version, "previous_key_id": done.previous_key_id,
-            "previous_key_revoke_at": iso_or_none(done.previous_key_revoke_at)}
 
 
 def _apply_here(svc: Services, entry: Entry | None) -> None:
@@ -239,17 +233,6 @@ async def rotate_workload_secret(request: Request, svc: Services, actor: Actor) 
     return json_response(new_secret_view(done), headers=_NO_STORE)
 
 
-async def rotate_provider_key(request: Request, svc: Services, actor: Actor) -> Response:
-    """Rotate a provider's key now (org-admin); without a key admin API, re-read it from Vault."""
-    actor.require_org_admin()
-    name = path_id(request, "name")
-    body = await _reason(request, svc)
-    result = await anyio.to_thread.run_sync(
-        functools.partial(rotation.rotate_provider_key, svc, name, actor.id, body.reason)
-    )
-    return json_response(provider_rotation_view(result))
-
-
 _REASON_ROUTES = [
     ("/v1/admin/tokens/{jti}/revoke", revoke_token),
     ("/v1/admin/workloads/{id}/suspend", suspend_workload),
@@ -258,7 +241,6 @@ _REASON_ROUTES = [
     ("/v1/admin/tenants/{id}/resume", resume_tenant),
     ("/v1/admin/keys/signing/rotate", rotate_signing_key),
     ("/v1/admin/workloads/{id}/rotate-secret", rotate_workload_secret),
-    ("/v1/admin/providers/{name}/rotate", rotate_provider_key),
 ]
 
 routes: list[BaseRoute] = [
@@ -283,7 +265,8 @@ def revocation_extension(svc: Services) -> list[BaseRoute]:
     bus = EventBus(svc.db, svc.settings.revocation.catchup_interval_s)
     sync.follow(bus, svc.db, denylist)
     bus.on(rotation.KEYS_MESSAGE_TYPE, lambda _message: svc.keyring.refresh())
-    bus.on(rotation.PROVIDER_MESSAGE_TYPE, functools.partial(_reload_provider_key, svc))
+    bus.on(ASSERTION_KEYS_MESSAGE_TYPE, lambda _message: svc.assertion_keys.refresh())
+    bus.on(rotating.PROVIDER_MESSAGE_TYPE, functools.partial(_reload_provider_key, svc))
     bus.every_interval(svc.keyring.refresh)  # rotations by `broker keys rotate`
     svc.bus = bus
     bus.start()
@@ -292,4 +275,4 @@ def revocation_extension(svc: Services) -> list[BaseRoute]:
 
 
 def _reload_provider_key(svc: Services, message: Message) -> None:
-    rotation.reload_provider_key(svc, message.get_str("provider"))
+    rotating.reload_provider_key(svc, message.get_str("provider"))

@@ -4,12 +4,14 @@ reads through the same domain functions as the admin API, with the signed-in use
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio.to_thread
 from sqlalchemy import Connection
 from starlette.responses import Response
 
@@ -19,6 +21,7 @@ from broker.console.context import Ctx
 from broker.console.overview import budget_rows
 from broker.console.queries import CounterKey, LiveToken, counters, live_tokens
 from broker.console.render import html, query_id, query_int
+from broker.credentials import status as credential_status
 from broker.errors import InvalidRequest
 from broker.identity import identities as ids
 from broker.monitoring import alerts as alert_store
@@ -212,8 +215,14 @@ async def providers(ctx: Ctx) -> Response:
     """The configured providers and models: names, endpoints and prices. Keys live in Vault,
     and nothing here reads them."""
     settings = ctx.svc.settings
+    # Credential health is organisation-wide information, as in GET /v1/admin/providers.
+    health = ({v["name"]: v for v in await anyio.to_thread.run_sync(
+        functools.partial(credential_status.provider_views, ctx.svc))}
+        if ctx.actor.org_wide else {})
     rows = [{"name": name, "plugin": p.plugin or name, "base_url": _public_url(p.base_url),
              "timeout_s": p.timeout_s, "max_connections": p.max_connections,
+             "credential": p.credential, "health": health.get(name, {}).get("health"),
+             "health_reason": health.get(name, {}).get("health_reason"),
              "models": sorted(m for m, ms in settings.models.items() if ms.provider == name)}
             for name, p in sorted(settings.providers.items())]
     models = [{"name": name, "provider": m.provider, "upstream": m.upstream_model or name,

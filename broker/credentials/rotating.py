@@ -211,8 +211,13 @@ class _Cycle:
         raise self._failed("check", UpstreamError(error))
 
     def _store(self, admin_key: str, minted: MintedKey, doc: dict[str, Any], version: int) -> int:
+        # The replaced key's ids travel with the new version: whoever finishes this rotation
+        # (this process, or the tidy job after a crash) knows what to delete.
         new_doc = {KEY_FIELD: minted.key, "key_id": minted.key_id, "account_id": minted.account_id,
-                   "name": self.name, "rotated_at": self.now}
+                   "name": self.name, "rotated_at": self.now,
+                   "previous": {"key_id": _str_or_none(doc.get("key_id")),
+                                "account_id": _str_or_none(doc.get("account_id")),
+                                "name": _str_or_none(doc.get("name"))}}
         try:
             return self.svc.vault.write(self.path, new_doc, cas=version)
         except CasConflict:
@@ -242,19 +247,7 @@ class _Cycle:
             k = _key.c
             conn.execute(update(_key).where(k.id == self.row_id).values(
                 state="serving", version=version, updated_at=self.now, error=None))
-            replaced = conn.execute(
-                update(_key).where(k.provider == self.provider, k.state == "serving",
-                                   k.id != self.row_id)
-                .values(state="retiring", retire_at=retire_at, updated_at=self.now)
-                .returning(k.id)).all()
-            if not replaced:
-                # The key replaced was an operator's: retire it too (by its ids, if stored).
-                conn.execute(insert(_key).values(
-                    id="pk_" + secrets.token_hex(8), provider=self.provider,
-                    name=str(doc.get("name") or ""), state="retiring", key_id=old_id,
-                    account_id=_str_or_none(doc.get("account_id")), version=None,
-                    actor="operator", created_at=self.now, updated_at=self.now,
-                    retire_at=retire_at, attempts=0))
+            _retire_replaced(conn, self.provider, self.row_id, doc, retire_at, self.now)
             record(conn, self.actor, "provider_key.rotate", self.provider,
                    {"reason": self.reason, "key_id": minted.key_id, "previous_key_id": old_id,
                     "version": version, "grace_s": grace}, self.now)
@@ -316,6 +309,23 @@ class _Cycle:
             return exc
         return RotationFailed(f"the key rotation failed at {step} ({error}); the old key "
                               "stays in use")
+
+
+def _retire_replaced(conn: Connection, provider: str, row_id: str, old_doc: dict[str, Any],
+                     retire_at: int, now: int) -> None:
+    """The key that served before ``row_id`` is deleted after the grace: its journal row, or
+    (an operator's key, never journalled) a new row made from the ids stored with it."""
+    k = _key.c
+    replaced = conn.execute(
+        update(_key).where(k.provider == provider, k.state == "serving", k.id != row_id)
+        .values(state="retiring", retire_at=retire_at, updated_at=now).returning(k.id)).all()
+    if replaced:
+        return
+    conn.execute(insert(_key).values(
+        id="pk_" + secrets.token_hex(8), provider=provider, name=str(old_doc.get("name") or ""),
+        state="retiring", key_id=_str_or_none(old_doc.get("key_id")),
+        account_id=_str_or_none(old_doc.get("account_id")), version=None, actor="operator",
+        created_at=now, updated_at=now, retire_at=retire_at, attempts=0))
 
 
 def _ref(name: str, minted: MintedKey) -> KeyRef:
@@ -425,11 +435,12 @@ def _promote(svc: Services, provider: str, row: Any, found: Any, now: int) -> No
     """A rotation that stored its key but died before saying so: the key serves; finish it."""
     grace = svc.settings.rotation.provider_grace_s
 
+    previous = found[0].get("previous")
+
     def txn(conn: Connection) -> None:
         k = _key.c
-        conn.execute(update(_key).where(k.provider == provider, k.state == "serving",
-                                        k.id != row.id)
-                     .values(state="retiring", retire_at=now + grace, updated_at=now))
+        _retire_replaced(conn, provider, row.id, previous if isinstance(previous, dict) else {},
+                         now + grace, now)
         conn.execute(update(_key).where(k.id == row.id).values(
             state="serving", version=found[1], updated_at=now, error=None))
         record(conn, "scheduler", "provider_key.rotate", provider,

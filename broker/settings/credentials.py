@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, StrictInt
 
@@ -43,6 +44,16 @@ def _missing(name: str, provider: ProviderSettings, *fields: str) -> None:
                               f"with credential = {provider.credential!r}")
 
 
+def _check_token_url(name: str, url: str) -> None:
+    """The assertion and the token travel to it: https, or http to this host only."""
+    parts = urlsplit(url)
+    local = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if not parts.hostname or parts.query or parts.fragment or not (
+            parts.scheme == "https" or (parts.scheme == "http" and local)):
+        raise ConfigError(f"invalid configuration: providers.{name}.token_url: must be an "
+                          "https URL (http only to this host) without query or fragment")
+
+
 def check_credentials(providers: Mapping[str, ProviderSettings]) -> None:
     """Each credential mode has the keys it needs, and none that would contradict it."""
     for name, p in providers.items():
@@ -53,6 +64,7 @@ def check_credentials(providers: Mapping[str, ProviderSettings]) -> None:
                 _missing(name, p, "project_id")
         elif p.credential == "federated":
             _missing(name, p, "token_url", "audience")
+            _check_token_url(name, str(p.token_url))
             if p.vault_path is not None:
                 raise ConfigError(f"invalid configuration: providers.{name}.vault_path: a "
                                   "federated provider stores no key")

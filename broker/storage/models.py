@@ -430,5 +430,6 @@ class BatchJob(SQLModel, table=True):
 # The shared rate limits' tables are in a module of their own; importing the models registers
 # them too (migrations/env.py compares every table to the migrations).
 from broker.storage import console_models as _console_models  # noqa: E402, F401
+from broker.storage import credential_models as _credential_models  # noqa: E402, F401
 from broker.storage import limit_models as _limit_models  # noqa: E402, F401
 from broker.storage import usage_models as _usage_models  # noqa: E402, F401
