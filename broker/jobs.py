@@ -69,8 +69,8 @@ def scheduled_jobs(svc: Services) -> list[Job]:
         if settings.rotation.provider_interval_s:
             jobs.append(Job("provider_key.rotate", float(settings.rotation.provider_interval_s),
                             functools.partial(rotating.rotate_all, svc)))
-    if any(p.admin_vault_path for p in providers):
-        # Watched keys' status and expiry, and the providers' project spend limits.
+    if any(p.admin_vault_path or p.credential == "federated" for p in providers):
+        # Watched keys' status and expiry, federated exchanges, and project spend limits.
         jobs.append(Job("provider_key.watch", float(settings.rotation.provider_watch_interval_s),
                         functools.partial(watch.watch_all, svc)))
     if svc.provider_tokens is not None:

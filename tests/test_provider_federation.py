@@ -21,7 +21,7 @@ import pytest
 from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
-from broker.credentials import rotating
+from broker.credentials import rotating, watch
 from broker.credentials.assertions import rotate_assertion_key
 from broker.credentials.rotating import RotationFailed
 from broker.devvault import free_port
@@ -103,6 +103,7 @@ def test_openai_calls_carry_an_exchanged_token_and_no_key_is_stored(
         for _ in range(3):
             answer = client.chat.completions.create(model="fed-gpt", max_tokens=5, messages=CHAT)
             assert answer.choices[0].message.content
+    assert watch.probe_exchange(env.broker.services, "fed-openai")  # the scheduled probe too
     assert fake.state.exchanges == ["openai"]  # one exchange serves every call until refresh
     (provider_token,) = _tokens(fake)
     assert fake.state.received_keys[-3:] == [provider_token] * 3
@@ -149,6 +150,14 @@ def test_a_refused_exchange_answers_503_and_the_provider_is_never_called(
     assert len(fake.state.exchange_refusals) == 2 and fake.state.federated_tokens == {}
     view = _view(env, "fed-openai")
     assert view["health"] == "unhealthy" and "exchange failed" in view["health_reason"]
+    # The scheduled probe alerts on it, once while it lasts, even when no call needs a token.
+    svc = env.broker.services
+    assert not watch.probe_exchange(svc, "fed-openai")
+    assert not watch.probe_exchange(svc, "fed-openai")
+    alerts = [a for a in env.broker.client.get("/v1/admin/alerts", headers=env.broker.admin())
+              .json()["data"] if a["detector"] == "provider"]
+    assert [(a["workload_id"], a["severity"]) for a in alerts] == [
+        ("provider:fed-openai", "critical")]
 
 
 def test_the_token_is_refreshed_before_it_expires_and_no_call_fails(

@@ -5,6 +5,8 @@
   expired key, or one expiring within ``rotation.provider_expiry_warning_s``, marks the
   provider unhealthy and raises one alert per condition; a person makes the next key in the
   provider's console and writes it to Vault.
+- **Federated tokens**: the exchange is tried as a call would (a valid token is reused), so a
+  provider whose exchange fails raises one alert even while no call needs it.
 - **Project spend limits** (``providers.<name>.project_spend_limit_micros`` on a plugin with
   :class:`broker.plugin.SpendLimiter`, e.g. OpenAI): the provider's hard limit is set, and set
   again whenever someone changed it, so that a bug in the broker's own ledger still meets a
@@ -17,12 +19,13 @@ import logging
 import time
 from typing import Any
 
+import anyio
 from sqlalchemy import Connection
 
 from broker.credentials import health
 from broker.credentials.contract import KeyStatus, KeyWatch, SpendLimiter
 from broker.credentials.rotating import KEY_FIELD, admin_key
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.services import Services
 
 log = logging.getLogger("broker.credentials")
@@ -55,11 +58,35 @@ def _error(exc: BaseException) -> str:
 
 def watch_all(svc: Services) -> None:
     """The scheduled checks of every provider (one provider's failure stops no other)."""
-    for provider in svc.settings.providers:
+    for provider, settings in svc.settings.providers.items():
         if watched(svc, provider) is not None:
             watch_provider(svc, provider)
         if limited(svc, provider) is not None:
             sync_spend_limit(svc, provider)
+        if settings.credential == "federated":
+            probe_exchange(svc, provider)
+
+
+def probe_exchange(svc: Services, provider: str, now: int | None = None) -> bool:
+    """Get a token of a federated provider as a call would (reusing a valid one): a provider
+    whose exchange fails is alerted on even while no call needs it. Whether a token was had."""
+    now = int(time.time()) if now is None else now
+    tokens = svc.provider_tokens
+    if tokens is None:
+        return False
+    try:
+        anyio.run(tokens.get, provider)
+    except Unavailable as exc:
+        error = health.clip(str(exc))
+        svc.db.transaction(lambda conn: _alert_condition(
+            conn, svc, provider, f"exchange:{provider}", "critical",
+            "the token exchange fails: calls answer 503 until it works again",
+            {"error": error}, now))
+        return False
+    svc.db.transaction(lambda conn: health.alert_once(
+        conn, svc.settings.alerts, provider, None, severity="info", summary="", evidence={},
+        now=now))
+    return True
 
 
 def watch_provider(svc: Services, provider: str, now: int | None = None) -> KeyStatus | None:
