@@ -41,6 +41,7 @@ from broker.settings.credentials import MAX_ASSERTION_TTL_S
 from broker.storage.audit import record
 from broker.storage.bus import publish
 from broker.storage.vault import CasConflict, Vault
+from broker.tokens.key_states import promoted, publish_order, retire_expired
 
 if TYPE_CHECKING:
     from broker.services import Services
@@ -140,9 +141,6 @@ def new_key(state: str, now: int, alg: str) -> AssertionKey:
                         alg=alg, private_key=_generate(alg))
 
 
-_ORDER = {"current": 0, "next": 1, "previous": 2}
-
-
 class AssertionKeys:
     """The in-memory view of the assertion keys, read from Vault on first use (and created
     there, on a fresh Vault) and re-read after a rotation.
@@ -198,7 +196,7 @@ class AssertionKeys:
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         """The public keys: current, next, then previous ones."""
         self._ensure()
-        keys = sorted(self._keys.values(), key=lambda k: (_ORDER.get(k.state, 3), k.created_at))
+        keys = sorted(self._keys.values(), key=publish_order)
         return {"keys": [k.public_jwk for k in keys]}
 
     def sign(self, *, issuer: str, subject: str, audience: str, now: float | None = None) -> str:
@@ -273,17 +271,7 @@ class AssertionKeys:
                 self.load(now)
                 continue
             self._apply(*found)
-            retire_at = now + self._ttl + RETIRE_MARGIN_S
-            docs: list[dict[str, Any]] = []
-            for key in self._keys.values():
-                doc = key.to_doc()
-                if key.state == "current":
-                    doc.update(state="previous", retire_at=retire_at)
-                elif key.state == "next":
-                    doc["state"] = "current"
-                elif key.state == "previous" and (key.retire_at or 0) <= now:
-                    continue
-                docs.append(doc)
+            docs = promoted(self._keys.values(), now, now + self._ttl + RETIRE_MARGIN_S)
             previous = sorted(int(d["retire_at"] or now) for d in docs if d["state"] == "previous")
             if len(previous) > MAX_PREVIOUS_KEYS:
                 wait = max(1, previous[len(previous) - MAX_PREVIOUS_KEYS - 1] - now)
@@ -301,27 +289,9 @@ class AssertionKeys:
             return self.current
 
     def retire_expired(self, now: int | None = None) -> list[str]:
-        """Drop previous keys past their ``retire_at``; returns their kids. A check-and-set
-        write, so it cannot undo a rotation another replica makes meanwhile."""
+        """Drop previous keys past their ``retire_at``; returns their kids."""
         now = int(time.time()) if now is None else now
-        while True:
-            found = self._vault.read(self._path)
-            if found is None:
-                return []
-            doc, version = found
-            keys = list(doc.get("keys", []))
-            gone = [k["kid"] for k in keys
-                    if k.get("state") == "previous" and int(k.get("retire_at") or 0) <= now]
-            if not gone:
-                self._apply(doc, version)
-                return []
-            kept = {**doc, "keys": [k for k in keys if k["kid"] not in gone]}
-            try:
-                new_version = self._vault.write(self._path, kept, cas=version)
-            except CasConflict:
-                continue
-            self._apply(kept, new_version)
-            return gone
+        return retire_expired(self._vault, self._path, now, self._apply)
 
 
 # --- for the scheduler (and an operator) ----------------------------------------------------

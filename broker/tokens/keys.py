@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from broker.errors import SlowDown
 from broker.storage.vault import CasConflict, Vault
+from broker.tokens.key_states import promoted, publish_order, retire_expired
 
 ALG = "EdDSA"
 # How many ``previous`` keys may verify live tokens at once. Each stays for a token lifetime
@@ -127,8 +128,7 @@ class Keyring:
         return self._keys.get(kid)
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
-        order = {"current": 0, "next": 1, "previous": 2}
-        keys = sorted(self._keys.values(), key=lambda k: (order.get(k.state, 3), k.created_at))
+        keys = sorted(self._keys.values(), key=publish_order)
         return {"keys": [k.public_jwk() for k in keys]}
 
     def _apply(self, doc: dict[str, Any] | None, version: int) -> None:
@@ -166,17 +166,7 @@ class Keyring:
                 self.load(now)
                 continue
             self._apply(*found)
-            retire_at = now + self._max_lifetime + 30
-            docs: list[dict[str, Any]] = []
-            for key in self._keys.values():
-                doc = key.to_doc()
-                if key.state == "current":
-                    doc.update(state="previous", retire_at=retire_at)
-                elif key.state == "next":
-                    doc["state"] = "current"
-                elif key.state == "previous" and (key.retire_at or 0) <= now:
-                    continue
-                docs.append(doc)
+            docs = promoted(self._keys.values(), now, now + self._max_lifetime + 30)
             _refuse_past_bound(docs, now)
             if not any(d["state"] == "current" for d in docs):
                 docs.append(new_key("current", now).to_doc())
@@ -189,27 +179,9 @@ class Keyring:
             return self.current
 
     def retire_expired(self, now: int | None = None) -> list[str]:
-        """Drop ``previous`` keys whose tokens have all expired; returns their kids. A
-        check-and-set write, so it cannot undo a rotation another replica makes meanwhile."""
+        """Drop ``previous`` keys whose tokens have all expired; returns their kids."""
         now = int(time.time()) if now is None else now
-        while True:
-            found = self._vault.read(self._path)
-            if found is None:
-                return []
-            doc, version = found
-            keys = list(doc.get("keys", []))
-            gone = [k["kid"] for k in keys
-                    if k.get("state") == "previous" and int(k.get("retire_at") or 0) <= now]
-            if not gone:
-                self._apply(doc, version)
-                return []
-            kept = {**doc, "keys": [k for k in keys if k["kid"] not in gone]}
-            try:
-                new_version = self._vault.write(self._path, kept, cas=version)
-            except CasConflict:
-                continue
-            self._apply(kept, new_version)
-            return gone
+        return retire_expired(self._vault, self._path, now, self._apply)
 
     def refresh(self) -> None:
         """Pick up a rotation made by another replica."""
