@@ -13,8 +13,8 @@ import json
 import secrets
 import threading
 import time
-from datetime import datetime
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import openai
