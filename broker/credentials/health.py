@@ -15,6 +15,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from broker.errors import BrokerError
 from broker.monitoring import alerts, webhooks
 from broker.settings.monitoring import AlertSettings
 from broker.storage.credential_models import ProviderStatus
@@ -32,6 +33,12 @@ def alert_subject(provider: str) -> str:
 
 def clip(text: str) -> str:
     return text[:ERROR_CHARS]
+
+
+def describe(exc: BaseException) -> str:
+    """An error's text for logs, the journal and the status: the broker's own errors (plugins
+    raise :class:`ProviderAdminError`) never hold a key; anything else is named by its type."""
+    return clip(str(exc) if isinstance(exc, BrokerError) else type(exc).__name__)
 
 
 def save(conn: Connection, provider: str, now: int, **values: Any) -> None:
@@ -58,17 +65,19 @@ def raise_alert(conn: Connection, settings: AlertSettings, provider: str, *, sev
     webhooks.enqueue(conn, settings, alerts.view(alert), now)
 
 
-def alert_once(conn: Connection, settings: AlertSettings, provider: str, condition: str | None,
+def alert_once(conn: Connection, settings: AlertSettings, provider: str, condition: str,
                *, severity: str, summary: str, evidence: dict[str, Any], now: int) -> bool:
-    """Raise an alert for ``condition`` unless it is the one last alerted on; a None condition
-    (all is well) re-arms it. Whether an alert was raised."""
+    """Raise an alert for ``condition`` unless it is the one last alerted on (see
+    :func:`rearm`). Whether an alert was raised."""
     row = conn.execute(select(_status.c.alerted).where(_status.c.provider == provider)).first()
-    last = None if row is None else row.alerted
-    if condition == last:
+    if row is not None and row.alerted == condition:
         return False
     save(conn, provider, now, alerted=condition)
-    if condition is None:
-        return False
     raise_alert(conn, settings, provider, severity=severity, summary=summary,
                 evidence=evidence, now=now)
     return True
+
+
+def rearm(conn: Connection, provider: str, now: int) -> None:
+    """All is well again: the next bad condition, even the last one, alerts anew."""
+    save(conn, provider, now, alerted=None)

@@ -35,6 +35,7 @@ from sqlalchemy import Connection, insert, select, update
 from broker.credentials import health
 from broker.credentials.contract import KeyAdmin, KeyRef, MintedKey
 from broker.errors import BrokerError, Conflict, NotFound, Unavailable, UpstreamError, VaultUnavailable
+from broker.gateway.provider_keys import KEY_FIELD
 from broker.plugin import KeyWatch
 from broker.services import Services
 from broker.settings import ProviderSettings
@@ -48,7 +49,6 @@ log = logging.getLogger("broker.credentials")
 _key = ProviderKey.__table__  # type: ignore[attr-defined]
 
 PROVIDER_MESSAGE_TYPE = "provider_key"
-KEY_FIELD = "api_key"
 # A new key may take a moment to work everywhere at the provider: checked this often, waiting
 # these many seconds before each retry.
 CHECK_DELAYS_S: tuple[float, ...] = (1.0, 2.0)
@@ -193,7 +193,7 @@ class _Cycle:
             return self.admin.create_key(admin_key, self.name)
         except Exception as exc:
             # The answer may be lost after the key was made: look for it by its name.
-            self._discard(admin_key, KeyRef(self.name), step="create", error=_describe(exc))
+            self._discard(admin_key, KeyRef(self.name), step="create", error=health.describe(exc))
             raise self._failed("create", exc) from None
 
     def _check(self, admin_key: str, minted: MintedKey) -> None:
@@ -204,7 +204,7 @@ class _Cycle:
             try:
                 ok = self.admin.check_key(minted.key)
             except Exception as exc:  # a failed call is retried like a refusal
-                ok, error = False, _describe(exc)
+                ok, error = False, health.describe(exc)
             if ok:
                 return
         self._discard(admin_key, _ref(self.name, minted), step="check", error=error)
@@ -235,7 +235,7 @@ class _Cycle:
                 raise self._failed("store", exc) from None
             if found is not None and found[0].get("key_id") == minted.key_id:
                 return found[1]
-            self._discard(admin_key, _ref(self.name, minted), step="store", error=_describe(exc))
+            self._discard(admin_key, _ref(self.name, minted), step="store", error=health.describe(exc))
             raise self._failed("store", exc) from None
 
     def _serve(self, minted: MintedKey, doc: dict[str, Any], version: int) -> Rotation:
@@ -278,14 +278,14 @@ class _Cycle:
             gone = _delete(self.admin, admin_key, ref)
         except Exception as exc:
             log.warning("provider %s: the key of a failed rotation could not be deleted yet "
-                        "(%s); it will be retried", self.provider, _describe(exc))
+                        "(%s); it will be retried", self.provider, health.describe(exc))
             self._journal_update(error=health.clip(f"{step}: {error}"), attempts=1)
             return
         state = "discarded" if gone or ref.key_id else "failed"
         self._journal_update(state=state, error=health.clip(f"{step}: {error}"))
 
     def _failed(self, step: str, exc: BaseException) -> BrokerError:
-        error = health.clip(f"{step}: {_describe(exc)}")
+        error = health.clip(f"{step}: {health.describe(exc)}")
 
         def txn(conn: Connection) -> None:
             record(conn, self.actor, "provider_key.rotate_failed", self.provider,
@@ -336,14 +336,6 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _describe(exc: BaseException) -> str:
-    """An error's text for logs and the journal: our own errors' messages never hold a key;
-    anything else is named by its type only."""
-    if isinstance(exc, BrokerError):
-        return str(exc)[:200]
-    return type(exc).__name__
-
-
 def _delete(admin: KeyAdmin, admin_key: str, ref: KeyRef) -> bool:
     """Delete the key ``ref`` names (found by its name when no id is known); whether a key was
     known to delete."""
@@ -367,7 +359,7 @@ def rotate_all(svc: Services) -> None:
         try:
             rotate(svc, provider, "scheduler", "scheduled")
         except Exception as exc:  # one provider's failure must not stop the others
-            log.warning("provider %s: scheduled rotation failed: %s", provider, _describe(exc))
+            log.warning("provider %s: scheduled rotation failed: %s", provider, health.describe(exc))
 
 
 def tidy(svc: Services, now: int | None = None) -> list[str]:
@@ -411,7 +403,7 @@ def _tidy_provider(svc: Services, provider: str, settings: ProviderSettings, adm
         try:
             _delete(admin, key, KeyRef(row.name, row.key_id, row.account_id))
         except Exception as exc:
-            _deletion_failed(svc, provider, row, _describe(exc), now)
+            _deletion_failed(svc, provider, row, health.describe(exc), now)
             continue
         state = "deleted" if row.state == "retiring" else "discarded"
         _finish(svc, provider, row, state, now)

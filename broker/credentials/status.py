@@ -10,6 +10,7 @@ from typing import Any, Literal
 from broker.api.views import iso_or_none
 from broker.credentials import health, rotating, watch
 from broker.errors import VaultUnavailable
+from broker.gateway.provider_keys import KEY_FIELD
 from broker.services import Services
 from broker.settings import ProviderSettings
 
@@ -38,7 +39,7 @@ def _stored_key(svc: Services, settings: ProviderSettings
         found = svc.vault.read(settings.vault_path)
     except VaultUnavailable:
         return None, None, "Vault did not answer"
-    if found is None or not found[0].get(rotating.KEY_FIELD):
+    if found is None or not found[0].get(KEY_FIELD):
         return None, None, "no key is stored in Vault"
     key_id = found[0].get("key_id")
     return found[1], key_id if isinstance(key_id, str) else None, None

@@ -24,8 +24,9 @@ from sqlalchemy import Connection
 
 from broker.credentials import health
 from broker.credentials.contract import KeyStatus, KeyWatch, SpendLimiter
-from broker.credentials.rotating import KEY_FIELD, admin_key
+from broker.credentials.rotating import admin_key
 from broker.errors import BrokerError, Unavailable
+from broker.gateway.provider_keys import KEY_FIELD
 from broker.services import Services
 
 log = logging.getLogger("broker.credentials")
@@ -50,10 +51,6 @@ def limited(svc: Services, provider: str) -> SpendLimiter | None:
             or not isinstance(candidate, SpendLimiter)):
         return None
     return candidate
-
-
-def _error(exc: BaseException) -> str:
-    return health.clip(str(exc) if isinstance(exc, BrokerError) else type(exc).__name__)
 
 
 def watch_all(svc: Services) -> None:
@@ -83,9 +80,7 @@ def probe_exchange(svc: Services, provider: str, now: int | None = None) -> bool
             "the token exchange fails: calls answer 503 until it works again",
             {"error": error}, now))
         return False
-    svc.db.transaction(lambda conn: health.alert_once(
-        conn, svc.settings.alerts, provider, None, severity="info", summary="", evidence={},
-        now=now))
+    svc.db.transaction(lambda conn: health.rearm(conn, provider, now))
     return True
 
 
@@ -102,11 +97,12 @@ def watch_provider(svc: Services, provider: str, now: int | None = None) -> KeyS
         key = None if found is None else found[0].get(KEY_FIELD)
         if not isinstance(key, str) or not key:
             raise BrokerError("no key is stored in Vault")
-        key_id = found[0].get("key_id") if found is not None else None
+        assert found is not None
+        key_id = found[0].get("key_id")
         status = watch.key_status(admin_key(svc, settings), key,
                                   key_id if isinstance(key_id, str) and key_id else None)
     except Exception as exc:
-        error = _error(exc)
+        error = health.describe(exc)
         log.warning("provider %s: the key's status could not be checked: %s", provider, error)
         svc.db.transaction(lambda conn: health.save(conn, provider, now, watch_error=error,
                                                     key_checked_at=now))
@@ -133,8 +129,7 @@ def watch_provider(svc: Services, provider: str, now: int | None = None) -> KeyS
                              "the key in use expires soon: make a new key in the provider's "
                              "console and write it to Vault", evidence, now)
         else:
-            health.alert_once(conn, svc.settings.alerts, provider, None, severity="info",
-                              summary="", evidence={}, now=now)
+            health.rearm(conn, provider, now)
 
     svc.db.transaction(txn)
     return status
@@ -163,7 +158,7 @@ def sync_spend_limit(svc: Services, provider: str, now: int | None = None) -> in
             current = limiter.spend_limit(key, settings.project_id)
             log.info("provider %s: project spend limit set", provider)
     except Exception as exc:
-        error = _error(exc)
+        error = health.describe(exc)
         log.warning("provider %s: the project spend limit could not be set: %s", provider, error)
 
         def failed(conn: Connection) -> None:
