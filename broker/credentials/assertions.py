@@ -271,16 +271,14 @@ class AssertionKeys:
                 self.load(now)
                 continue
             self._apply(*found)
-            docs = promoted(self._keys.values(), now, now + self._ttl + RETIRE_MARGIN_S)
+            docs = promoted(self._keys.values(), now, now + self._ttl + RETIRE_MARGIN_S,
+                            lambda state: new_key(state, now, self._alg).to_doc())
             previous = sorted(int(d["retire_at"] or now) for d in docs if d["state"] == "previous")
             if len(previous) > MAX_PREVIOUS_KEYS:
                 wait = max(1, previous[len(previous) - MAX_PREVIOUS_KEYS - 1] - now)
                 raise AssertionRotationTooSoon(
                     f"{len(previous) - 1} previous assertion keys are still published; the next "
                     f"rotation is possible in {wait} s", headers={"retry-after": str(wait)})
-            if not any(d["state"] == "current" for d in docs):
-                docs.append(new_key("current", now, self._alg).to_doc())
-            docs.append(new_key("next", now, self._alg).to_doc())
             try:
                 version = self._vault.write(self._path, {"keys": docs}, cas=found[1])
             except CasConflict:

@@ -31,10 +31,11 @@ def publish_order(key: StatefulKey) -> tuple[int, int]:
     return _ORDER.get(key.state, 3), key.created_at
 
 
-def promoted(keys: Iterable[StatefulKey], now: int, retire_at: int) -> list[dict[str, Any]]:
+def promoted(keys: Iterable[StatefulKey], now: int, retire_at: int,
+             make: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
     """The documents after one rotation: next becomes current, current becomes previous until
-    ``retire_at``, and previous keys past their own ``retire_at`` are dropped. The caller adds
-    the new next key (and a current one, should none have been promoted)."""
+    ``retire_at``, previous keys past their own ``retire_at`` are dropped, and ``make(state)``
+    supplies the new next key (and a current one, should no next have been there to promote)."""
     docs: list[dict[str, Any]] = []
     for key in keys:
         doc = key.to_doc()
@@ -45,6 +46,9 @@ def promoted(keys: Iterable[StatefulKey], now: int, retire_at: int) -> list[dict
         elif key.state == "previous" and (key.retire_at or 0) <= now:
             continue
         docs.append(doc)
+    if not any(d["state"] == "current" for d in docs):
+        docs.append(make("current"))
+    docs.append(make("next"))
     return docs
 
 

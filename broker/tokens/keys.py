@@ -166,11 +166,9 @@ class Keyring:
                 self.load(now)
                 continue
             self._apply(*found)
-            docs = promoted(self._keys.values(), now, now + self._max_lifetime + 30)
+            docs = promoted(self._keys.values(), now, now + self._max_lifetime + 30,
+                            lambda state: new_key(state, now).to_doc())
             _refuse_past_bound(docs, now)
-            if not any(d["state"] == "current" for d in docs):
-                docs.append(new_key("current", now).to_doc())
-            docs.append(new_key("next", now).to_doc())
             try:
                 version = self._vault.write(self._path, {"keys": docs}, cas=found[1])
             except CasConflict:
@@ -207,7 +205,7 @@ def load_pepper(vault: Vault) -> bytes:
 
 def _refuse_past_bound(docs: list[dict[str, Any]], now: int) -> None:
     """Refuse a rotation that would keep more than :data:`MAX_PREVIOUS_KEYS` previous keys
-    (``docs``: the keys after it, the new next key not yet added)."""
+    (``docs``: the keys after it; only previous keys count)."""
     retiring = sorted(int(d.get("retire_at") or now) for d in docs if d["state"] == "previous")
     if len(retiring) > MAX_PREVIOUS_KEYS:
         wait = max(1, retiring[len(retiring) - MAX_PREVIOUS_KEYS - 1] - now)
